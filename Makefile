@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh Debian machine:
+#   make demo   - install, write CT + MR phantoms and run the offline pipeline on them (results/)
+#   make test   - install, then the whole test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEBS := dcmtk dicom3tools
+# torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench train evaluate clean
+
+$(VENV)/.installed: pyproject.toml
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,train]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/pacs-node demo --out results
+
+test: setup
+	$(VENV)/bin/ruff check node tests
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/pacs-node bench --slices 100 300 600 --size 512 --output bench-cpu.json
+
+train: setup
+	$(VENV)/bin/pacs-node models train
+
+evaluate: setup
+	$(VENV)/bin/pacs-node models evaluate
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

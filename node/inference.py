@@ -1,0 +1,84 @@
+"""Run a model over one series: canonical volume -> slice batches -> heads -> source grid.
+
+The backbone runs once per slice batch (inside :meth:`Runtime.infer`); every
+per-slice head consumes those features, and series-level heads pool the
+CLS features of all slices at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from node.model_repo import ModelSpec
+from node.preprocess import (
+    PlaneMap,
+    air_value,
+    is_axis_aligned,
+    labels_to_source,
+    mr_range,
+    normalise,
+    to_canonical,
+)
+from node.runtimes import Runtime
+from node.timing import Stopwatch
+from node.volume import SeriesVolume
+
+
+@dataclass
+class Prediction:
+    """Model outputs for one series, on the source volume's grid."""
+
+    labels: dict[str, np.ndarray]  # segmentation head -> uint8 class map (slices, rows, cols)
+    confidence: dict[str, np.ndarray]  # segmentation head -> uint8 probability of the chosen class x 255
+    probabilities: dict[str, float]  # classification head -> probability of the positive class
+    model_spacing_mm: float = 0.0  # in-plane pixel size the model saw
+    notes: list[str] = field(default_factory=list)
+
+
+def predict(
+    series: SeriesVolume,
+    model: ModelSpec,
+    runtime: Runtime,
+    clock: Stopwatch,
+    progress: Callable[[int], None] | None = None,
+) -> Prediction:
+    """Infer every head on ``series``; stage times go to ``clock``; ``progress(n)`` after each batch."""
+    if model.input.kind != "slice2d":
+        raise NotImplementedError(f"model {model.name}: {model.input.kind} backbones are not implemented yet")
+    with clock("preprocess"):
+        canonical = to_canonical(series.volume)
+        plane = PlaneMap(canonical.shape[1:], tuple(canonical.pixel_spacing), model.input.size)
+        spec = model.input.intensity
+        scale = mr_range(canonical.array, spec) if series.modality != "CT" else None
+        fill = air_value(series.modality)
+    n = canonical.shape[0]
+    seg_heads = runtime.slice_heads
+    labels = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
+    conf = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
+    cls = []
+    for start in range(0, n, model.backbone.batch):
+        sl = slice(start, min(n, start + model.backbone.batch))
+        with clock("preprocess"):
+            x = normalise(plane.to_model(canonical.array[sl], fill), series.modality, spec, scale)
+        with clock("inference"):
+            out = runtime.infer(x)
+        cls.append(out.cls)
+        with clock("postprocess"):
+            for h in seg_heads:
+                probs = plane.to_canonical(out.heads[h.name])  # (N, C, H, W)
+                labels[h.name][sl] = probs.argmax(axis=1)
+                conf[h.name][sl] = np.round(probs.max(axis=1) * 255).astype(np.uint8)
+        if progress:
+            progress(sl.stop - sl.start)
+    with clock("inference"):
+        features = np.concatenate(cls)
+        probabilities = {h.name: runtime.classify(h, features) for h in runtime.series_heads}
+    with clock("postprocess"):
+        src = series.volume
+        labels = {k: labels_to_source(v, canonical, src) for k, v in labels.items()}
+        conf = {k: labels_to_source(v, canonical, src) for k, v in conf.items()}
+    notes = [] if is_axis_aligned(src) else ["oblique acquisition resampled to an axial grid for inference"]
+    return Prediction(labels, conf, probabilities, plane.model_spacing, notes)

@@ -1,0 +1,165 @@
+"""Grayscale Softcopy Presentation State with lesion outlines of a :class:`~node.findings.Findings`.
+
+One graphic layer ``AI_LESIONS``; per lesion and acquired slice it crosses, its
+closed outline (POLYLINE, PIXEL units, the mask's 0.5 iso-contour as in
+:mod:`node.measure`), and on the slice of its longest diameter the diameter
+line and a label "Lesion 1, 23 mm". Graphic objects carry the lesion's
+Tracking ID/UID (the SEG segment's), so outline, segment and SR group can be
+matched. Every source image of the series is referenced; annotations on a
+multi-frame source name their frame.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import highdicom as hd
+import numpy as np
+
+from node.findings import Findings, Segment
+from node.measure import outline
+from node.writers import uids
+from node.writers.seg import SliceSource, slice_sources, tracking_uid
+
+LAYER = "AI_LESIONS"
+CT_WINDOW = (40.0, 400.0)  # soft tissue (center, width) in HU
+_YELLOW = hd.color.CIELabColor(97.1, -21.6, 94.5)
+
+
+def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    series, model = findings.series, findings.model
+    if not series.datasets:
+        raise ValueError("SeriesVolume.datasets is empty; a presentation state must reference images.")
+    sources = slice_sources(series)
+    layer = hd.pr.GraphicLayer(
+        layer_name=LAYER, order=1, description="AI lesion outlines", display_color=_YELLOW
+    )
+
+    # (SOP Instance UID, frame) -> graphic and text objects on that image/frame
+    graphics: dict[tuple[str, int | None], list] = defaultdict(list)
+    texts: dict[tuple[str, int | None], list] = defaultdict(list)
+    where: dict[tuple[str, int | None], SliceSource] = {}
+    groups = []
+    for k, lesion in enumerate(findings.lesions, start=1):
+        group = hd.pr.GraphicGroup(graphic_group_id=k, label=lesion.label[:64], description="AI lesion")
+        tracking = {"tracking_id": lesion.label[:64], "tracking_uid": tracking_uid(findings, lesion.number)}
+        drawn = False
+        for src in sources:
+            plane = np.asarray(lesion.mask[src.index], bool)
+            if not plane.any():
+                continue
+            key = (src.dataset.SOPInstanceUID, src.frame)
+            where[key] = src
+            for contour in outline(plane):
+                graphics[key].append(
+                    hd.pr.GraphicObject(
+                        graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                        graphic_data=_closed(src.graphic_data(contour)),
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        graphic_group=group,
+                        **tracking,
+                    )
+                )
+                drawn = True
+            if src.index == lesion.diameter_slice and lesion.diameter_endpoints is not None:
+                line = src.graphic_data(np.asarray(lesion.diameter_endpoints, float))
+                graphics[key].append(
+                    hd.pr.GraphicObject(
+                        graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                        graphic_data=line,
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        graphic_group=group,
+                        **tracking,
+                    )
+                )
+                texts[key].append(
+                    hd.pr.TextObject(
+                        text_value=label_text(lesion),
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        anchor_point=tuple(float(v) for v in line[np.argmin(line[:, 1])]),  # upper end
+                        anchor_point_visible=True,
+                        graphic_group=group,
+                        **tracking,
+                    )
+                )
+        if drawn:
+            groups.append(group)
+
+    annotations = [
+        hd.pr.GraphicAnnotation(
+            referenced_images=[where[key].dataset],
+            graphic_layer=layer,
+            referenced_frame_number=key[1],
+            graphic_objects=graphics[key] or None,
+            text_objects=texts[key] or None,
+        )
+        for key in sorted(where, key=lambda k: where[k].index)
+    ]
+
+    def uid(kind: str) -> str:
+        return uids.output_uid(series.series_uid, model.name, model.version, kind)
+
+    center, width = window(findings)
+    pr = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=series.datasets,
+        series_instance_uid=uid("gsps-series"),
+        series_number=uids.series_number(series.datasets[0].get("SeriesNumber"), "gsps"),
+        sop_instance_uid=uid("gsps-instance"),
+        instance_number=1,
+        manufacturer=uids.NODE_NAME,
+        manufacturer_model_name=uids.NODE_NAME,
+        software_versions=uids.software_versions(model.name, model.version),
+        device_serial_number=uids.device_uid(),
+        content_label="AI_ANNOTATIONS",
+        content_description=f"Lesion outlines ({model.name} {model.version})"[:64],
+        graphic_annotations=annotations or None,
+        graphic_layers=[layer],
+        graphic_groups=groups or None,
+        voi_lut_transformations=[
+            hd.pr.SoftcopyVOILUTTransformation(
+                window_center=center,
+                window_width=width,
+                window_explanation="SOFT TISSUE" if series.modality == "CT" else "P1-P99",
+            )
+        ],
+        series_description=uids.series_description("gsps", model.name, model.version),
+    )
+    # General Series: Laterality is required for a paired body part; validators decide that from
+    # Body Part Examined, so carry both over from the source, or say "unknown" (empty) without them.
+    src0 = series.datasets[0]
+    if "BodyPartExamined" in src0:
+        pr.BodyPartExamined = src0.BodyPartExamined
+    if "Laterality" in src0:
+        pr.Laterality = src0.Laterality
+    elif "BodyPartExamined" not in src0:
+        pr.Laterality = ""
+    return pr
+
+
+def label_text(lesion: Segment) -> str:
+    """e.g. "Lesion 1, 23 mm"."""
+    if lesion.longest_diameter_mm is None:
+        return lesion.label[:64]
+    return f"{lesion.label}, {lesion.longest_diameter_mm:.0f} mm"[:64]
+
+
+def window(findings: Findings) -> tuple[float, float]:
+    """(center, width) in modality units: CT soft tissue; MR the 1st-99th percentile of the body."""
+    if findings.series.modality == "CT":
+        return CT_WINDOW
+    array = findings.series.volume.array
+    acquired = np.array([f is not None for f in findings.series.frames], bool)
+    values = array[acquired] if acquired.any() else array
+    values = values[values > 0]  # background air would pull the low end to zero
+    if values.size == 0:
+        return 0.5, 1.0
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    width = max(float(hi - lo), 1.0)
+    return float(lo + hi) / 2.0, width
+
+
+def _closed(points: np.ndarray) -> np.ndarray:
+    """A closed POLYLINE repeats its first point at the end (find_contours does for closed contours)."""
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points

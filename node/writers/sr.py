@@ -1,0 +1,206 @@
+"""Comprehensive 3D SR, TID 1500 Measurement Report, of a :class:`~node.findings.Findings`.
+
+Content tree (codes in :data:`CODES`):
+
+- observer context: the node as a Device (name "pacs-node", deterministic device UID);
+  procedure reported: CT or MR from the source modality.
+- one TID 1411 Volumetric ROI group per segment, referencing its SEG segment
+  (Referenced Segment + Source Series for Segmentation), with tracking
+  identifier/UID (the UID is the SEG segment's Tracking UID), finding type =
+  segmented property type, finding category, algorithm identification, and
+  the measurements volume, mean and maximum intensity, mean model probability
+  and, for lesions, the long axis.
+- per lesion, a TID 1501 group with the long axis again as a NUM that is
+  INFERRED FROM an SCOORD POLYLINE (the two end points on the source image),
+  so viewers that draw only SCOORDs (OHIF) show the diameter as a length.
+- one TID 1501 group per :class:`~node.findings.Classification`: a qualitative
+  evaluation (name = value) and its probability as a NUM.
+- ``Findings.notes`` as TEXT items (DCM 121106 "Comment") in every group:
+  they qualify every measurement (e.g. interpolated slices).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from node.findings import Classification, Findings, Segment
+from node.writers import uids
+from node.writers.seg import SliceSource, slice_sources, tracking_uid
+
+CODES = {
+    "volume": codes.SCT.Volume,  # 118565006
+    "long_axis": codes.SCT.LongAxis,  # 103339001
+    "mean": codes.SCT.Mean,  # 373098007 (derivation)
+    "maximum": codes.SCT.Maximum,  # 56851009 (derivation)
+    "ct_intensity": codes.DCM.AttenuationCoefficient,  # 112031
+    "mr_intensity": codes.DCM.MRSignalIntensity,  # 110852
+    "probability": codes.DCM.Probability,  # 122157
+    "comment": codes.DCM.Comment,  # 121106
+    "ct": Code("77477000", "SCT", "Computed tomography"),
+    "mr": Code("113091000", "SCT", "Magnetic resonance imaging"),
+}
+UNITS = {
+    "ml": Code("ml", "UCUM", "milliliter"),
+    "mm": Code("mm", "UCUM", "millimeter"),
+    "hu": Code("[hnsf'U]", "UCUM", "Hounsfield unit"),
+    # MR signal has no physical unit and an arbitrary scale: UCUM unity, as DICOM CID 7181 does
+    "unity": Code("1", "UCUM", "no units"),
+}
+
+
+def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
+    """The measurement report; ``seg`` is the SEG written by :func:`node.writers.seg.write_seg`."""
+    series, model = findings.series, findings.model
+    if series.modality not in ("CT", "MR"):
+        raise ValueError(f"SeriesVolume.modality must be 'CT' or 'MR', got {series.modality!r}.")
+    if getattr(seg, "Modality", None) != "SEG" or "SegmentSequence" not in seg:
+        raise ValueError("seg must be a DICOM Segmentation instance (Modality SEG with a SegmentSequence).")
+    described = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+    missing = [s.number for s in findings.segments if s.number not in described]
+    if missing:
+        raise ValueError(f"seg has no SegmentSequence item for Segment.number {missing}.")
+
+    def uid(kind: str) -> str:
+        return uids.output_uid(series.series_uid, model.name, model.version, kind)
+
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    notes = [
+        hd.sr.TextContentItem(
+            name=CODES["comment"], value=n[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        for n in findings.notes
+    ]
+    sources = {s.index: s for s in slice_sources(series)}
+    groups = []
+    for segment in findings.segments:
+        groups.append(_segment_group(findings, segment, seg, algorithm, uid))
+        if segment.longest_diameter_mm is not None and segment.diameter_slice in sources:
+            groups.append(_diameter_group(segment, sources[segment.diameter_slice], algorithm, uid))
+    for k, c in enumerate(findings.classifications, start=1):
+        groups.append(_classification_group(c, k, algorithm, uid))
+    for group in groups:
+        group[0].ContentSequence.extend(notes)
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uids.device_uid(),
+            name=uids.NODE_NAME,
+            manufacturer_name=uids.NODE_NAME,
+            model_name=f"{model.name} {model.version}"[:64],
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CODES["ct"] if series.modality == "CT" else CODES["mr"],
+        imaging_measurements=groups,
+    )
+    src0 = series.datasets[0] if series.datasets else next(f.dataset for f in series.frames if f)
+    return hd.sr.Comprehensive3DSR(
+        evidence=[seg, *series.datasets],
+        content=report[0],
+        series_instance_uid=uid("sr-series"),
+        series_number=uids.series_number(src0.get("SeriesNumber"), "sr"),
+        sop_instance_uid=uid("sr-instance"),
+        instance_number=1,
+        manufacturer=uids.NODE_NAME,
+        manufacturer_model_name=uids.NODE_NAME,
+        software_versions=uids.software_versions(model.name, model.version),
+        device_serial_number=uids.device_uid(),
+        series_description=uids.series_description("sr", model.name, model.version),
+        is_complete=True,
+    )
+
+
+def _intensity(modality: str) -> tuple[Code, Code]:
+    if modality == "CT":
+        return CODES["ct_intensity"], UNITS["hu"]
+    return CODES["mr_intensity"], UNITS["unity"]
+
+
+def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm, uid):
+    name, unit = _intensity(findings.series.modality)
+    measurements = [
+        hd.sr.Measurement(name=CODES["volume"], value=segment.volume_ml, unit=UNITS["ml"]),
+        hd.sr.Measurement(name=name, value=segment.mean, unit=unit, derivation=CODES["mean"]),
+        hd.sr.Measurement(name=name, value=segment.maximum, unit=unit, derivation=CODES["maximum"]),
+    ]
+    if segment.probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=CODES["probability"],
+                value=float(segment.probability),
+                unit=UNITS["unity"],
+                derivation=CODES["mean"],
+            )
+        )
+    if segment.kind == "lesion" and segment.longest_diameter_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(name=CODES["long_axis"], value=segment.longest_diameter_mm, unit=UNITS["mm"])
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(findings, segment),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=segment.number,
+            source_series=hd.sr.SourceSeriesForSegmentation(findings.series.series_uid),
+        ),
+        finding_type=segment.type.coded(),
+        finding_category=segment.category.coded(),
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
+
+
+def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=tracking_uid(findings, segment.number), identifier=segment.label[:64])
+
+
+def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid):
+    (r0, c0), (r1, c1) = segment.diameter_endpoints
+    region = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=source.dataset.SOPClassUID,
+        referenced_sop_instance_uid=source.dataset.SOPInstanceUID,
+        referenced_frame_numbers=[source.frame] if source.frame is not None else None,
+    )
+    line = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=source.graphic_data([[r0, c0], [r1, c1]]),
+        source_image=region,
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid(f"tracking-{segment.number}-long-axis"), identifier=f"{segment.label} long axis"[:64]
+        ),
+        finding_type=segment.type.coded(),
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(
+                name=CODES["long_axis"],
+                value=segment.longest_diameter_mm,
+                unit=UNITS["mm"],
+                referenced_coordinates=[line],
+            )
+        ],
+    )
+
+
+def _classification_group(c: Classification, k: int, algorithm, uid):
+    if not 0.0 <= c.probability <= 1.0:
+        raise ValueError(
+            f"Classification.probability of head {c.head!r} must lie in [0, 1], got {c.probability}."
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid(f"classification-{k}-{c.head}"), identifier=f"Classification {c.head}"[:64]
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=c.name.coded(), value=c.value.coded())],
+        measurements=[
+            hd.sr.Measurement(name=CODES["probability"], value=float(c.probability), unit=UNITS["unity"])
+        ],
+    )

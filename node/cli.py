@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--output", type=Path, help="also write the results here (JSON)")
     _model_args(bench)
 
+    serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
+    serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
+
     models = sub.add_parser("models", help="train, evaluate and inspect models")
     msub = models.add_subparsers(dest="models_command", required=True)
     tr = msub.add_parser(
@@ -113,7 +116,7 @@ def _load(args):
 def cmd_run(args) -> int:
     from node.series import find_series
 
-    console = Console(stderr=True)
+    console = Console()  # stdout: info and summary; stderr carries only progress and 'error:' lines
     series, errors = find_series(args.inputs)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
@@ -125,15 +128,14 @@ def cmd_run(args) -> int:
     console.print(
         f"model {pipeline.model.name} {pipeline.model.version}, runtime {pipeline.runtime.name} ({why})"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    show = not args.no_progress and console.is_terminal
+    show = not args.no_progress and sys.stderr.isatty()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
+        console=Console(stderr=True),
         disable=not show,
     ) as progress:
         for s in series:
@@ -248,6 +250,12 @@ def cmd_bench(args) -> int:
     return bench(pipeline, why, args.slices, args.size, args.repeat, args.output)
 
 
+def cmd_serve(args) -> int:
+    from node.server import serve
+
+    return serve(args.config)
+
+
 def cmd_models(args) -> int:
     if args.models_command == "train":
         from node.model_repo import MODELS_DIR
@@ -272,6 +280,7 @@ _COMMANDS = {
     "phantom": cmd_phantom,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "serve": cmd_serve,
     "models": cmd_models,
 }
 

@@ -66,6 +66,7 @@ def scan(inputs: Sequence[Path]) -> ScanResult:
     by_uid: dict[str, SourceSeries] = {}
     seen_files: set[Path] = set()
     seen_sops: set[str] = set()
+    broken: dict[str, InputError] = {}
     for path, named in _walk(inputs, result):
         key = path.resolve()
         if key in seen_files:
@@ -87,12 +88,21 @@ def scan(inputs: Sequence[Path]) -> ScanResult:
             _skip(result, path, "same SOPInstanceUID as a file already read")
             continue
         seen_sops.add(sop_uid)
+        if ds.pacs_node_short_pixels:
+            # the series is known but incomplete: fail it whole rather than infer on a hole
+            broken.setdefault(
+                series_uid,
+                InputError(f"series {series_uid}: {path}: truncated DICOM ({ds.pacs_node_short_pixels})"),
+            )
+            continue
         series = by_uid.get(series_uid)
         if series is None:
             series = by_uid[series_uid] = SourceSeries(series_uid, str(ds.get("Modality", "")), [], [])
             result.series.append(series)
         series.files.append(path)
         series.datasets.append(ds)
+    result.series = [s for s in result.series if s.series_uid not in broken]
+    result.errors.extend(broken.values())
     return result
 
 
@@ -130,10 +140,7 @@ def _read_header(path: Path, named: bool, result: ScanResult) -> Dataset | None:
         # pydicom reads a file cut inside its header without complaint; the identity is then missing
         result.errors.append(InputError(f"{path}: truncated or unreadable DICOM (no SOPClassUID)"))
         return None
-    short = _native_pixel_data_short(ds, path, pixel_offset)
-    if short:
-        result.errors.append(InputError(f"{path}: truncated or unreadable DICOM ({short})"))
-        return None
+    ds.pacs_node_short_pixels = _native_pixel_data_short(ds, path, pixel_offset)  # judged per series in scan()
     return ds
 
 

@@ -115,13 +115,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
         graphic_annotations=annotations or None,
         graphic_layers=[layer],
         graphic_groups=groups or None,
-        voi_lut_transformations=[
-            hd.pr.SoftcopyVOILUTTransformation(
-                window_center=center,
-                window_width=width,
-                window_explanation="SOFT TISSUE" if series.modality == "CT" else "P1-P99",
-            )
-        ],
+        **_windowing(series.datasets, center, width, "SOFT TISSUE" if series.modality == "CT" else "P1-P99"),
         series_description=uids.series_description("gsps", model.name, model.version),
     )
     # General Series: Laterality is required for a paired body part; validators decide that from
@@ -134,6 +128,41 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
     elif "BodyPartExamined" not in src0:
         pr.Laterality = ""
     return pr
+
+
+def _windowing(datasets, center: float, width: float, explanation: str) -> dict:
+    """The window for every referenced image.
+
+    A presentation state has one Modality LUT for all its images. When the
+    source's Rescale Slope/Intercept vary per slice (legal, and common after
+    some reconstructions), the GSPS keeps an identity Modality LUT and gives
+    each group of images with the same rescale its own window in stored values.
+    """
+    groups: dict[tuple[float, float], list] = defaultdict(list)
+    for ds in datasets:
+        groups[(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))].append(ds)
+    if len(groups) == 1:
+        return {
+            "voi_lut_transformations": [
+                hd.pr.SoftcopyVOILUTTransformation(
+                    window_center=center, window_width=width, window_explanation=explanation
+                )
+            ]
+        }
+    return {
+        "modality_lut_transformation": hd.ModalityLUTTransformation(
+            rescale_intercept=0.0, rescale_slope=1.0, rescale_type="US"
+        ),
+        "voi_lut_transformations": [
+            hd.pr.SoftcopyVOILUTTransformation(
+                window_center=(center - intercept) / slope,
+                window_width=width / slope,
+                window_explanation=explanation,
+                referenced_images=hd.ReferencedImageSequence(referenced_images=group),
+            )
+            for (slope, intercept), group in groups.items()
+        ],
+    }
 
 
 def label_text(lesion: Segment) -> str:

@@ -1,0 +1,229 @@
+"""The node's configuration: one YAML file, validated at start.
+
+A wrong config must stop the node before anything starts, with one line that
+names the offending key (``destinations[1].port: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OUTPUT_KINDS = ("seg", "sr", "gsps")
+OutputKind = Literal["seg", "sr", "gsps"]
+_AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; ``str()`` is one line naming the key."""
+
+
+def _ae_title(value: str) -> str:
+    if not value or len(value) > 16 or not set(value) <= _AE_CHARS or value.strip() != value:
+        raise ValueError(f"must be 1-16 characters (letters, digits, space, _ - .), got {value!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomDestination(_Strict):
+    name: str
+    kind: Literal["dicom"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str
+    accepts: list[OutputKind] = list(OUTPUT_KINDS)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+
+class DicomWebDestination(_Strict):
+    name: str
+    kind: Literal["dicomweb"]
+    url: str
+    accepts: list[OutputKind] = list(OUTPUT_KINDS)
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
+Destination = Annotated[DicomDestination | DicomWebDestination, Field(discriminator="kind")]
+
+
+class Rule(_Strict):
+    """One routing rule: a series is eligible when every condition given here holds.
+
+    ``tags`` maps a DICOM keyword (as Orthanc names it, e.g. ``SeriesDescription``) to a
+    regular expression that must match the whole value (case-insensitive).
+    """
+
+    modalities: list[str] = ["CT", "MR"]
+    tags: dict[str, str] = {}
+    exclude_tags: dict[str, str] = {}
+    min_instances: int = Field(default=1, ge=1)
+    max_instances: int | None = Field(default=None, ge=1)
+    sop_classes: list[str] = []  # empty: any image SOP class
+
+
+class WorkerConfig(_Strict):
+    lease_s: float = Field(default=120.0, gt=0)  # a job whose worker stopped heartbeating is leased again after this
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    poll_s: float = Field(default=1.0, gt=0)
+    fetch_threads: int = Field(default=8, ge=1, le=64)
+
+
+class DeliveryConfig(_Strict):
+    backoff_s: float = Field(default=5.0, gt=0)  # first retry; doubles each time up to backoff_max_s
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=100, ge=1)
+
+
+class NodeConfig(_Strict):
+    ae_title: str = "PACSNODE"
+    dicom_port: int = Field(default=4242, ge=1, le=65535)
+    http_port: int = Field(default=8042, ge=1, le=65535)
+    metrics_port: int = Field(default=9464, ge=0, le=65535)  # 0: no metrics endpoint
+    data_dir: Path = Path("./data")
+    destinations: list[Destination] = []
+
+    # security: REST on loopback unless remote access is asked for, and then only with users
+    http_remote_access: bool = False
+    http_users: dict[str, str] = {}
+    allowed_aes: list[str] = []  # empty: any calling AE may store; else only these
+
+    routing: list[Rule] = [Rule()]
+    stable_age_s: int = Field(default=10, ge=1)
+    model: str = "phantom-fm"
+    runtime: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    worker: WorkerConfig = WorkerConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    orthanc_binary: Path = Path("/usr/sbin/Orthanc")
+    orthanc_plugins_dir: Path = Path("/usr/share/orthanc/plugins")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _check_ae = field_validator("ae_title")(_ae_title)
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _check_aes(cls, v: list[str]) -> list[str]:
+        for ae in v:
+            _ae_title(ae)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NodeConfig:
+        if self.http_remote_access and not self.http_users:
+            raise ValueError("http_users: must name at least one user when http_remote_access is true")
+        names = [d.name for d in self.destinations]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"destinations: duplicate name {sorted(dup)[0]!r}")
+        ports = {"dicom_port": self.dicom_port, "http_port": self.http_port}
+        if self.metrics_port:
+            ports["metrics_port"] = self.metrics_port
+        if len(set(ports.values())) < len(ports):
+            raise ValueError(f"ports must differ, got {ports}")
+        return self
+
+    # --- derived paths -------------------------------------------------------------------
+    @property
+    def queue_path(self) -> Path:
+        return self.data_dir / "queue.sqlite"
+
+    @property
+    def orthanc_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def orthanc_auth(self) -> tuple[str, str] | None:
+        if not self.http_users:
+            return None
+        user = sorted(self.http_users)[0]
+        return user, self.http_users[user]
+
+    def destination(self, name: str) -> DicomDestination | DicomWebDestination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("dicom", "dicomweb", "DicomDestination", "DicomWebDestination"):
+            continue  # pydantic's union branch, not a key the user wrote
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "config"
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    where = _where(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if err["type"] == "union_tag_invalid":
+        return f"{where}.kind: must be 'dicom' or 'dicomweb'"
+    if err["type"] == "union_tag_not_found":
+        return f"{where}.kind: missing (must be 'dicom' or 'dicomweb')"
+    return f"{where}: {msg}"
+
+
+def parse_config(data: dict | None, base_dir: Path | None = None) -> NodeConfig:
+    """Validate a config mapping; relative ``data_dir`` is taken relative to ``base_dir``."""
+    data = dict(data or {})
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_first_error(e)) from None
+    if base_dir is not None and not cfg.data_dir.is_absolute():
+        cfg = cfg.model_copy(update={"data_dir": (base_dir / cfg.data_dir).resolve()})
+    return cfg
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    """Read the YAML config at ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config({}, Path.cwd())
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line} not valid YAML") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    # relative data_dir is relative to the config file, so the node starts the same from any folder
+    return parse_config(data, Path(path).resolve().parent)
+
+
+def dump_config(cfg: NodeConfig, path: Path) -> None:
+    """Write the resolved config as JSON, for the worker child process to read."""
+    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+def read_resolved(path: Path) -> NodeConfig:
+    return NodeConfig.model_validate(json.loads(Path(path).read_text()))

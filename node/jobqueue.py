@@ -1,0 +1,487 @@
+"""The durable job queue shared by the Orthanc plugin (producer) and the worker (consumer).
+
+One SQLite file in WAL mode: both processes open it, every state change is a
+short ``BEGIN IMMEDIATE`` transaction, so a crash of either side loses nothing.
+Stdlib only on purpose: the plugin imports this module inside Orthanc's
+embedded Python, where neither the venv nor pydantic exist.
+
+Job states: ``queued`` -> ``running`` -> ``delivering`` -> ``done``; ``failed``
+after ``max_attempts`` (its error kept); ``superseded`` when late instances of
+the same series started a newer job. A running job whose worker stops
+heartbeating is leased again once its lease has expired.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_id TEXT NOT NULL,          -- Orthanc's series ID (a hash: no patient data)
+    study_id TEXT NOT NULL DEFAULT '',
+    modality TEXT NOT NULL DEFAULT '',
+    instances INTEGER NOT NULL DEFAULT 0,
+    fingerprint TEXT NOT NULL DEFAULT '',  -- hash of the instance IDs: what this job processes
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 3,
+    lease_owner TEXT,
+    lease_until REAL,
+    error TEXT,
+    supersedes INTEGER,
+    superseded_by INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_id);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outputs (
+    job_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    orthanc_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, kind)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    orthanc_id TEXT NOT NULL,
+    state TEXT NOT NULL,              -- pending, delivered, failed, cancelled
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    last_error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    delivered REAL,
+    UNIQUE (job_id, destination, kind)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS history_job ON history(job_id);
+"""
+
+ACTIVE = ("queued", "running", "delivering", "done")
+
+
+@dataclass
+class Job:
+    id: int
+    series_id: str
+    study_id: str
+    modality: str
+    instances: int
+    fingerprint: str
+    state: str
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_until: float | None
+    error: str | None
+    supersedes: int | None
+    superseded_by: int | None
+    created: float
+    updated: float
+    finished: float | None
+
+
+@dataclass
+class Delivery:
+    id: int
+    job_id: int
+    destination: str
+    kind: str
+    sop_uid: str
+    orthanc_id: str
+    state: str
+    attempts: int
+    next_try: float
+    last_error: str | None
+    created: float
+    updated: float
+    delivered: float | None
+
+
+@dataclass(frozen=True)
+class Output:
+    kind: str  # seg, sr, gsps
+    sop_uid: str
+    orthanc_id: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: int | None  # None: no new job (the same instances were already processed or queued)
+    reason: str
+
+
+class JobQueue:
+    """A connection to the queue file; safe to share between threads of one process."""
+
+    def __init__(self, path: Path | str, clock=time.time):
+        self.path = str(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self._db.execute("PRAGMA busy_timeout=30000")
+        for stmt in filter(str.strip, SCHEMA.split(";")):
+            self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # --- transactions -----------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, q: JobQueue):
+            self.q = q
+
+        def __enter__(self):
+            self.q._lock.acquire()
+            self.q._db.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+            return self.q._db
+
+        def __exit__(self, exc_type, exc, tb):
+            try:
+                self.q._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.q._lock.release()
+
+    def _tx(self) -> JobQueue._Tx:
+        return JobQueue._Tx(self)
+
+    def _log(self, db, job_id: int, event: str, detail: str = "") -> None:
+        db.execute(
+            "INSERT INTO history (job_id, ts, event, detail) VALUES (?, ?, ?, ?)",
+            (job_id, self._clock(), event, detail),
+        )
+
+    # --- producer (the plugin) --------------------------------------------------------------
+    def submit(
+        self,
+        series_id: str,
+        *,
+        study_id: str = "",
+        modality: str = "",
+        instances: int = 0,
+        fingerprint: str = "",
+        max_attempts: int = 3,
+    ) -> Submitted:
+        """Record that ``series_id`` is stable and eligible; decide whether it needs a (new) job."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE series_id = ? AND state != 'superseded' ORDER BY id DESC LIMIT 1",
+                (series_id,),
+            ).fetchone()
+            latest = Job(**row) if row else None
+            if latest and fingerprint and latest.fingerprint == fingerprint and latest.state in ACTIVE:
+                self._log(db, latest.id, "resubmitted", "same instances as this job: no new job")
+                return Submitted(None, f"same instances already in job {latest.id} ({latest.state})")
+            if latest and latest.state == "queued":
+                db.execute(
+                    "UPDATE jobs SET instances = ?, fingerprint = ?, updated = ? WHERE id = ?",
+                    (instances, fingerprint, now, latest.id),
+                )
+                self._log(db, latest.id, "updated", f"more instances before start: {instances}")
+                return Submitted(latest.id, "queued job updated")
+            cur = db.execute(
+                "INSERT INTO jobs (series_id, study_id, modality, instances, fingerprint, state, max_attempts,"
+                " supersedes, created, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (
+                    series_id,
+                    study_id,
+                    modality,
+                    instances,
+                    fingerprint,
+                    max_attempts,
+                    latest.id if latest else None,
+                    now,
+                    now,
+                ),
+            )
+            job_id = int(cur.lastrowid)
+            if latest is None:
+                self._log(db, job_id, "queued", f"{modality} series, {instances} instances")
+                return Submitted(job_id, "new series")
+            why = (
+                f"re-sent after job {latest.id} failed"
+                if latest.state == "failed"
+                else f"late instances: {latest.instances} -> {instances}"
+            )
+            self._log(db, job_id, "queued", f"{why}; supersedes job {latest.id}")
+            db.execute("UPDATE jobs SET superseded_by = ?, updated = ? WHERE id = ?", (job_id, now, latest.id))
+            if latest.state in ("delivering", "done"):
+                # results of the old run are replaced (same output UIDs): stop delivering them
+                db.execute("UPDATE jobs SET state = 'superseded' WHERE id = ?", (latest.id,))
+                db.execute(
+                    "UPDATE deliveries SET state = 'cancelled', updated = ? WHERE job_id = ? AND state = 'pending'",
+                    (now, latest.id),
+                )
+            self._log(db, latest.id, "superseded", f"by job {job_id} ({why})")
+            return Submitted(job_id, why)
+
+    # --- consumer (the worker) --------------------------------------------------------------
+    def lease(self, owner: str, lease_s: float) -> Job | None:
+        """Take the oldest queued job (or one whose lease expired) for ``lease_s`` seconds."""
+        now = self._clock()
+        with self._tx() as db:
+            self._expire(db, now)
+            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_until = ?,"
+                " updated = ? WHERE id = ?",
+                (owner, now + lease_s, now, row["id"]),
+            )
+            self._log(db, row["id"], "leased", f"attempt {row['attempts'] + 1} by {owner}")
+            return Job(**db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def _expire(self, db, now: float) -> None:
+        for row in db.execute(
+            "SELECT * FROM jobs WHERE state = 'running' AND lease_until < ?", (now,)
+        ).fetchall():
+            if row["attempts"] >= row["max_attempts"]:
+                error = f"worker stopped during the job {row['attempts']} times (lease expired)"
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', error = ?, lease_owner = NULL, updated = ?, finished = ?"
+                    " WHERE id = ?",
+                    (error, now, now, row["id"]),
+                )
+                self._log(db, row["id"], "failed", error)
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', lease_owner = NULL, updated = ? WHERE id = ?",
+                    (now, row["id"]),
+                )
+                self._log(db, row["id"], "lease expired", f"{row['lease_owner']} stopped heartbeating")
+
+    def heartbeat(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend the lease; False when this worker lost it (expired and taken by another)."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET lease_until = ?, updated = ? WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                (now + lease_s, now, job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def complete(
+        self, job_id: int, owner: str, outputs: Iterable[Output], routes: Iterable[tuple[str, str]]
+    ) -> str:
+        """Record the stored outputs and create one pending delivery per (destination, kind) route.
+
+        Returns the job's new state. A job superseded while it ran keeps its outputs but delivers nothing:
+        the newer job delivers the same UIDs.
+        """
+        now = self._clock()
+        outputs = list(outputs)
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != "running" or row["lease_owner"] != owner:
+                return row["state"] if row else "missing"
+            for o in outputs:
+                db.execute(
+                    "INSERT OR REPLACE INTO outputs (job_id, kind, sop_uid, orthanc_id) VALUES (?, ?, ?, ?)",
+                    (job_id, o.kind, o.sop_uid, o.orthanc_id),
+                )
+            by_kind = {o.kind: o for o in outputs}
+            n = 0
+            if row["superseded_by"] is None:
+                for dest, kind in routes:
+                    o = by_kind.get(kind)
+                    if o is None:
+                        continue
+                    db.execute(
+                        "INSERT OR IGNORE INTO deliveries (job_id, destination, kind, sop_uid, orthanc_id, state,"
+                        " next_try, created, updated) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                        (job_id, dest, kind, o.sop_uid, o.orthanc_id, now, now, now),
+                    )
+                    n += 1
+            state = "superseded" if row["superseded_by"] is not None else ("delivering" if n else "done")
+            db.execute(
+                "UPDATE jobs SET state = ?, error = NULL, lease_owner = NULL, updated = ?, finished = ? WHERE id = ?",
+                (state, now, now, job_id),
+            )
+            self._log(db, job_id, "processed", f"{len(outputs)} outputs stored, {n} deliveries queued")
+            return state
+
+    def fail(self, job_id: int, owner: str, error: str, retry: bool = False) -> str:
+        """Record an error. ``retry``: try again (a transient problem) until ``max_attempts``."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["state"] != "running" or row["lease_owner"] != owner:
+                return row["state"] if row else "missing"
+            state = "queued" if retry and row["attempts"] < row["max_attempts"] else "failed"
+            db.execute(
+                "UPDATE jobs SET state = ?, error = ?, lease_owner = NULL, updated = ?, finished = ? WHERE id = ?",
+                (state, error, now, now if state == "failed" else None, job_id),
+            )
+            self._log(db, job_id, "failed" if state == "failed" else "error, will retry", error)
+            return state
+
+    # --- deliveries ---------------------------------------------------------------------------
+    def due_deliveries(self, limit: int = 100) -> list[Delivery]:
+        rows = self._db_read(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_try <= ? ORDER BY id LIMIT ?",
+            (self._clock(), limit),
+        )
+        return [Delivery(**r) for r in rows]
+
+    def delivered(self, delivery_id: int) -> None:
+        now = self._clock()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_error = NULL,"
+                " updated = ?, delivered = ? WHERE id = ? AND state = 'pending'",
+                (now, now, delivery_id),
+            )
+            self._settle(db, delivery_id, now)
+
+    def delivery_failed(
+        self, delivery_id: int, error: str, backoff_s: float, backoff_max_s: float, max_attempts: int
+    ) -> str:
+        """Schedule the next try with exponential backoff, or give up after ``max_attempts``."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            if row is None or row["state"] != "pending":
+                return row["state"] if row else "missing"
+            attempts = row["attempts"] + 1
+            state = "failed" if attempts >= max_attempts else "pending"
+            delay = min(backoff_max_s, backoff_s * 2 ** (attempts - 1))
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, last_error = ?, next_try = ?, updated = ?"
+                " WHERE id = ?",
+                (state, attempts, error, now + delay, now, delivery_id),
+            )
+            if attempts == 1 or state == "failed":  # the first error and the last; not one line per retry
+                self._log(
+                    db,
+                    row["job_id"],
+                    "delivery failed" if state == "failed" else "delivery pending",
+                    f"{row['destination']}/{row['kind']}: {error}",
+                )
+            self._settle(db, delivery_id, now)
+            return state
+
+    def _settle(self, db, delivery_id: int, now: float) -> None:
+        """Once no delivery of a job is pending, the job is done (or failed if one gave up)."""
+        job_id = db.execute("SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
+        counts = dict(
+            db.execute("SELECT state, COUNT(*) FROM deliveries WHERE job_id = ? GROUP BY state", (job_id,))
+        )
+        if counts.get("pending"):
+            return
+        job = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if job["state"] != "delivering":
+            return
+        if counts.get("failed"):
+            err = db.execute(
+                "SELECT destination, last_error FROM deliveries WHERE job_id = ? AND state = 'failed' LIMIT 1",
+                (job_id,),
+            ).fetchone()
+            error = f"delivery to {err[0]} failed: {err[1]}"
+            db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, updated = ? WHERE id = ?", (error, now, job_id)
+            )
+            self._log(db, job_id, "failed", error)
+        else:
+            db.execute("UPDATE jobs SET state = 'done', updated = ? WHERE id = ?", (now, job_id))
+            self._log(db, job_id, "delivered", f"{counts.get('delivered', 0)} objects")
+
+    # --- operator -----------------------------------------------------------------------------
+    def retry(self, job_id: int) -> str:
+        """Operator retry: a failed job runs again; a job with failed deliveries retries them now."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if row["state"] != "failed":
+                raise ValueError(f"job {job_id} is {row['state']}, only a failed job can be retried")
+            failed = db.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_try = ?, updated = ?"
+                " WHERE job_id = ? AND state = 'failed'",
+                (now, now, job_id),
+            ).rowcount
+            state = "delivering" if failed else "queued"
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = 0, error = NULL, updated = ?, finished = NULL WHERE id = ?",
+                (state, now, job_id),
+            )
+            self._log(db, job_id, "retry", f"by operator ({'deliveries' if failed else 'whole job'})")
+            return state
+
+    # --- reading --------------------------------------------------------------------------------
+    def _db_read(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def job(self, job_id: int) -> Job | None:
+        rows = self._db_read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return Job(**rows[0]) if rows else None
+
+    def jobs(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        if state:
+            rows = self._db_read("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+        else:
+            rows = self._db_read("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return [Job(**r) for r in rows]
+
+    def deliveries(self, job_id: int | None = None) -> list[Delivery]:
+        if job_id is None:
+            rows = self._db_read("SELECT * FROM deliveries ORDER BY id")
+        else:
+            rows = self._db_read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
+        return [Delivery(**r) for r in rows]
+
+    def history(self, job_id: int) -> list[dict]:
+        return self._db_read("SELECT ts, event, detail FROM history WHERE job_id = ? ORDER BY id", (job_id,))
+
+    def outputs(self, job_id: int) -> list[Output]:
+        rows = self._db_read("SELECT kind, sop_uid, orthanc_id FROM outputs WHERE job_id = ?", (job_id,))
+        return [Output(**r) for r in rows]
+
+    def describe(self, job_id: int) -> dict | None:
+        """Everything an operator sees about one job (JSON-ready, no patient data)."""
+        job = self.job(job_id)
+        if job is None:
+            return None
+        out = asdict(job)
+        out["history"] = self.history(job_id)
+        out["outputs"] = [asdict(o) for o in self.outputs(job_id)]
+        out["deliveries"] = [asdict(d) for d in self.deliveries(job_id)]
+        return out
+
+    def destination_status(self) -> dict[str, dict[str, int]]:
+        """Per destination: how many deliveries are in each state."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._db_read("SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY 1, 2"):
+            out.setdefault(r["destination"], {})[r["state"]] = r["n"]
+        return out
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,172 @@
+"""pacs-node's Orthanc plugin: stable series -> routing rules -> durable job; job REST routes.
+
+Deliberately thin (stdlib + Orthanc's ``orthanc`` module + the stdlib-only
+``node.jobqueue``): it runs inside Orthanc's process, so it must never load a
+model or do heavy work; the worker process does that. Its settings come from
+the ``PacsNode`` section that ``pacs-node serve`` writes into Orthanc's config.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import sys
+
+import orthanc
+
+_CFG = json.loads(orthanc.GetConfiguration()).get("PacsNode", {})
+if _CFG.get("Src") and _CFG["Src"] not in sys.path:
+    sys.path.insert(0, _CFG["Src"])
+
+from node.jobqueue import JobQueue, to_json  # noqa: E402  (the path above makes it importable)
+
+# Never processed, whatever the rules say: non-images and the node's own outputs (no loops).
+NEVER_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "OT"}
+OUR_MANUFACTURER = "pacs-node"
+
+log = logging.getLogger("pacs_node_plugin")
+_queue = JobQueue(_CFG["Queue"])
+_rules = _CFG.get("Routing") or [{"modalities": ["CT", "MR"]}]
+_max_attempts = int(_CFG.get("MaxAttempts", 3))
+
+
+def _info(msg):
+    orthanc.LogInfo("pacs-node: " + msg)
+
+
+def _warn(msg):
+    orthanc.LogWarning("pacs-node: " + msg)
+
+
+def _get(uri):
+    return json.loads(orthanc.RestApiGet(uri))
+
+
+def _rule_matches(rule, tags, modality, n_instances):
+    if modality not in [m.upper() for m in rule.get("modalities", ["CT", "MR"])]:
+        return False
+    if n_instances < int(rule.get("min_instances", 1)):
+        return False
+    if rule.get("max_instances") and n_instances > int(rule["max_instances"]):
+        return False
+    if rule.get("sop_classes") and tags.get("SOPClassUID", "") not in rule["sop_classes"]:
+        return False
+    for key, pattern in (rule.get("tags") or {}).items():
+        if not re.fullmatch(pattern, str(tags.get(key, "")), re.IGNORECASE):
+            return False
+    return not any(
+        re.fullmatch(pattern, str(tags.get(key, "")), re.IGNORECASE)
+        for key, pattern in (rule.get("exclude_tags") or {}).items()
+    )
+
+
+def decide(series_id):
+    """Return (eligible, reason, series info) for one stable series."""
+    series = _get("/series/%s" % series_id)
+    instances = sorted(series.get("Instances", []))
+    tags = dict(series.get("MainDicomTags", {}))
+    modality = str(tags.get("Modality", "")).upper()
+    if modality in NEVER_MODALITIES:
+        return False, "%s series is never processed" % modality, series
+    if not instances:
+        return False, "no instances", series
+    # SOP class and manufacturer are instance-level: read one instance's header
+    first = _get("/instances/%s/simplified-tags" % instances[0])
+    for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
+        tags.setdefault(key, first.get(key, ""))
+    if str(first.get("Manufacturer", "")).strip() == OUR_MANUFACTURER:
+        return False, "output of pacs-node", series
+    if "Rows" not in first:
+        return False, "not an image", series
+    for rule in _rules:
+        if _rule_matches(rule, tags, modality, len(instances)):
+            return True, "eligible", series
+    return False, "%s series matches no routing rule" % (modality or "unknown"), series
+
+
+def on_change(change_type, level, resource_id):
+    if change_type != orthanc.ChangeType.STABLE_SERIES:
+        return
+    try:
+        eligible, reason, series = decide(resource_id)
+        if not eligible:
+            _info("series %s skipped: %s" % (resource_id, reason))
+            return
+        instances = sorted(series.get("Instances", []))
+        fingerprint = hashlib.sha1("\n".join(instances).encode()).hexdigest()
+        submitted = _queue.submit(
+            resource_id,
+            study_id=series.get("ParentStudy", ""),
+            modality=series["MainDicomTags"].get("Modality", ""),
+            instances=len(instances),
+            fingerprint=fingerprint,
+            max_attempts=_max_attempts,
+        )
+        if submitted.job_id is None:
+            _info("series %s: no new job (%s)" % (resource_id, submitted.reason))
+        else:
+            _info("series %s -> job %d (%s)" % (resource_id, submitted.job_id, submitted.reason))
+    except Exception as e:  # never let a plugin error disturb the DICOM receiver
+        orthanc.LogError("pacs-node: series %s: could not queue: %s: %s" % (resource_id, type(e).__name__, e))
+
+
+def _answer(output, obj, status=200):
+    body = to_json(obj)
+    if status == 200:
+        output.AnswerBuffer(body, "application/json")
+    else:
+        output.SendHttpStatus(status, body)
+
+
+def rest_jobs(output, uri, **request):
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    args = request.get("get", {})
+    state = args.get("state") or None
+    limit = int(args.get("limit", "100")) if str(args.get("limit", "100")).isdigit() else 100
+    jobs = [j.__dict__ for j in _queue.jobs(state, limit)]
+    _answer(output, jobs)
+
+
+def rest_job(output, uri, **request):
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    job = _queue.describe(int(request["groups"][0]))
+    if job is None:
+        _answer(output, {"error": "no such job"}, 404)
+    else:
+        _answer(output, job)
+
+
+def rest_retry(output, uri, **request):
+    if request["method"] != "POST":
+        output.SendMethodNotAllowed("POST")
+        return
+    job_id = int(request["groups"][0])
+    try:
+        state = _queue.retry(job_id)
+    except KeyError:
+        _answer(output, {"error": "no such job"}, 404)
+        return
+    except ValueError as e:
+        _answer(output, {"error": str(e)}, 409)
+        return
+    _warn("job %d retried by operator" % job_id)
+    _answer(output, {"id": job_id, "state": state})
+
+
+def rest_destinations(output, uri, **request):
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    _answer(output, _queue.destination_status())
+
+
+orthanc.RegisterOnChangeCallback(on_change)
+orthanc.RegisterRestCallback("/inference/jobs", rest_jobs)
+orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)", rest_job)
+orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)/retry", rest_retry)
+orthanc.RegisterRestCallback("/inference/destinations", rest_destinations)
+_info("plugin ready (queue %s, %d routing rules)" % (_CFG["Queue"], len(_rules)))

@@ -1,0 +1,216 @@
+"""Unit tests of the node's config and durable job queue (no Orthanc needed)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_config, parse_config
+from node.jobqueue import JobQueue, Output
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def q(tmp_path: Path, clock: Clock) -> JobQueue:
+    return JobQueue(tmp_path / "queue.sqlite", clock=clock)
+
+
+OUTS = [Output("seg", "1.2.3.1", "o1"), Output("sr", "1.2.3.2", "o2"), Output("gsps", "1.2.3.3", "o3")]
+ROUTES = [("pacs", "seg"), ("pacs", "sr"), ("pacs", "gsps"), ("archive", "sr")]
+
+
+# --- config -------------------------------------------------------------------------------------
+def test_config_issue_example(tmp_path: Path) -> None:
+    p = tmp_path / "node.yaml"
+    p.write_text(
+        """
+ae_title: PACSNODE
+dicom_port: 4242
+http_port: 8042
+metrics_port: 9464
+data_dir: ./data
+destinations:
+  - {name: pacs, kind: dicom, host: 127.0.0.1, port: 11112, ae_title: PACS}
+  - {name: archive, kind: dicomweb, url: http://127.0.0.1:8080/dicom-web}
+"""
+    )
+    cfg = load_config(p)
+    assert cfg.data_dir == (tmp_path / "data").resolve()
+    assert [d.kind for d in cfg.destinations] == ["dicom", "dicomweb"]
+    assert cfg.destination("pacs").accepts == ["seg", "sr", "gsps"]
+    assert not cfg.http_remote_access
+
+
+def test_config_default() -> None:
+    cfg = load_config(None)
+    assert cfg.ae_title == "PACSNODE" and cfg.routing[0].modalities == ["CT", "MR"]
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"dicom_port": 70000}, "dicom_port:"),
+        ({"ae_title": "THIS-AE-TITLE-IS-TOO-LONG"}, "ae_title:"),
+        ({"destinations": [{"name": "p", "kind": "dicom", "host": "h", "port": "x", "ae_title": "A"}]},
+         "destinations[0].port:"),
+        ({"destinations": [{"name": "p", "kind": "ftp"}]}, "destinations[0].kind:"),
+        ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "ftp://x"}]}, "destinations[0].url:"),
+        ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "http://x", "accepts": ["pdf"]}]},
+         "destinations[0].accepts[0]:"),
+        ({"http_porrt": 1}, "http_porrt: unknown key"),
+        ({"http_remote_access": True}, "http_users:"),
+    ],
+)
+def test_config_errors_name_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_config_bad_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("ae_title: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+# --- queue ----------------------------------------------------------------------------------------
+def test_submit_lease_complete_deliver(q: JobQueue) -> None:
+    s = q.submit("ser1", modality="CT", instances=24, fingerprint="f1")
+    assert s.job_id == 1
+    job = q.lease("w1", 10)
+    assert job and job.id == 1 and job.state == "running" and job.attempts == 1
+    assert q.lease("w2", 10) is None
+    assert q.complete(1, "w1", OUTS, ROUTES) == "delivering"
+    due = q.due_deliveries()
+    assert {(d.destination, d.kind) for d in due} == set(ROUTES)
+    for d in due:
+        q.delivered(d.id)
+    assert q.job(1).state == "done"
+    assert [h["event"] for h in q.history(1)][-1] == "delivered"
+
+
+def test_resubmit_same_instances_makes_no_job(q: JobQueue) -> None:
+    q.submit("ser1", fingerprint="f1")
+    assert q.submit("ser1", fingerprint="f1").job_id is None
+    q.lease("w", 10)
+    q.complete(1, "w", OUTS, [])
+    assert q.job(1).state == "done"
+    assert q.submit("ser1", fingerprint="f1").job_id is None
+    assert len(q.jobs()) == 1
+
+
+def test_late_instances_supersede(q: JobQueue) -> None:
+    q.submit("ser1", instances=24, fingerprint="f1")
+    q.lease("w", 10)
+    q.complete(1, "w", OUTS, ROUTES)
+    s = q.submit("ser1", instances=25, fingerprint="f2")
+    assert s.job_id == 2 and "late instances: 24 -> 25" in s.reason
+    old = q.describe(1)
+    assert old["state"] == "superseded" and old["superseded_by"] == 2
+    assert {d["state"] for d in old["deliveries"]} == {"cancelled"}
+    assert q.job(2).supersedes == 1
+    assert not q.due_deliveries()
+
+
+def test_superseded_while_running_delivers_nothing(q: JobQueue) -> None:
+    q.submit("ser1", instances=24, fingerprint="f1")
+    q.lease("w", 10)
+    q.submit("ser1", instances=25, fingerprint="f2")
+    assert q.complete(1, "w", OUTS, ROUTES) == "superseded"
+    assert not q.due_deliveries()
+    assert q.lease("w", 10).id == 2
+
+
+def test_expired_lease_is_taken_again_then_fails(q: JobQueue, clock: Clock) -> None:
+    q.submit("ser1", fingerprint="f1", max_attempts=2)
+    assert q.lease("dead1", 5).attempts == 1
+    clock.now += 6
+    job = q.lease("w2", 5)
+    assert job.id == 1 and job.attempts == 2 and job.lease_owner == "w2"
+    assert not q.heartbeat(1, "dead1", 5)  # the old owner lost it
+    assert q.complete(1, "dead1", OUTS, ROUTES) == "running"  # and cannot complete it
+    clock.now += 6
+    assert q.lease("w3", 5) is None
+    j = q.job(1)
+    assert j.state == "failed" and "lease expired" in j.error
+
+
+def test_fail_retry_and_operator_retry(q: JobQueue) -> None:
+    q.submit("ser1", fingerprint="f1", max_attempts=2)
+    q.lease("w", 10)
+    assert q.fail(1, "w", "orthanc unreachable", retry=True) == "queued"
+    q.lease("w", 10)
+    assert q.fail(1, "w", "series 1.2: no CT or MR image", retry=False) == "failed"
+    assert q.job(1).error == "series 1.2: no CT or MR image"
+    q.submit("ser2", fingerprint="f2")
+    with pytest.raises(ValueError, match="only a failed job"):
+        q.retry(2)
+    with pytest.raises(KeyError):
+        q.retry(999)
+    assert q.retry(1) == "queued"
+    assert q.lease("w", 10).id == 1
+
+
+def test_delivery_backoff_and_give_up(q: JobQueue, clock: Clock) -> None:
+    q.submit("ser1", fingerprint="f1")
+    q.lease("w", 10)
+    q.complete(1, "w", OUTS, [("pacs", "seg")])
+    (d,) = q.due_deliveries()
+    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "pending"
+    assert not q.due_deliveries()
+    clock.now += 2
+    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "pending"
+    clock.now += 3.9
+    assert not q.due_deliveries()  # 4 s backoff
+    clock.now += 0.1
+    q.delivery_failed(d.id, "connection refused", 2, 5, 4)
+    clock.now += 5  # capped at 5
+    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "failed"
+    job = q.job(1)
+    assert job.state == "failed" and job.error == "delivery to pacs failed: connection refused"
+    assert q.destination_status() == {"pacs": {"failed": 1}}
+    assert q.retry(1) == "delivering"
+    (d,) = q.due_deliveries()
+    q.delivered(d.id)
+    assert q.job(1).state == "done"
+
+
+def _lease_many(path: str, owner: str, out) -> None:
+    q = JobQueue(path)
+    got = []
+    while (job := q.lease(owner, 60)) is not None:
+        got.append(job.id)
+    out.put(got)
+
+
+def test_two_processes_never_lease_the_same_job(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    q = JobQueue(path)
+    for i in range(60):
+        q.submit(f"s{i}", fingerprint=str(i))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_lease_many, args=(str(path), f"w{i}", out)) for i in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    ids = [i for g in got for i in g]
+    assert sorted(ids) == list(range(1, 61))

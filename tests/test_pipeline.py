@@ -1,0 +1,263 @@
+"""The offline pipeline end to end, with the committed reference model and real files.
+
+Geometry: the same phantom stored in many ways must give the same
+segmentation in patient coordinates, read back by an independent reader.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from node.model_repo import load_model
+from node.phantom import Phantom
+from node.phantom_dicom import Patient, write_variant
+from node.pipeline import Pipeline
+from node.runtimes import select_runtime
+from node.series import find_series
+from tests.seg_readback import read_segments
+
+SHAPE = (24, 112, 112)
+PIXEL, STEP = 3.4, 6.0
+# pure storage changes: the very same voxels at the same patient positions
+STORAGE_VARIANTS = [
+    "shuffled", "feet_first", "bottom_up", "transposed", "rescale",
+    "sagittal", "coronal", "multiframe", "jpeg_lossless", "rle",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    model = load_model("phantom-fm")
+    return Pipeline(model, select_runtime(model, "onnxruntime")[0])
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Phantom:
+    return Phantom.random(4242, n_lesions=3)
+
+
+def _run(pipeline: Pipeline, phantom: Phantom, variant: str, root: Path, modality: str = "CT"):
+    src = root / f"{modality}-{variant}"
+    write_variant(phantom, src, variant, modality, seed=3, shape=SHAPE, pixel_spacing=PIXEL, slice_spacing=STEP)
+    series, errors = find_series([src])
+    assert not errors and len(series) == 1
+    result = pipeline.process(series[0], root / f"out-{modality}-{variant}")
+    assert result.ok, result.error
+    return result
+
+
+@pytest.fixture(scope="module")
+def axial(pipeline, phantom, tmp_path_factory):
+    return _run(pipeline, phantom, "axial", tmp_path_factory.mktemp("axial"))
+
+
+def assert_valid(path: Path) -> None:
+    """dciodvfy (dicom3tools) must report no Error line."""
+    check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, f"{path.name}: {errors}"
+
+
+def _points(result) -> dict[str, set]:
+    segs = read_segments(result.files[0])
+    return {k: {tuple(p) for p in np.round(v.points, 2)} for k, v in segs.items()}
+
+
+def test_axial_result_finds_organs_and_lesions(axial):
+    labels = {s.label for s in axial.findings.segments}
+    assert {"Liver", "Lung", "Bone", "Kidney"} <= labels
+    assert axial.findings.lesions, "the phantom's lesions were missed"
+
+
+@pytest.mark.parametrize("variant", STORAGE_VARIANTS)
+def test_same_segmentation_in_patient_coordinates(pipeline, phantom, axial, variant, tmp_path):
+    result = _run(pipeline, phantom, variant, tmp_path)
+    expected, got = _points(axial), _points(result)
+    assert got.keys() == expected.keys()
+    for label in expected:
+        assert got[label] == expected[label], f"{variant}: segment {label} moved"
+    for path in result.files:
+        assert_valid(path)
+
+
+def test_oblique_acquisition_lands_in_the_same_place(pipeline, phantom, axial, tmp_path):
+    result = _run(pipeline, phantom, "oblique", tmp_path)
+    ref, got = read_segments(axial.files[0]), read_segments(result.files[0])
+    for organ in ("Liver", "Lung", "Bone"):
+        assert np.linalg.norm(got[organ].centroid - ref[organ].centroid) < 4.0, organ
+        assert got[organ].volume_ml == pytest.approx(ref[organ].volume_ml, rel=0.15), organ
+    assert any("oblique" in n for n in result.findings.notes)
+
+
+def test_outputs_are_valid_and_filed_with_the_study(axial):
+    source = pydicom.dcmread(next(iter(axial.findings.series.files)))
+    for path in axial.files:
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
+        if "FrameOfReferenceUID" in ds:
+            assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert_valid(path)
+    seg = hd.seg.segread(axial.files[0])
+    assert seg.number_of_segments == len(axial.findings.segments)
+    sr = hd.sr.srread(axial.files[1])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(axial.findings.segments)
+
+
+def test_mr_series(pipeline, phantom, tmp_path):
+    result = _run(pipeline, phantom, "axial", tmp_path, modality="MR")
+    assert {"Liver", "Lung"} <= {s.label for s in result.findings.segments}
+    for path in result.files:
+        assert_valid(path)
+
+
+def test_rerun_gives_the_same_uids_and_replaces(pipeline, phantom, axial, tmp_path):
+    again = _run(pipeline, phantom, "axial", tmp_path)
+    for a, b in zip(axial.files, again.files, strict=True):
+        assert pydicom.dcmread(a).SOPInstanceUID == pydicom.dcmread(b).SOPInstanceUID
+    series, _ = find_series([tmp_path / "CT-axial"])
+    out = tmp_path / "out-CT-axial"
+    pipeline.process(series[0], out)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["gsps.dcm", "seg.dcm", "sr.dcm"]
+
+
+# -- the command line -------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _write(tmp: Path, name: str, **kw) -> Path:
+    out = tmp / name
+    seed = sum(map(ord, name))  # distinct series (and UIDs) per name
+    write_variant(
+        Phantom.random(7, n_lesions=1), out, "axial", seed=seed, shape=(12, 96, 96), pixel_spacing=4.0, **kw
+    )
+    return out
+
+
+def _edit_all(folder: Path, fn) -> None:
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        fn(ds, f)
+        ds.save_as(f)
+
+
+def _not_dicom(tmp: Path) -> Path:
+    p = tmp / "notes.dcm"
+    p.write_text("this is not DICOM\n")
+    return p
+
+
+def _truncated(tmp: Path) -> Path:
+    src = _write(tmp, "trunc")
+    f = sorted(src.glob("*.dcm"))[3]
+    f.write_bytes(f.read_bytes()[:2000])
+    return src
+
+
+def _cr(tmp: Path) -> Path:
+    src = _write(tmp, "cr")
+    _edit_all(src, lambda ds, f: setattr(ds, "Modality", "CR"))
+    return src
+
+
+def _two_frames_of_reference(tmp: Path) -> Path:
+    src = _write(tmp, "for")
+
+    def edit(ds, f):
+        if ds.InstanceNumber % 2:
+            ds.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=["other"])
+
+    _edit_all(src, edit)
+    return src
+
+
+def _zero_spacing(tmp: Path) -> Path:
+    src = _write(tmp, "zero")
+    _edit_all(src, lambda ds, f: setattr(ds, "PixelSpacing", [0, 0]))
+    return src
+
+
+def _no_pixels(tmp: Path) -> Path:
+    src = _write(tmp, "nopix")
+    _edit_all(src, lambda ds, f: delattr(ds, "PixelData"))
+    return src
+
+
+BAD = {
+    "not DICOM": (_not_dicom, "not a DICOM file"),
+    "truncated": (_truncated, "truncated"),
+    "modality": (_cr, "modality CR is not accepted"),
+    "frames of reference": (_two_frames_of_reference, "frame"),
+    "zero spacing": (_zero_spacing, "spacing"),
+    "no pixel data": (_no_pixels, "pixel data"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exit_2_one_line_nothing_written(case, tmp_path):
+    make, expected = BAD[case]
+    src = make(tmp_path)
+    out = tmp_path / "results"
+    proc = _cli("run", str(src), "--out", str(out), "--no-progress")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert expected.lower() in lines[0].lower()
+    assert "Traceback" not in proc.stderr and "PHANTOM" not in lines[0]
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_partial_failure_keeps_the_good_series(tmp_path):
+    good = _write(tmp_path / "in", "good")
+    bad = _cr(tmp_path / "in")
+    out = tmp_path / "results"
+    proc = _cli("run", str(good.parent), "--out", str(out), "--no-progress")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("error:") == 1 and "CR" in proc.stderr
+    written = sorted(p.name for p in out.rglob("*.dcm"))
+    assert written == ["gsps.dcm", "seg.dcm", "sr.dcm"]
+    assert not list(out.glob(".partial-*"))
+    assert bad.exists()
+
+
+def test_help_documents_exit_codes():
+    proc = _cli("run", "--help")
+    assert proc.returncode == 0 and "partial failure" in proc.stdout
+
+
+def test_missing_slices_are_processed_and_said(pipeline, tmp_path):
+    src = _write(tmp_path, "gap", patient=Patient(id="GAP1"))
+    files = sorted(src.glob("*.dcm"))
+    files[5].unlink()
+    series, _ = find_series([src])
+    result = pipeline.process(series[0], tmp_path / "out")
+    assert result.ok, result.error
+    assert any("missing slice" in n for n in result.findings.notes)
+    seg = pydicom.dcmread(result.files[0])
+    referenced = {
+        fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for fg in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert referenced <= {pydicom.dcmread(f).SOPInstanceUID for f in files if f.exists()}
+    texts = [str(e.value) for e in pydicom.dcmread(result.files[1]).iterall() if e.keyword == "TextValue"]
+    assert any("missing slice" in t for t in texts)
+
+
+@pytest.mark.skipif(shutil.which("dsrdump") is None, reason="DCMTK not installed")
+def test_dsrdump_reads_the_sr(axial):
+    proc = subprocess.run(["dsrdump", str(axial.files[1])], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Imaging Measurement Report" in proc.stdout

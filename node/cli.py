@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
     ev.add_argument("--seed", type=int, default=50_000)
+    ev.add_argument("--write-card", action="store_true", help="record the figures in the model's quality.json")
 
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -267,11 +268,15 @@ def cmd_models(args) -> int:
         print(f"trained phantom-fm in {stats['train_seconds']} s; graphs in {out}")
         print(f"next: pacs-node models evaluate --model {out}")
         return EXIT_OK
-    from node.evaluate import evaluate_model, format_report
+    from node.evaluate import evaluate_model, format_report, write_quality
     from node.model_repo import load_model
 
-    report = evaluate_model(load_model(args.model), cases=args.cases, seed=args.seed)
+    model = load_model(args.model)
+    report = evaluate_model(model, cases=args.cases, seed=args.seed)
     print(format_report(report))
+    if args.write_card:
+        path = write_quality(model, report, args.seed)
+        print(f"written to {path}")
     return EXIT_OK
 
 

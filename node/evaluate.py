@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -108,3 +112,25 @@ def format_report(r: EvalReport) -> str:
     lines.append(f"lesion presence: accuracy {r.classifier_accuracy:.3f}, AUC {r.classifier_auc}")
     lines.append(f"lesion sensitivity (truth lesions >= 10 mm touched): {r.lesion_sensitivity:.3f}")
     return "\n".join(lines)
+
+
+def write_quality(model: ModelSpec, report: EvalReport, seed: int) -> Path:
+    """Record measured quality and the minimums the tests hold the model to (margin for small samples)."""
+
+    def floor(v: float, margin: float) -> float:
+        return max(0.0, math.floor((v - margin) * 100) / 100)
+
+    data = {
+        "model": report.model,
+        "measured": {k: v for k, v in asdict(report).items() if k != "per_case"},
+        "seed": seed,
+        "date": time.strftime("%Y-%m-%d"),
+        "minimum": {
+            "dice": {k: floor(v, 0.07) for k, v in report.dice.items()},
+            "classifier_accuracy": floor(report.classifier_accuracy, 0.2),
+            "lesion_sensitivity": floor(report.lesion_sensitivity, 0.2),
+        },
+    }
+    path = model.path / "quality.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

@@ -58,14 +58,15 @@ def predict(
     seg_heads = runtime.slice_heads
     labels = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
     conf = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
-    cls = []
+    pooled: dict[str, list[np.ndarray]] = {k: [] for k in runtime.series_inputs}
     for start in range(0, n, model.backbone.batch):
         sl = slice(start, min(n, start + model.backbone.batch))
         with clock("preprocess"):
             x = normalise(plane.to_model(canonical.array[sl], fill), series.modality, spec, scale)
         with clock("inference"):
             out = runtime.infer(x)
-        cls.append(out.cls)
+        for k, v in out.features.items():
+            pooled[k].append(v)
         with clock("postprocess"):
             for h in seg_heads:
                 probs = plane.to_canonical(out.heads[h.name])  # (N, C, H, W)
@@ -74,7 +75,7 @@ def predict(
         if progress:
             progress(sl.stop - sl.start)
     with clock("inference"):
-        features = np.concatenate(cls)
+        features = {k: np.concatenate(v) for k, v in pooled.items()}
         probabilities = {h.name: runtime.classify(h, features) for h in runtime.series_heads}
     with clock("postprocess"):
         src = series.volume

@@ -52,8 +52,8 @@ class Config:
     channels: int = 2  # wide window + soft-tissue window (CT); MR uses one normalisation twice
     n_train: int = 72  # phantoms
     slices_per_phantom: int = 24
-    pretrain_steps: int = 1000
-    head_steps: int = 1000
+    pretrain_steps: int = 900
+    head_steps: int = 900
     cls_steps: int = 500
     batch: int = 16
     seed: int = 7
@@ -129,14 +129,18 @@ class SegProbs(nn.Module):
 
 
 class PresenceHead(nn.Module):
-    """Series-level classifier: per-slice CLS scores, max-pooled over the slices (a 3D task from 2D features)."""
+    """Series-level classifier: a score per patch token, max-pooled over every slice (a 3D task from 2D features).
+
+    Patch tokens rather than CLS: a 5 mm lesion is a few tokens of one slice,
+    which a global CLS summary dilutes.
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.mlp = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, 64), nn.GELU(), nn.Linear(64, 1))
 
-    def forward(self, cls):  # (S, D) -> (1,) probability
-        return torch.sigmoid(self.mlp(cls).amax(dim=0))
+    def forward(self, tokens):  # (S, T, D) -> (1,) probability
+        return torch.sigmoid(self.mlp(tokens).amax(dim=(0, 1)))
 
 
 # -- data -------------------------------------------------------------------------
@@ -146,7 +150,7 @@ def make_dataset(cfg: Config, seeds: range, rng: np.random.Generator):
     """Phantom slices on the model grid: images (N,C,S,S), organ labels, lesion masks, volume ids."""
     images, organs, lesions, vol_ids = [], [], [], []
     for vid, seed in enumerate(seeds):
-        ph = Phantom.random(seed)
+        ph = Phantom.random(seed, n_lesions=0 if rng.random() < 0.15 else int(rng.integers(1, 6)))
         modality = "CT" if rng.random() < 0.6 else "MR"
         fov = rng.uniform(330, 500)
         spacing = fov / cfg.size
@@ -200,7 +204,15 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
     x, y_org, y_les, vol_ids = make_dataset(cfg, range(1000, 1000 + cfg.n_train), rng)
     log.info("dataset: %d slices in %.0f s", len(x), time.perf_counter() - t0)
     n_org = len(ORGANS) + 1
-    les_w = torch.tensor([1.0, 4.0])
+    les_w = torch.tensor([1.0, 8.0])
+    lesion_slices = torch.nonzero(y_les.flatten(1).any(1)).ravel()
+
+    def draw() -> torch.Tensor:
+        """Half of every batch from slices with a lesion: they are rare, and small."""
+        half = cfg.batch // 2 if len(lesion_slices) else 0
+        pos = lesion_slices[torch.randint(max(1, len(lesion_slices)), (half,))]
+        return torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
+
 
     backbone = Backbone(cfg)
     aux_org = nn.Conv2d(cfg.dim, n_org, 1)
@@ -215,7 +227,7 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=cfg.pretrain_steps, pct_start=0.1)
     for step in range(cfg.pretrain_steps):
-        idx = torch.randint(len(x), (cfg.batch,))
+        idx = draw()
         xb = _augment(x[idx])
         tokens, _ = backbone(xb)
         loss = _seg_loss(aux_logits(tokens, aux_org), y_org[idx], n_org) + _seg_loss(
@@ -234,12 +246,11 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
     with torch.no_grad():
         feats = [backbone(x[i : i + 64]) for i in range(0, len(x), 64)]
     tokens_all = torch.cat([f[0] for f in feats])
-    cls_all = torch.cat([f[1] for f in feats])
     params = [*organs_head.parameters(), *lesions_head.parameters()]
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=cfg.head_steps, pct_start=0.1)
     for step in range(cfg.head_steps):
-        idx = torch.randint(len(x), (cfg.batch,))
+        idx = draw()
         loss = _seg_loss(organs_head(tokens_all[idx], x[idx]), y_org[idx], n_org) + _seg_loss(
             lesions_head(tokens_all[idx], x[idx]), y_les[idx], 2, les_w
         )
@@ -258,7 +269,7 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
         v = int(rng.integers(len(bags)))
         sub = bags[v][rng.integers(len(bags[v])) :]  # random contiguous tail: bags of varied length
         sub_label = float(y_les[sub].any())
-        p = presence(cls_all[sub])
+        p = presence(tokens_all[sub])
         loss = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), torch.tensor([sub_label]))
         opt.zero_grad()
         loss.backward()
@@ -292,7 +303,7 @@ def export(out_dir: Path, cfg: Config, backbone, organs_head, lesions_head, pres
     # the fused "fast path" kernel of nn.TransformerEncoderLayer has no ONNX export
     torch.backends.mha.set_fastpath_enabled(False)
     image = torch.zeros(2, cfg.channels, cfg.size, cfg.size)
-    tokens, cls = backbone(image)
+    tokens, _ = backbone(image)
     common = {"opset_version": 17, "dynamo": False}
     torch.onnx.export(
         backbone,
@@ -315,10 +326,10 @@ def export(out_dir: Path, cfg: Config, backbone, organs_head, lesions_head, pres
         )
     torch.onnx.export(
         presence.eval(),
-        (cls,),
+        (tokens,),
         out_dir / "head_lesion_presence.onnx",
-        input_names=["cls"],
+        input_names=["tokens"],
         output_names=["probability"],
-        dynamic_axes={"cls": {0: "slices"}},
+        dynamic_axes={"tokens": {0: "slices"}},
         **common,
     )

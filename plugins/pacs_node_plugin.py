@@ -62,16 +62,16 @@ def _rule_matches(rule, tags, modality, n_instances):
 
 def decide(series_id):
     """Return (eligible, reason, series info) for one stable series."""
-    series = _get("/series/%s" % series_id)
+    series = _get(f"/series/{series_id}")
     instances = sorted(series.get("Instances", []))
     tags = dict(series.get("MainDicomTags", {}))
     modality = str(tags.get("Modality", "")).upper()
     if modality in NEVER_MODALITIES:
-        return False, "%s series is never processed" % modality, series
+        return False, f"{modality} series is never processed", series
     if not instances:
         return False, "no instances", series
     # SOP class and manufacturer are instance-level: read one instance's header
-    first = _get("/instances/%s/simplified-tags" % instances[0])
+    first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
         tags.setdefault(key, first.get(key, ""))
     if str(first.get("Manufacturer", "")).strip() == OUR_MANUFACTURER:
@@ -90,7 +90,7 @@ def on_change(change_type, level, resource_id):
     try:
         eligible, reason, series = decide(resource_id)
         if not eligible:
-            _info("series %s skipped: %s" % (resource_id, reason))
+            _info(f"series {resource_id} skipped: {reason}")
             return
         instances = sorted(series.get("Instances", []))
         fingerprint = hashlib.sha1("\n".join(instances).encode()).hexdigest()
@@ -103,11 +103,11 @@ def on_change(change_type, level, resource_id):
             max_attempts=_max_attempts,
         )
         if submitted.job_id is None:
-            _info("series %s: no new job (%s)" % (resource_id, submitted.reason))
+            _info(f"series {resource_id}: no new job ({submitted.reason})")
         else:
-            _info("series %s -> job %d (%s)" % (resource_id, submitted.job_id, submitted.reason))
+            _info(f"series {resource_id} -> job {submitted.job_id} ({submitted.reason})")
     except Exception as e:  # never let a plugin error disturb the DICOM receiver
-        orthanc.LogError("pacs-node: series %s: could not queue: %s: %s" % (resource_id, type(e).__name__, e))
+        orthanc.LogError(f"pacs-node: series {resource_id}: could not queue: {type(e).__name__}: {e}")
 
 
 def _answer(output, obj, status=200):
@@ -153,7 +153,7 @@ def rest_retry(output, uri, **request):
     except ValueError as e:
         _answer(output, {"error": str(e)}, 409)
         return
-    _warn("job %d retried by operator" % job_id)
+    _warn(f"job {job_id} retried by operator")
     _answer(output, {"id": job_id, "state": state})
 
 
@@ -169,4 +169,4 @@ orthanc.RegisterRestCallback("/inference/jobs", rest_jobs)
 orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)", rest_job)
 orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)/retry", rest_retry)
 orthanc.RegisterRestCallback("/inference/destinations", rest_destinations)
-_info("plugin ready (queue %s, %d routing rules)" % (_CFG["Queue"], len(_rules)))
+_info(f"plugin ready (queue {_CFG['Queue']}, {len(_rules)} routing rules)")

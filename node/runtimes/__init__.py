@@ -28,7 +28,7 @@ class BatchOutput:
     """One slice batch: every per-slice head's output and the pooled features for series heads."""
 
     heads: dict[str, np.ndarray]  # head name -> (N, C, S, S) probabilities
-    cls: np.ndarray  # (N, D) CLS features, kept for series-level heads
+    features: dict[str, np.ndarray]  # backbone outputs the series-level heads need, e.g. tokens (N, T, D)
 
 
 class Runtime(ABC):
@@ -37,16 +37,17 @@ class Runtime(ABC):
 
     def __init__(self, model: ModelSpec):
         self.model = model
-        self.slice_heads = [h for h in model.heads if "cls" not in h.inputs]
-        self.series_heads = [h for h in model.heads if "cls" in h.inputs]
+        self.slice_heads = [h for h in model.heads if h.kind != "classification"]
+        self.series_heads = [h for h in model.heads if h.kind == "classification"]
+        self.series_inputs = sorted({i for h in self.series_heads for i in h.inputs})
 
     @abstractmethod
     def infer(self, images: np.ndarray) -> BatchOutput:
         """(N, C, S, S) normalised slices -> backbone once, then every per-slice head."""
 
     @abstractmethod
-    def classify(self, head: HeadSpec, cls: np.ndarray) -> float:
-        """A series-level head over all slices' CLS features -> probability of the positive class."""
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
+        """A series-level head over all slices' features -> probability of the positive class."""
 
 
 def select_runtime(model: ModelSpec, requested: str = "auto") -> tuple[Runtime, str]:

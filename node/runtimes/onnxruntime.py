@@ -38,7 +38,8 @@ class OnnxRuntime(Runtime):
         out = {}
         for h in self.slice_heads:
             out[h.name] = self.heads[h.name].run(None, {k: feats[k] for k in h.inputs})[0]
-        return BatchOutput(heads=out, cls=feats["cls"])
+        return BatchOutput(heads=out, features={k: feats[k] for k in self.series_inputs})
 
-    def classify(self, head: HeadSpec, cls: np.ndarray) -> float:
-        return float(self.heads[head.name].run(None, {"cls": cls.astype(np.float32)})[0].ravel()[0])
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
+        feeds = {k: features[k].astype(np.float32, copy=False) for k in head.inputs}
+        return float(self.heads[head.name].run(None, feeds)[0].ravel()[0])

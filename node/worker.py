@@ -1,0 +1,240 @@
+"""The worker process: lease a job -> fetch the series from Orthanc -> pipeline -> store -> deliver.
+
+Runs outside Orthanc (``python -m node.worker --config node.json``, started by
+``pacs-node serve``). Inference runs in the main thread, holding its job's
+lease by a heartbeat; deliveries run in a second thread so that a slow or
+absent destination never holds back inference and vice versa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from node import egress
+from node.config import NodeConfig, read_resolved
+from node.errors import InputError, ModelError
+from node.jobqueue import Job, JobQueue, Output
+from node.orthanc import OrthancClient, OrthancError
+
+log = logging.getLogger("node.worker")
+
+
+class Stopping(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT: give the job back and exit."""
+
+
+@dataclass
+class JobOutcome:
+    state: str
+    seconds: float
+    error: str | None = None
+
+
+class Worker:
+    def __init__(self, cfg: NodeConfig, pipeline=None):
+        self.cfg = cfg
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.queue = JobQueue(cfg.queue_path)
+        self.orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
+        self.work_dir = cfg.data_dir / "work"
+        self._pipeline = pipeline
+        self._stop = threading.Event()
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:  # loaded once, lazily: a config-only start stays fast
+            from node.model_repo import load_model
+            from node.pipeline import Pipeline
+            from node.runtimes import select_runtime
+
+            model = load_model(self.cfg.model)
+            runtime, why = select_runtime(model, self.cfg.runtime)
+            log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
+            self._pipeline = Pipeline(model, runtime)
+        return self._pipeline
+
+    # --- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        deliverer = threading.Thread(target=self._delivery_loop, name="delivery", daemon=True)
+        deliverer.start()
+        self.pipeline  # noqa: B018  (load the model before taking a job)
+        log.info("worker %s ready", self.owner)
+        try:
+            while not self._stop.is_set():
+                job = self.queue.lease(self.owner, self.cfg.worker.lease_s)
+                if job is None:
+                    self._stop.wait(self.cfg.worker.poll_s)
+                    continue
+                self.process(job)
+        except Stopping:
+            log.info("worker stopping")
+        finally:
+            self._stop.set()
+            deliverer.join(timeout=5)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def process(self, job: Job) -> JobOutcome:
+        """Run one leased job to a recorded outcome (done/delivering, queued again, or failed)."""
+        t0 = time.monotonic()
+        beat = threading.Event()
+        hb = threading.Thread(target=self._heartbeat, args=(job.id, beat), daemon=True)
+        hb.start()
+        tmp = self.work_dir / f"job-{job.id}"
+        try:
+            outputs = self._run(job, tmp)
+            state = self.queue.complete(job.id, self.owner, outputs, self._routes())
+            seconds = time.monotonic() - t0
+            log.info("job %d (series %s): %s in %.1f s", job.id, job.series_id, state, seconds)
+            return JobOutcome(state, seconds)
+        except InputError as e:  # the series itself is unusable: no point retrying
+            return self._failed(job, str(e), False, t0)
+        except (OrthancError, OSError) as e:  # transient: Orthanc restarting, disk full...
+            return self._failed(job, str(e), True, t0)
+        except Stopping:
+            self.queue.fail(job.id, self.owner, "worker stopped during the job", retry=True)
+            raise
+        except Exception as e:  # a bug of ours: keep the traceback in the log, a line in the job
+            log.exception("job %d: internal error", job.id)
+            return self._failed(job, f"internal error: {type(e).__name__}: {e}", True, t0)
+        finally:
+            beat.set()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _failed(self, job: Job, error: str, retry: bool, t0: float) -> JobOutcome:
+        state = self.queue.fail(job.id, self.owner, error, retry=retry)
+        log.warning("job %d (series %s): %s: %s", job.id, job.series_id, state, error)
+        return JobOutcome(state, time.monotonic() - t0, error)
+
+    def _run(self, job: Job, tmp: Path) -> list[Output]:
+        from node.series import find_series
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.monotonic()
+        files = self.orthanc.fetch_series(job.series_id, tmp / "in", self.cfg.worker.fetch_threads)
+        log.info("job %d: fetched %d instances in %.2f s", job.id, len(files), time.monotonic() - t0)
+        series, errors = find_series([tmp / "in"])
+        if errors:
+            raise InputError(str(errors[0]))
+        if len(series) != 1:
+            raise InputError(f"Orthanc series {job.series_id}: no CT or MR image series in it")
+        result = self.pipeline.process(series[0], tmp / "out")
+        if result.error:
+            raise InputError(result.error)
+        outputs = []
+        for path in result.files:
+            from pydicom import dcmread
+
+            sop_uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            stored = self.orthanc.store(path.read_bytes())
+            outputs.append(Output(path.stem, sop_uid, stored.orthanc_id))
+        log.info(
+            "job %d: %s; stages %s",
+            job.id,
+            result.summary(),
+            ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
+        )
+        return outputs
+
+    def _routes(self) -> list[tuple[str, str]]:
+        return [(d.name, kind) for d in self.cfg.destinations for kind in d.accepts]
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self.cfg.worker.heartbeat_s):
+            try:
+                if not self.queue.heartbeat(job_id, self.owner, self.cfg.worker.lease_s):
+                    log.warning("job %d: lease lost (another worker may run it)", job_id)
+                    return
+            except Exception:
+                log.exception("job %d: heartbeat failed", job_id)
+
+    # --- deliveries --------------------------------------------------------------------------
+    def _delivery_loop(self) -> None:
+        # its own connection: sqlite3 connections are not for concurrent use across threads
+        queue = JobQueue(self.cfg.queue_path)
+        while not self._stop.is_set():
+            try:
+                n = self.deliver_due(queue)
+            except Exception:
+                log.exception("delivery loop error")
+                n = 0
+            if not n:
+                self._stop.wait(min(self.cfg.worker.poll_s, 1.0))
+
+    def deliver_due(self, queue: JobQueue | None = None) -> int:
+        """Try every due delivery once, grouped per destination; return how many were tried."""
+        queue = queue or self.queue
+        due = queue.due_deliveries()
+        by_dest: dict[str, list] = defaultdict(list)
+        for d in due:
+            by_dest[d.destination].append(d)
+        d_cfg = self.cfg.delivery
+        for name, deliveries in by_dest.items():
+            try:
+                dest = self.cfg.destination(name)
+            except KeyError:  # removed from the config since: nothing will ever deliver it
+                for d in deliveries:
+                    queue.delivery_failed(d.id, f"destination {name!r} is no longer configured", 1, 1, 1)
+                continue
+            items = []
+            for d in deliveries:
+                try:
+                    items.append(egress.Item(d.id, self.orthanc.instance_file(d.orthanc_id)))
+                except OrthancError as e:
+                    queue.delivery_failed(d.id, str(e), d_cfg.backoff_s, d_cfg.backoff_max_s, d_cfg.max_attempts)
+            ok = 0
+            for o in egress.send(dest, items, self.cfg.ae_title):
+                if o.error is None:
+                    ok += 1
+                    queue.delivered(o.key)
+                else:
+                    state = queue.delivery_failed(
+                        o.key, o.error, d_cfg.backoff_s, d_cfg.backoff_max_s, d_cfg.max_attempts
+                    )
+                    log.warning("delivery %d to %s: %s (%s)", o.key, name, o.error, state)
+            log.info("delivered to %s: %d of %d", name, ok, len(deliveries))
+        return len(due)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pacs-node-worker")
+    p.add_argument("--config", type=Path, required=True, help="resolved node config (JSON, written by serve)")
+    args = p.parse_args(argv)
+    cfg = read_resolved(args.config)
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per PDU otherwise
+
+    def on_signal(signum, frame):
+        raise Stopping()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker = Worker(cfg)
+        worker.run()
+    except Stopping:
+        pass
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

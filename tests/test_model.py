@@ -1,0 +1,109 @@
+"""The model repository, the runtime interface and the committed reference model's quality."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.errors import ModelError
+from node.evaluate import evaluate_model
+from node.model_repo import MODELS_DIR, load_model
+from node.runtimes import select_runtime
+from node.runtimes.onnxruntime import OnnxRuntime
+
+CARD = MODELS_DIR / "phantom-fm" / "quality.json"
+
+
+def test_committed_model_reaches_the_quality_in_its_card():
+    """Fresh held-out phantoms (seeds never used in training or in the card) through the product's inference."""
+    card = json.loads(CARD.read_text())
+    report = evaluate_model(load_model("phantom-fm"), cases=6, seed=90_000)
+    for structure, minimum in card["minimum"]["dice"].items():
+        assert report.dice[structure] >= minimum, f"{structure}: Dice {report.dice[structure]} < {minimum}"
+    assert report.classifier_accuracy >= card["minimum"]["classifier_accuracy"]
+    assert report.lesion_sensitivity >= card["minimum"]["lesion_sensitivity"]
+
+
+def test_backbone_runs_once_per_batch_for_all_heads():
+    model = load_model("phantom-fm")
+    rt = OnnxRuntime(model)
+    calls = []
+    real = rt.backbone
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run(self, *a, **kw):
+            calls.append(1)
+            return real.run(*a, **kw)
+
+    rt.backbone = Counting()
+    out = rt.infer(np.zeros((3, 2, model.input.size, model.input.size), np.float32))
+    assert len(calls) == 1
+    assert set(out.heads) == {"organs", "lesions"}
+    assert out.heads["organs"].shape == (3, 6, model.input.size, model.input.size)
+    assert np.allclose(out.heads["organs"].sum(axis=1), 1.0, atol=1e-4)  # probabilities
+    assert out.features["tokens"].shape[:2] == (3, (model.input.size // 8) ** 2)
+
+
+def test_runtime_selection():
+    model = load_model("phantom-fm")
+    rt, why = select_runtime(model, "auto")
+    assert rt.name.startswith("onnxruntime") and "auto" in why
+    with pytest.raises(ModelError, match="tensorrt is not implemented"):
+        select_runtime(model, "tensorrt")
+    with pytest.raises(ModelError, match="unknown runtime"):
+        select_runtime(model, "tpu")
+
+
+@pytest.fixture
+def model_copy(tmp_path) -> Path:
+    dst = tmp_path / "m"
+    shutil.copytree(MODELS_DIR / "phantom-fm", dst)
+    return dst
+
+
+def test_manifest_error_names_the_key(model_copy):
+    text = (model_copy / "model.yaml").read_text().replace("size: 128", "size: -4")
+    (model_copy / "model.yaml").write_text(text)
+    with pytest.raises(ModelError, match=r"input\.size"):
+        load_model(model_copy)
+
+
+def test_missing_graph_is_named(model_copy):
+    (model_copy / "head_lesions.onnx").unlink()
+    with pytest.raises(ModelError, match="head_lesions.onnx"):
+        load_model(model_copy)
+
+
+def test_unknown_model():
+    with pytest.raises(ModelError, match="no model.yaml"):
+        load_model("no-such-model")
+
+
+def test_manifest_describes_a_3d_backbone(model_copy):
+    text = (model_copy / "model.yaml").read_text().replace("kind: slice2d", "kind: patch3d\n  depth: 32")
+    (model_copy / "model.yaml").write_text(text)
+    spec = load_model(model_copy)
+    assert spec.input.kind == "patch3d" and spec.input.depth == 32
+
+
+def test_training_and_export_run_end_to_end(tmp_path):
+    """A few steps of the real training code; the exported graphs load and infer through the runtime."""
+    pytest.importorskip("torch")
+    from node.reference_model import Config, train
+
+    out = tmp_path / "tiny"
+    train(out, Config(n_train=3, slices_per_phantom=4, pretrain_steps=2, head_steps=2, cls_steps=2))
+    shutil.copy(MODELS_DIR / "phantom-fm" / "model.yaml", out)
+    model = load_model(out)
+    rt = OnnxRuntime(model)
+    out_batch = rt.infer(np.zeros((2, 2, 128, 128), np.float32))
+    assert out_batch.heads["lesions"].shape == (2, 2, 128, 128)
+    assert 0.0 <= rt.classify(model.heads[2], out_batch.features) <= 1.0
+    assert json.loads((out / "training.json").read_text())["train_volumes"] == 3

@@ -1,0 +1,257 @@
+"""The node in a department, with the real parts: Orthanc + plugin + worker, storescu, a pynetdicom PACS.
+
+One node per test session (Orthanc on free loopback ports in a temp folder); each test sends its own
+phantom (its own seed, so its own study) and looks only at what belongs to that study.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from orthanc_fixture import Node, Pacs, free_port, orthanc_missing, wait_for
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from node.phantom import Phantom
+from node.phantom_dicom import Patient, write_axial_series
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")]
+
+KINDS = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.88.34": "sr",
+         "1.2.840.10008.5.1.4.1.1.11.1": "gsps"}
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory) -> Pacs:
+    p = Pacs(free_port(), tmp_path_factory.mktemp("pacs"))
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory, pacs: Pacs) -> Node:
+    folder = tmp_path_factory.mktemp("node")
+    http = free_port()
+    n = Node(
+        folder,
+        {
+            "ae_title": "PACSNODE",
+            "dicom_port": free_port(),
+            "http_port": http,
+            "metrics_port": free_port(),
+            "data_dir": str(folder / "data"),
+            "stable_age_s": 2,
+            "destinations": [
+                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"},
+                # a viewer that cannot store SEG
+                {"name": "viewer", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
+                 "ae_title": "VIEWER", "accepts": ["sr", "gsps"]},
+                # STOW-RS back into the node's own DICOMweb: a real STOW-RS server, and no loop
+                {"name": "archive", "kind": "dicomweb", "url": f"http://127.0.0.1:{http}/dicom-web",
+                 "accepts": ["sr"]},
+            ],
+            "worker": {"lease_s": 4, "heartbeat_s": 1, "poll_s": 0.2, "max_attempts": 3},
+            "delivery": {"backoff_s": 0.5, "backoff_max_s": 2},
+        },
+    )
+    n.start()
+    yield n
+    assert n.stop() == 0
+
+
+def phantom(tmp_path: Path, seed: int, modality: str = "CT", slices: int = 24, size: int = 96):
+    return write_axial_series(
+        Phantom.random(seed, n_lesions=2),
+        tmp_path / f"{modality}-{seed}",
+        modality=modality,
+        shape=(slices, size, size),
+        pixel_spacing=round(380.0 / size, 3),
+        slice_spacing=round(240.0 / slices, 3),
+        seed=seed,
+        patient=Patient(name=f"SECRET^NAME{seed}", id=f"SECRETID{seed}", accession=f"SECRETACC{seed}"),
+    )
+
+
+def outputs_at(pacs: Pacs, study_uid: str, called_ae: str = "PACS") -> dict[str, list]:
+    got: dict[str, list] = {}
+    for r in pacs.of_study(study_uid, called_ae):
+        got.setdefault(KINDS.get(r.sop_class, r.sop_class), []).append(r)
+    return got
+
+
+def wait_outputs(pacs: Pacs, study_uid: str, timeout: float = 60) -> dict[str, list]:
+    wait_for(lambda: len(outputs_at(pacs, study_uid)) == 3, timeout, "SEG, SR and GSPS at the PACS")
+    return outputs_at(pacs, study_uid)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
+
+
+# --- the main path ---------------------------------------------------------------------------------
+def test_cstore_ct_in_seg_sr_gsps_out(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 101)
+    t0 = time.monotonic()
+    node.store_scu(ct.files)
+    got = wait_outputs(pacs, ct.study_uid)
+    latency = time.monotonic() - t0
+    assert sorted(got) == ["gsps", "seg", "sr"]
+    for kind, received in got.items():
+        assert len(received) == 1, kind
+        ds = dcmread(received[0].path)
+        assert ds.StudyInstanceUID == ct.study_uid  # in the source study
+        assert ds.Manufacturer == "pacs-node"
+        if os.path.exists("/usr/bin/dciodvfy"):
+            assert dciodvfy_errors(received[0].path) == [], kind
+    job = node.wait_job(ct.series_uid, ("done",))
+    assert job["attempts"] == 1 and job["error"] is None
+    assert {(d["destination"], d["kind"]) for d in job["deliveries"]} == {
+        ("pacs", "seg"), ("pacs", "sr"), ("pacs", "gsps"), ("viewer", "sr"), ("viewer", "gsps"), ("archive", "sr")
+    }
+    assert all(d["state"] == "delivered" for d in job["deliveries"])
+    # per-destination accepted kinds: the viewer got no SEG
+    assert sorted(outputs_at(pacs, ct.study_uid, "VIEWER")) == ["gsps", "sr"]
+    # the STOW-RS destination (the node's own DICOMweb) answered and has the SR
+    sr_uid = got["sr"][0].sop_uid
+    assert node.client.post_json("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sr_uid}})
+    # no patient data in the node's INFO logs
+    logs = node.log.read_text()
+    for secret in ("SECRET^NAME101", "SECRETID101", "SECRETACC101"):
+        assert secret not in logs
+    print(f"end-to-end (storescu start -> 3 outputs at the PACS, 24x96x96 CT, StableAge 2 s): {latency:.1f} s")
+
+
+def test_stow_rs_mr_in_results_out(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    mr = phantom(tmp_path, 102, modality="MR")
+    client = DICOMwebClient(f"{node.client.url}/dicom-web")
+    client.store_instances([dcmread(f) for f in mr.files])
+    got = wait_outputs(pacs, mr.study_uid)
+    assert sorted(got) == ["gsps", "seg", "sr"]
+    assert all(len(v) == 1 for v in got.values())
+
+
+# --- what must not be processed ---------------------------------------------------------------------
+def test_non_eligible_series_make_no_job(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    cr = phantom(tmp_path, 103, slices=3)
+    cr_uid = generate_uid()
+    files = []
+    for f in cr.files:
+        ds = dcmread(f)
+        ds.Modality = "CR"
+        ds.SeriesInstanceUID = cr_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out = tmp_path / f"cr-{f.name}"
+        ds.save_as(out)
+        files.append(out)
+    node.store_scu(files)
+    node.wait_stable(cr_uid)
+    assert node.jobs_of(cr_uid) == []
+
+
+def test_own_seg_sent_back_makes_no_job(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 104)
+    node.store_scu(ct.files)
+    got = wait_outputs(pacs, ct.study_uid)
+    n_jobs = len(node.jobs())
+    for kind in ("seg", "sr", "gsps"):
+        node.store_scu([got[kind][0].path], calling_ae="OTHERPACS")
+        node.wait_stable(dcmread(got[kind][0].path).SeriesInstanceUID)
+    time.sleep(0.5)
+    assert len(node.jobs()) == n_jobs
+    assert all(v == 1 for v in pacs.counts(ct.study_uid).values())
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+def test_refused_series_fails_with_one_line_error(node: Node, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 105, slices=6)
+    ds = dcmread(ct.files[2])
+    del ds.ImagePositionPatient
+    ds.save_as(ct.files[2])
+    node.store_scu(ct.files)
+    job = node.wait_job(ct.series_uid, ("failed",))
+    assert job["error"] and "\n" not in job["error"] and "ImagePositionPatient" in job["error"]
+    assert job["attempts"] == 1  # the series itself is bad: no retry
+    assert node.client.ready()  # the receiver keeps running
+    r = node.client.session.post(f"{node.client.url}/inference/jobs/{job['id']}/retry")
+    assert r.status_code == 200 and r.json()["state"] == "queued"
+    assert node.wait_job(ct.series_uid, ("failed",))["attempts"] == 1
+
+
+# --- robustness ----------------------------------------------------------------------------------------
+def test_pacs_down_then_delivered_exactly_once(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 106)
+    pacs.stop()
+    try:
+        node.store_scu(ct.files)
+
+        def retried():
+            jobs = node.jobs_of(ct.series_uid)
+            if not jobs or jobs[0]["state"] != "delivering":
+                return None
+            job = node.job(jobs[0]["id"])
+            pending = [d for d in job["deliveries"] if d["destination"] == "pacs" and d["state"] == "pending"]
+            return job if len(pending) == 3 and all(d["attempts"] >= 2 for d in pending) else None
+
+        job = wait_for(retried, 60, "deliveries to be retried while the PACS is down", interval=0.2)
+        assert all(d["last_error"] for d in job["deliveries"] if d["destination"] == "pacs")
+        assert node.client.get_json("/inference/destinations")["pacs"]["pending"] >= 3
+    finally:
+        pacs.start()
+    node.wait_job(ct.series_uid, ("done",), timeout=30)
+    counts = pacs.counts(ct.study_uid)
+    assert len(counts) == 3 and set(counts.values()) == {1}, counts
+
+
+def test_worker_killed_mid_job_completes_after_restart(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 107, slices=64, size=128)  # big enough to be caught running
+    node.store_scu(ct.files)
+    running = node.wait_job(ct.series_uid, ("running",), timeout=30)
+    pid = int(running["lease_owner"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    job = node.wait_job(ct.series_uid, ("done",), timeout=90)
+    assert job["attempts"] == 2
+    assert any(h["event"] == "lease expired" for h in job["history"])
+    counts = pacs.counts(ct.study_uid)
+    assert len(counts) == 3 and set(counts.values()) == {1}, counts
+    assert "worker exited" in node.log.read_text()
+
+
+def test_resend_same_series_no_duplicates(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 108)
+    node.store_scu(ct.files)
+    wait_outputs(pacs, ct.study_uid)
+    node.wait_job(ct.series_uid, ("done",))
+    node.store_scu(ct.files)
+    time.sleep(1.0)
+    node.wait_stable(ct.series_uid)
+    jobs = node.jobs_of(ct.series_uid)
+    assert len(jobs) == 1
+    assert any(h["event"] == "resubmitted" for h in node.job(jobs[0]["id"])["history"])
+    counts = pacs.counts(ct.study_uid)
+    assert len(counts) == 3 and set(counts.values()) == {1}, counts
+
+
+def test_late_instance_supersedes(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 109)
+    node.store_scu(ct.files[:-1])
+    first = node.wait_job(ct.series_uid, ("done",))
+    node.store_scu(ct.files[-1:])
+    second = node.wait_job(ct.series_uid, ("done",), n=2)
+    assert second["supersedes"] == first["id"]
+    assert node.job(first["id"])["state"] == "superseded"
+    assert "late instances: 23 -> 24" in second["history"][0]["detail"]
+    # same output UIDs: the PACS got each object again, replacing (not adding) it
+    counts = pacs.counts(ct.study_uid)
+    assert len(counts) == 3 and set(counts.values()) == {2}, counts
+    seg = [r for r in pacs.of_study(ct.study_uid) if KINDS.get(r.sop_class) == "seg"][-1]
+    assert len(dcmread(seg.path).ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 24

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
     ev.add_argument("--seed", type=int, default=50_000)
-    ev.add_argument("--write-card", action="store_true", help="record the figures in the model's quality.json")
+    ev.add_argument(
+        "--write-card", action="store_true", help="record the figures in the model's quality.json"
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(

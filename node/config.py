@@ -80,7 +80,9 @@ class Rule(_Strict):
 
 
 class WorkerConfig(_Strict):
-    lease_s: float = Field(default=120.0, gt=0)  # a job whose worker stopped heartbeating is leased again after this
+    lease_s: float = Field(
+        default=120.0, gt=0
+    )  # a job whose worker stopped heartbeating is leased again after this
     heartbeat_s: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     poll_s: float = Field(default=1.0, gt=0)

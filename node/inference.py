@@ -46,8 +46,6 @@ def predict(
     progress: Callable[[int], None] | None = None,
 ) -> Prediction:
     """Infer every head on ``series``; stage times go to ``clock``; ``progress(n)`` after each batch."""
-    if model.input.kind != "slice2d":
-        raise NotImplementedError(f"model {model.name}: {model.input.kind} backbones are not implemented yet")
     with clock("preprocess"):
         canonical = to_canonical(series.volume)
         plane = PlaneMap(canonical.shape[1:], tuple(canonical.pixel_spacing), model.input.size)

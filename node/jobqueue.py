@@ -229,7 +229,9 @@ class JobQueue:
                 else f"late instances: {latest.instances} -> {instances}"
             )
             self._log(db, job_id, "queued", f"{why}; supersedes job {latest.id}")
-            db.execute("UPDATE jobs SET superseded_by = ?, updated = ? WHERE id = ?", (job_id, now, latest.id))
+            db.execute(
+                "UPDATE jobs SET superseded_by = ?, updated = ? WHERE id = ?", (job_id, now, latest.id)
+            )
             if latest.state in ("delivering", "done"):
                 # results of the old run are replaced (same output UIDs): stop delivering them
                 db.execute("UPDATE jobs SET state = 'superseded' WHERE id = ?", (latest.id,))
@@ -445,7 +447,9 @@ class JobQueue:
 
     def jobs(self, state: str | None = None, limit: int = 100) -> list[Job]:
         if state:
-            rows = self._db_read("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+            rows = self._db_read(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit)
+            )
         else:
             rows = self._db_read("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [Job(**r) for r in rows]

@@ -29,6 +29,8 @@ class OrthancClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.auth = auth
+        # Orthanc gzips answers when asked; on loopback that costs 5x the transfer (measured, 300 x 512^2 CT)
+        self.session.headers["Accept-Encoding"] = "identity"
 
     def _request(self, method: str, path: str, **kw) -> requests.Response:
         try:
@@ -69,8 +71,9 @@ class OrthancClient:
     def fetch_series(self, series_id: str, out_dir: Path, threads: int = 8) -> list[Path]:
         """Download every instance of a series as ``out_dir/<orthanc id>.dcm`` (parallel GETs).
 
-        Per-instance ``/instances/{id}/file`` in parallel was faster than ``/series/{id}/archive``
-        (zip) and WADO-RS multipart on Orthanc 1.10: no re-encoding, no multipart parsing.
+        Measured on Orthanc 1.10 (300 x 512x512 CT, 2 cores): parallel ``/instances/{id}/file`` with
+        ``Accept-Encoding: identity`` beats ``/series/{id}/archive`` (zip) and WADO-RS multipart (which
+        parses every dataset); with gzip allowed it was 5x slower than WADO-RS.
         """
         out_dir.mkdir(parents=True, exist_ok=True)
         ids = self.series(series_id)["Instances"]

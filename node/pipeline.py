@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.errors import InputError
+from node.errors import InputError, ModelError
 from node.findings import Findings
 from node.inference import predict
 from node.model_repo import ModelSpec
@@ -58,6 +58,11 @@ class Pipeline:
     """Holds the loaded model and runtime; processes one series at a time."""
 
     def __init__(self, model: ModelSpec, runtime: Runtime):
+        if model.input.kind != "slice2d":
+            raise ModelError(
+                f"model {model.name}: {model.input.kind} (3D sliding-window) backbones are described by the "
+                "manifest but not implemented in this version"
+            )
         self.model = model
         self.runtime = runtime
 

@@ -213,7 +213,6 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
         pos = lesion_slices[torch.randint(max(1, len(lesion_slices)), (half,))]
         return torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
 
-
     backbone = Backbone(cfg)
     aux_org = nn.Conv2d(cfg.dim, n_org, 1)
     aux_les = nn.Conv2d(cfg.dim, 2, 1)

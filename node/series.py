@@ -140,7 +140,9 @@ def _read_header(path: Path, named: bool, result: ScanResult) -> Dataset | None:
         # pydicom reads a file cut inside its header without complaint; the identity is then missing
         result.errors.append(InputError(f"{path}: truncated or unreadable DICOM (no SOPClassUID)"))
         return None
-    ds.pacs_node_short_pixels = _native_pixel_data_short(ds, path, pixel_offset)  # judged per series in scan()
+    ds.pacs_node_short_pixels = _native_pixel_data_short(
+        ds, path, pixel_offset
+    )  # judged per series in scan()
     return ds
 
 

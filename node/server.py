@@ -34,7 +34,9 @@ STOP_GRACE_S = 15.0
 def orthanc_config(cfg: NodeConfig) -> dict:
     """Orthanc's JSON configuration for this node."""
     data = cfg.data_dir
-    plugins = [str(cfg.orthanc_plugins_dir / p) for p in ORTHANC_PLUGINS if (cfg.orthanc_plugins_dir / p).exists()]
+    plugins = [
+        str(cfg.orthanc_plugins_dir / p) for p in ORTHANC_PLUGINS if (cfg.orthanc_plugins_dir / p).exists()
+    ]
     oc: dict = {
         "Name": cfg.ae_title,
         "DicomAet": cfg.ae_title,
@@ -58,8 +60,16 @@ def orthanc_config(cfg: NodeConfig) -> dict:
         "DicomAlwaysAllowStore": not cfg.allowed_aes,
         "DicomCheckModalityHost": False,
         "DicomModalities": {
-            ae: {"AET": ae, "Host": "127.0.0.1", "Port": 104, "AllowStore": True, "AllowEcho": True,
-                 "AllowFind": False, "AllowMove": False, "AllowGet": False}
+            ae: {
+                "AET": ae,
+                "Host": "127.0.0.1",
+                "Port": 104,
+                "AllowStore": True,
+                "AllowEcho": True,
+                "AllowFind": False,
+                "AllowMove": False,
+                "AllowGet": False,
+            }
             for ae in cfg.allowed_aes
         },
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
@@ -85,7 +95,10 @@ class Child:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (owned by the child)
         # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
         self.proc = subprocess.Popen(
-            self.argv, stdout=out or sys.stderr, stderr=subprocess.STDOUT if out else None, start_new_session=True
+            self.argv,
+            stdout=out or sys.stderr,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
         )
         if out:
             out.close()
@@ -187,7 +200,9 @@ def serve(config_path: Path | None) -> int:
         while not stop["signal"]:
             time.sleep(0.2)
             if not orthanc.alive():
-                log.error("Orthanc exited (code %s): stopping; see %s", orthanc.proc.returncode, orthanc.log_path)
+                log.error(
+                    "Orthanc exited (code %s): stopping; see %s", orthanc.proc.returncode, orthanc.log_path
+                )
                 code = 1
                 break
             if not worker.alive():

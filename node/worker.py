@@ -137,7 +137,9 @@ class Worker:
         for path in result.files:
             from pydicom import dcmread
 
-            sop_uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            sop_uid = str(
+                dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID
+            )
             stored = self.orthanc.store(path.read_bytes())
             outputs.append(Output(path.stem, sop_uid, stored.orthanc_id))
         log.info(
@@ -193,7 +195,9 @@ class Worker:
                 try:
                     items.append(egress.Item(d.id, self.orthanc.instance_file(d.orthanc_id)))
                 except OrthancError as e:
-                    queue.delivery_failed(d.id, str(e), d_cfg.backoff_s, d_cfg.backoff_max_s, d_cfg.max_attempts)
+                    queue.delivery_failed(
+                        d.id, str(e), d_cfg.backoff_s, d_cfg.backoff_max_s, d_cfg.max_attempts
+                    )
             ok = 0
             for o in egress.send(dest, items, self.cfg.ae_title):
                 if o.error is None:
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one line per PDU otherwise
+    for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def on_signal(signum, frame):
         raise Stopping()

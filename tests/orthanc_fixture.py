@@ -149,7 +149,9 @@ class Node:
 
         def up() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"pacs-node serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise AssertionError(
+                    f"pacs-node serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             return client.ready() and re.search(r"worker \S+ ready", self.log.read_text())
 
         wait_for(up, timeout, "the node to start")
@@ -167,9 +169,20 @@ class Node:
     # --- talking to it --------------------------------------------------------------------
     def store_scu(self, files: list[Path], calling_ae: str = "MODALITY") -> None:
         r = subprocess.run(
-            ["storescu", "-R", "-aet", calling_ae, "-aec", self.config["ae_title"], "127.0.0.1",
-             str(self.config["dicom_port"]), *map(str, files)],
-            capture_output=True, text=True, timeout=120,
+            [
+                "storescu",
+                "-R",
+                "-aet",
+                calling_ae,
+                "-aec",
+                self.config["ae_title"],
+                "127.0.0.1",
+                str(self.config["dicom_port"]),
+                *map(str, files),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert r.returncode == 0, r.stderr[-2000:]
 

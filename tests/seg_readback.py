@@ -46,6 +46,8 @@ def read_segments(path: Path) -> dict[str, SegmentPoints]:
         r, c = np.nonzero(frame)
         pts[number].append(ipp + np.outer(c * col_sp, along_row) + np.outer(r * row_sp, along_col))
     return {
-        labels[n]: SegmentPoints(labels[n], np.concatenate(p) if p else np.zeros((0, 3)), row_sp * col_sp * thickness)
+        labels[n]: SegmentPoints(
+            labels[n], np.concatenate(p) if p else np.zeros((0, 3)), row_sp * col_sp * thickness
+        )
         for n, p in pts.items()
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 from node.errors import ModelError
 from node.evaluate import evaluate_model
 from node.model_repo import MODELS_DIR, load_model
+from node.phantom import Phantom
+from node.phantom_dicom import write_axial_series
 from node.runtimes import select_runtime
 from node.runtimes.onnxruntime import OnnxRuntime
 
@@ -107,3 +111,30 @@ def test_training_and_export_run_end_to_end(tmp_path):
     assert out_batch.heads["lesions"].shape == (2, 2, 128, 128)
     assert 0.0 <= rt.classify(model.heads[2], out_batch.features) <= 1.0
     assert json.loads((out / "training.json").read_text())["train_volumes"] == 3
+
+
+def test_3d_backbone_is_refused_with_one_line(model_copy, tmp_path):
+    text = (model_copy / "model.yaml").read_text().replace("kind: slice2d", "kind: patch3d")
+    (model_copy / "model.yaml").write_text(text)
+    src = tmp_path / "ct"
+    write_axial_series(Phantom.random(1), src, shape=(4, 64, 64), pixel_spacing=6.0)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "run",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(model_copy),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: model phantom-fm: patch3d (3D sliding-window) backbones are described by the manifest but "
+        "not implemented in this version"
+    ]

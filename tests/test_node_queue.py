@@ -65,12 +65,16 @@ def test_config_default() -> None:
     [
         ({"dicom_port": 70000}, "dicom_port:"),
         ({"ae_title": "THIS-AE-TITLE-IS-TOO-LONG"}, "ae_title:"),
-        ({"destinations": [{"name": "p", "kind": "dicom", "host": "h", "port": "x", "ae_title": "A"}]},
-         "destinations[0].port:"),
+        (
+            {"destinations": [{"name": "p", "kind": "dicom", "host": "h", "port": "x", "ae_title": "A"}]},
+            "destinations[0].port:",
+        ),
         ({"destinations": [{"name": "p", "kind": "ftp"}]}, "destinations[0].kind:"),
         ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "ftp://x"}]}, "destinations[0].url:"),
-        ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "http://x", "accepts": ["pdf"]}]},
-         "destinations[0].accepts[0]:"),
+        (
+            {"destinations": [{"name": "a", "kind": "dicomweb", "url": "http://x", "accepts": ["pdf"]}]},
+            "destinations[0].accepts[0]:",
+        ),
         ({"http_porrt": 1}, "http_porrt: unknown key"),
         ({"http_remote_access": True}, "http_users:"),
     ],
@@ -214,3 +218,38 @@ def test_two_processes_never_lease_the_same_job(tmp_path: Path) -> None:
         p.join()
     ids = [i for g in got for i in g]
     assert sorted(ids) == list(range(1, 61))
+
+
+# --- what serve writes for Orthanc ------------------------------------------------------------------
+def test_orthanc_config_security_defaults(tmp_path: Path) -> None:
+    from node.server import PLUGIN, orthanc_config
+
+    oc = orthanc_config(parse_config({"data_dir": str(tmp_path)}))
+    assert oc["RemoteAccessAllowed"] is False and oc["AuthenticationEnabled"] is False
+    assert oc["DicomAlwaysAllowStore"] is True and oc["OverwriteInstances"] is True
+    assert oc["PythonScript"] == str(PLUGIN) and PLUGIN.exists()
+    assert oc["PacsNode"]["Queue"] == str(tmp_path / "queue.sqlite")
+    oc = orthanc_config(
+        parse_config({"http_remote_access": True, "http_users": {"ops": "pw"}, "allowed_aes": ["CT1", "MR2"]})
+    )
+    assert oc["RemoteAccessAllowed"] is True and oc["AuthenticationEnabled"] is True
+    assert oc["RegisteredUsers"] == {"ops": "pw"}
+    assert oc["DicomAlwaysAllowStore"] is False and sorted(oc["DicomModalities"]) == ["CT1", "MR2"]
+
+
+def test_serve_bad_config_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = tmp_path / "node.yaml"
+    p.write_text("destinations:\n  - {name: pacs, kind: dicom, host: h, port: 0, ae_title: PACS}\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: destinations[0].port: Input should be greater than or equal to 1"
+    ]

@@ -22,8 +22,11 @@ from node.phantom_dicom import Patient, write_axial_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")]
 
-KINDS = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.88.34": "sr",
-         "1.2.840.10008.5.1.4.1.1.11.1": "gsps"}
+KINDS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
+    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
+}
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +53,21 @@ def node(tmp_path_factory, pacs: Pacs) -> Node:
             "destinations": [
                 {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"},
                 # a viewer that cannot store SEG
-                {"name": "viewer", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port,
-                 "ae_title": "VIEWER", "accepts": ["sr", "gsps"]},
+                {
+                    "name": "viewer",
+                    "kind": "dicom",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                    "ae_title": "VIEWER",
+                    "accepts": ["sr", "gsps"],
+                },
                 # STOW-RS back into the node's own DICOMweb: a real STOW-RS server, and no loop
-                {"name": "archive", "kind": "dicomweb", "url": f"http://127.0.0.1:{http}/dicom-web",
-                 "accepts": ["sr"]},
+                {
+                    "name": "archive",
+                    "kind": "dicomweb",
+                    "url": f"http://127.0.0.1:{http}/dicom-web",
+                    "accepts": ["sr"],
+                },
             ],
             "worker": {"lease_s": 4, "heartbeat_s": 1, "poll_s": 0.2, "max_attempts": 3},
             "delivery": {"backoff_s": 0.5, "backoff_max_s": 2},
@@ -113,7 +126,12 @@ def test_cstore_ct_in_seg_sr_gsps_out(node: Node, pacs: Pacs, tmp_path: Path) ->
     job = node.wait_job(ct.series_uid, ("done",))
     assert job["attempts"] == 1 and job["error"] is None
     assert {(d["destination"], d["kind"]) for d in job["deliveries"]} == {
-        ("pacs", "seg"), ("pacs", "sr"), ("pacs", "gsps"), ("viewer", "sr"), ("viewer", "gsps"), ("archive", "sr")
+        ("pacs", "seg"),
+        ("pacs", "sr"),
+        ("pacs", "gsps"),
+        ("viewer", "sr"),
+        ("viewer", "gsps"),
+        ("archive", "sr"),
     }
     assert all(d["state"] == "delivered" for d in job["deliveries"])
     # per-destination accepted kinds: the viewer got no SEG
@@ -125,7 +143,9 @@ def test_cstore_ct_in_seg_sr_gsps_out(node: Node, pacs: Pacs, tmp_path: Path) ->
     logs = node.log.read_text()
     for secret in ("SECRET^NAME101", "SECRETID101", "SECRETACC101"):
         assert secret not in logs
-    print(f"end-to-end (storescu start -> 3 outputs at the PACS, 24x96x96 CT, StableAge 2 s): {latency:.1f} s")
+    print(
+        f"end-to-end (storescu start -> 3 outputs at the PACS, 24x96x96 CT, StableAge 2 s): {latency:.1f} s"
+    )
 
 
 def test_stow_rs_mr_in_results_out(node: Node, pacs: Pacs, tmp_path: Path) -> None:

@@ -46,7 +46,9 @@ def phantom() -> Phantom:
 
 def _run(pipeline: Pipeline, phantom: Phantom, variant: str, root: Path, modality: str = "CT"):
     src = root / f"{modality}-{variant}"
-    write_variant(phantom, src, variant, modality, seed=3, shape=SHAPE, pixel_spacing=PIXEL, slice_spacing=STEP)
+    write_variant(
+        phantom, src, variant, modality, seed=3, shape=SHAPE, pixel_spacing=PIXEL, slice_spacing=STEP
+    )
     series, errors = find_series([src])
     assert not errors and len(series) == 1
     result = pipeline.process(series[0], root / f"out-{modality}-{variant}")
@@ -261,3 +263,15 @@ def test_missing_slices_are_processed_and_said(pipeline, tmp_path):
 def test_dsrdump_reads_the_sr(axial):
     proc = subprocess.run(["dsrdump", str(axial.files[1])], capture_output=True, text=True)
     assert proc.returncode == 0 and "Imaging Measurement Report" in proc.stdout
+
+
+def test_single_slice_is_processed_and_said(pipeline, tmp_path):
+    src = _write(tmp_path, "single")
+    for f in sorted(src.glob("*.dcm"))[1:]:
+        f.unlink()
+    series, _ = find_series([src])
+    result = pipeline.process(series[0], tmp_path / "out")
+    assert result.ok, result.error
+    assert any("single-slice" in n for n in result.findings.notes)
+    for path in result.files:
+        assert_valid(path)

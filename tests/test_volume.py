@@ -376,7 +376,10 @@ def test_named_bad_files_are_errors_not_fatal(written, tmp_path):
     assert msgs[1].startswith(f"{cut_header}: truncated or unreadable DICOM (")
     assert msgs[2] == f"{tmp_path / 'nope'}: no such file or folder"
     # a readable header with cut pixel data fails its whole series, named, rather than leave a hole
-    assert msgs[3] == f"series {ws.series_uid}: {cut_pixels}: truncated DICOM (pixel data has 17432 of 18432 bytes)"
+    assert (
+        msgs[3]
+        == f"series {ws.series_uid}: {cut_pixels}: truncated DICOM (pixel data has 17432 of 18432 bytes)"
+    )
     assert len(errors) == 4
     assert series == []
     other, errs = find_series([text, cut_header, *ws.files[2:]])  # unreadable headers belong to no series

@@ -3,7 +3,7 @@
 #   make test   - install, then the whole test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools
+DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 
@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/pacs-node demo --out results
 
 test: setup
-	$(VENV)/bin/ruff check node tests
+	$(VENV)/bin/ruff check node tests plugins
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

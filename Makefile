@@ -3,11 +3,11 @@
 #   make test   - install, then the whole test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm
+DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench train evaluate clean
+.PHONY: setup demo test bench train evaluate conformance clean
 
 $(VENV)/.installed: pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/pacs-node demo --out results
 
 test: setup
-	$(VENV)/bin/ruff check node tests plugins
+	$(VENV)/bin/ruff check node tests plugins conformance
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
@@ -39,6 +39,9 @@ train: setup
 
 evaluate: setup
 	$(VENV)/bin/pacs-node models evaluate
+
+conformance: setup
+	$(VENV)/bin/python -m conformance
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -61,12 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("results"))
     _model_args(demo)
 
-    bench = sub.add_parser("bench", help="time every stage of the offline pipeline on a phantom")
-    bench.add_argument("--slices", type=int, nargs="+", default=[300])
-    bench.add_argument("--size", type=int, default=512)
-    bench.add_argument("--repeat", type=int, default=3)
+    bench = sub.add_parser(
+        "bench", help="model throughput vs the measured matmul peak, and every pipeline stage's time"
+    )
+    bench.add_argument(
+        "--slices", type=int, nargs="*", default=[300], help="pipeline series lengths (none: throughput only)"
+    )
+    bench.add_argument("--size", type=int, default=512, help="rows and columns of the pipeline phantoms")
+    bench.add_argument("--repeat", type=int, default=3, help="pipeline repeats (medians)")
+    bench.add_argument("--seconds", type=float, default=3.0, help="time per throughput measurement")
+    bench.add_argument("--batch", type=int, help="throughput batch (default: the model's batch)")
     bench.add_argument("--output", type=Path, help="also write the results here (JSON)")
     _model_args(bench)
+    bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
 
     serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
     serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
@@ -248,9 +255,14 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from node.bench import bench
+    from node.model_repo import load_model
+    from node.pipeline import Pipeline
+    from node.runtimes import select_runtime
 
-    pipeline, why = _load(args)
-    return bench(pipeline, why, args.slices, args.size, args.repeat, args.output)
+    model = load_model(args.model)
+    runtime, why = select_runtime(model, args.runtime, args.precision)
+    pipeline = Pipeline(model, runtime)
+    return bench(pipeline, why, args.slices, args.size, args.repeat, args.output, args.seconds, args.batch)
 
 
 def cmd_serve(args) -> int:

@@ -7,6 +7,8 @@ names the offending key (``destinations[1].port: ...``), never a traceback.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -100,6 +102,11 @@ class NodeConfig(_Strict):
     dicom_port: int = Field(default=4242, ge=1, le=65535)
     http_port: int = Field(default=8042, ge=1, le=65535)
     metrics_port: int = Field(default=9464, ge=0, le=65535)  # 0: no metrics endpoint
+    # the worker's /metrics, /healthz, /readyz: loopback unless a scraper elsewhere needs them
+    # (no patient data is ever in them; compose sets 0.0.0.0 inside its private network)
+    metrics_host: str = "127.0.0.1"
+    # where the worker finds Orthanc's REST API (compose: the orthanc service)
+    orthanc_host: str = "127.0.0.1"
     data_dir: Path = Path("./data")
     destinations: list[Destination] = []
 
@@ -149,7 +156,7 @@ class NodeConfig(_Strict):
 
     @property
     def orthanc_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.orthanc_host}:{self.http_port}"
 
     @property
     def orthanc_auth(self) -> tuple[str, str] | None:
@@ -190,9 +197,41 @@ def _first_error(e: ValidationError) -> str:
     return f"{where}: {msg}"
 
 
+_SECRET = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+def expand_secrets(value, where: str = "config"):
+    """Replace ``${env:NAME}`` and ``${file:/run/secrets/x}`` in string values, recursively.
+
+    Secrets (Orthanc users, DICOMweb passwords) stay out of the config file and the repo: the file
+    names where they are, the deployment (compose secrets, environment) provides them.
+    """
+    if isinstance(value, dict):
+        return {
+            k: expand_secrets(v, f"{where}.{k}" if where != "config" else str(k)) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [expand_secrets(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        kind, ref = m.group(1), m.group(2).strip()
+        if kind == "env":
+            if ref not in os.environ:
+                raise ConfigError(f"{where}: environment variable {ref} is not set")
+            return os.environ[ref]
+        try:
+            return Path(ref).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read secret file {ref} ({e.strerror})") from None
+
+    return _SECRET.sub(one, value)
+
+
 def parse_config(data: dict | None, base_dir: Path | None = None) -> NodeConfig:
     """Validate a config mapping; relative ``data_dir`` is taken relative to ``base_dir``."""
-    data = dict(data or {})
+    data = expand_secrets(dict(data or {}))
     try:
         cfg = NodeConfig.model_validate(data)
     except ValidationError as e:

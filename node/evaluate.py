@@ -126,9 +126,10 @@ def write_quality(model: ModelSpec, report: EvalReport, seed: int) -> Path:
         "seed": seed,
         "date": time.strftime("%Y-%m-%d"),
         "minimum": {
-            "dice": {k: floor(v, 0.07) for k, v in report.dice.items()},
-            "classifier_accuracy": floor(report.classifier_accuracy, 0.2),
-            "lesion_sensitivity": floor(report.lesion_sensitivity, 0.2),
+            # lesions are few and small per case, so their figures vary more between samples
+            "dice": {k: floor(v, 0.25 if k == "lesion" else 0.07) for k, v in report.dice.items()},
+            "classifier_accuracy": floor(report.classifier_accuracy, 0.3),
+            "lesion_sensitivity": floor(report.lesion_sensitivity, 0.3),
         },
     }
     path = model.path / "quality.json"

@@ -8,6 +8,7 @@ CLS features of all slices at the end.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,21 +58,35 @@ def predict(
     labels = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
     conf = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in runtime.series_inputs}
-    for start in range(0, n, model.backbone.batch):
-        sl = slice(start, min(n, start + model.backbone.batch))
-        with clock("preprocess"):
-            x = normalise(plane.to_model(canonical.array[sl], fill), series.modality, spec, scale)
+    batches = [slice(s, min(n, s + model.backbone.batch)) for s in range(0, n, model.backbone.batch)]
+    prep_clock = Stopwatch()
+
+    def prepare(sl: slice) -> np.ndarray:
+        with prep_clock("preprocess"):
+            return normalise(plane.to_model(canonical.array[sl], fill), series.modality, spec, scale)
+
+    # on a GPU, the next batch is resampled on the CPU while this one runs (a prefetch of one batch);
+    # on the CPU both would compete for the same cores, so it stays sequential
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if runtime.overlap else None
+    ahead = pool.submit(prepare, batches[0]) if pool and batches else None
+    for b, sl in enumerate(batches):
+        if ahead is not None:
+            x = ahead.result()
+            ahead = pool.submit(prepare, batches[b + 1]) if b + 1 < len(batches) else None
+        else:
+            x = prepare(sl)
         with clock("inference"):
             out = runtime.infer(x)
         for k, v in out.features.items():
             pooled[k].append(v)
         with clock("postprocess"):
-            for h in seg_heads:
-                probs = plane.to_canonical(out.heads[h.name])  # (N, C, H, W)
-                labels[h.name][sl] = probs.argmax(axis=1)
-                conf[h.name][sl] = np.round(probs.max(axis=1) * 255).astype(np.uint8)
+            for h in seg_heads:  # per-class probabilities -> canonical labels, resizing only near boundaries
+                labels[h.name][sl], conf[h.name][sl] = plane.labels_to_canonical(out.heads[h.name])
         if progress:
             progress(sl.stop - sl.start)
+    if pool:
+        pool.shutdown()
+    clock.seconds["preprocess"] += prep_clock.seconds["preprocess"]  # overlapped with inference on a GPU
     with clock("inference"):
         features = {k: np.concatenate(v) for k, v in pooled.items()}
         probabilities = {h.name: runtime.classify(h, features) for h in runtime.series_heads}

@@ -75,6 +75,15 @@ CREATE TABLE IF NOT EXISTS history (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS history_job ON history(job_id);
+-- monotonic counts for the metrics (durable: they survive restarts of Orthanc and the worker);
+-- labels are bounded enums or operator-chosen names (destinations), never patient data
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL,               -- jobs, series_received, deliveries, delivery_retries
+    label TEXT NOT NULL DEFAULT '',   -- outcome, modality or destination
+    sublabel TEXT NOT NULL DEFAULT '',  -- skip rule, delivery outcome
+    value INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, label, sublabel)
+);
 """
 
 ACTIVE = ("queued", "running", "delivering", "done")
@@ -125,6 +134,17 @@ class Output:
     orthanc_id: str
 
 
+@dataclass
+class QueueStats:
+    """A snapshot for the metrics: current states, ages and the durable counters."""
+
+    jobs_by_state: dict[str, int]
+    oldest_queued_age_s: float  # 0 when nothing is queued
+    deliveries: dict[tuple[str, str], int]  # (destination, state) -> count
+    oldest_pending_age_s: dict[str, float]  # destination -> age of its oldest pending delivery
+    counters: dict[tuple[str, str, str], int]  # (name, label, sublabel) -> value
+
+
 @dataclass(frozen=True)
 class Submitted:
     job_id: int | None  # None: no new job (the same instances were already processed or queued)
@@ -169,6 +189,27 @@ class JobQueue:
     def _tx(self) -> JobQueue._Tx:
         return JobQueue._Tx(self)
 
+    @staticmethod
+    def _bump(db, name: str, label: str = "", sublabel: str = "", n: int = 1) -> None:
+        if n:
+            db.execute(
+                "INSERT INTO counters (name, label, sublabel, value) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name, label, sublabel) DO UPDATE SET value = value + excluded.value",
+                (name, label, sublabel, n),
+            )
+
+    def count(self, name: str, label: str = "", sublabel: str = "", n: int = 1) -> None:
+        """Add ``n`` to a durable counter (the plugin counts received and skipped series this way)."""
+        with self._tx() as db:
+            self._bump(db, name, label, sublabel, n)
+
+    def record_series(self, modality: str, skipped_by: str | None = None) -> None:
+        """The plugin saw a stable series; ``skipped_by``: the routing rule that kept it from a job."""
+        with self._tx() as db:
+            self._bump(db, "series_received", modality)
+            if skipped_by:
+                self._bump(db, "jobs", "skipped", skipped_by)
+
     def _log(self, db, job_id: int, event: str, detail: str = "") -> None:
         db.execute(
             "INSERT INTO history (job_id, ts, event, detail) VALUES (?, ?, ?, ?)",
@@ -196,6 +237,7 @@ class JobQueue:
             latest = Job(**row) if row else None
             if latest and fingerprint and latest.fingerprint == fingerprint and latest.state in ACTIVE:
                 self._log(db, latest.id, "resubmitted", "same instances as this job: no new job")
+                self._bump(db, "jobs", "deduplicated")
                 return Submitted(None, f"same instances already in job {latest.id} ({latest.state})")
             if latest and latest.state == "queued":
                 db.execute(
@@ -220,6 +262,7 @@ class JobQueue:
                 ),
             )
             job_id = int(cur.lastrowid)
+            self._bump(db, "jobs", "queued")
             if latest is None:
                 self._log(db, job_id, "queued", f"{modality} series, {instances} instances")
                 return Submitted(job_id, "new series")
@@ -235,6 +278,7 @@ class JobQueue:
             if latest.state in ("delivering", "done"):
                 # results of the old run are replaced (same output UIDs): stop delivering them
                 db.execute("UPDATE jobs SET state = 'superseded' WHERE id = ?", (latest.id,))
+                self._bump(db, "jobs", "superseded")
                 db.execute(
                     "UPDATE deliveries SET state = 'cancelled', updated = ? WHERE job_id = ? AND state = 'pending'",
                     (now, latest.id),
@@ -257,6 +301,7 @@ class JobQueue:
                 (owner, now + lease_s, now, row["id"]),
             )
             self._log(db, row["id"], "leased", f"attempt {row['attempts'] + 1} by {owner}")
+            self._bump(db, "jobs", "running")
             return Job(**db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def _expire(self, db, now: float) -> None:
@@ -271,12 +316,14 @@ class JobQueue:
                     (error, now, now, row["id"]),
                 )
                 self._log(db, row["id"], "failed", error)
+                self._bump(db, "jobs", "failed")
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'queued', lease_owner = NULL, updated = ? WHERE id = ?",
                     (now, row["id"]),
                 )
                 self._log(db, row["id"], "lease expired", f"{row['lease_owner']} stopped heartbeating")
+                self._bump(db, "jobs", "lease_expired")
 
     def heartbeat(self, job_id: int, owner: str, lease_s: float) -> bool:
         """Extend the lease; False when this worker lost it (expired and taken by another)."""
@@ -326,6 +373,9 @@ class JobQueue:
                 (state, now, now, job_id),
             )
             self._log(db, job_id, "processed", f"{len(outputs)} outputs stored, {n} deliveries queued")
+            self._bump(db, "jobs", "processed")
+            if state in ("done", "superseded"):
+                self._bump(db, "jobs", state)
             return state
 
     def fail(self, job_id: int, owner: str, error: str, retry: bool = False) -> str:
@@ -341,6 +391,7 @@ class JobQueue:
                 (state, error, now, now if state == "failed" else None, job_id),
             )
             self._log(db, job_id, "failed" if state == "failed" else "error, will retry", error)
+            self._bump(db, "jobs", "failed" if state == "failed" else "retried")
             return state
 
     # --- deliveries ---------------------------------------------------------------------------
@@ -354,11 +405,16 @@ class JobQueue:
     def delivered(self, delivery_id: int) -> None:
         now = self._clock()
         with self._tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_error = NULL,"
                 " updated = ?, delivered = ? WHERE id = ? AND state = 'pending'",
                 (now, now, delivery_id),
             )
+            if cur.rowcount:
+                dest = db.execute(
+                    "SELECT destination FROM deliveries WHERE id = ?", (delivery_id,)
+                ).fetchone()
+                self._bump(db, "deliveries", dest[0], "delivered")
             self._settle(db, delivery_id, now)
 
     def delivery_failed(
@@ -378,6 +434,9 @@ class JobQueue:
                 " WHERE id = ?",
                 (state, attempts, error, now + delay, now, delivery_id),
             )
+            self._bump(db, "deliveries", row["destination"], "failed" if state == "failed" else "error")
+            if state == "pending":
+                self._bump(db, "delivery_retries", row["destination"])
             if attempts == 1 or state == "failed":  # the first error and the last; not one line per retry
                 self._log(
                     db,
@@ -409,8 +468,10 @@ class JobQueue:
                 "UPDATE jobs SET state = 'failed', error = ?, updated = ? WHERE id = ?", (error, now, job_id)
             )
             self._log(db, job_id, "failed", error)
+            self._bump(db, "jobs", "failed")
         else:
             db.execute("UPDATE jobs SET state = 'done', updated = ? WHERE id = ?", (now, job_id))
+            self._bump(db, "jobs", "done")
             self._log(db, job_id, "delivered", f"{counts.get('delivered', 0)} objects")
 
     # --- operator -----------------------------------------------------------------------------
@@ -478,6 +539,52 @@ class JobQueue:
         out["outputs"] = [asdict(o) for o in self.outputs(job_id)]
         out["deliveries"] = [asdict(d) for d in self.deliveries(job_id)]
         return out
+
+    def stats(self) -> QueueStats:
+        """Everything the metrics read from the queue, in one consistent read."""
+        now = self._clock()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")  # one snapshot for all the reads below
+            try:
+                by_state = dict(db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+                oldest = db.execute("SELECT MIN(created) FROM jobs WHERE state = 'queued'").fetchone()[0]
+                deliveries = {
+                    (r[0], r[1]): r[2]
+                    for r in db.execute("SELECT destination, state, COUNT(*) FROM deliveries GROUP BY 1, 2")
+                }
+                pending = dict(
+                    db.execute(
+                        "SELECT destination, MIN(created) FROM deliveries WHERE state = 'pending' GROUP BY 1"
+                    ).fetchall()
+                )
+                counters = {
+                    (r[0], r[1], r[2]): r[3]
+                    for r in db.execute("SELECT name, label, sublabel, value FROM counters")
+                }
+            finally:
+                db.execute("COMMIT")
+        return QueueStats(
+            jobs_by_state=by_state,
+            oldest_queued_age_s=max(0.0, now - oldest) if oldest is not None else 0.0,
+            deliveries=deliveries,
+            oldest_pending_age_s={d: max(0.0, now - t) for d, t in pending.items()},
+            counters=counters,
+        )
+
+    def writable(self) -> str | None:
+        """None when a write transaction can be taken now; else why not (for /readyz)."""
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA busy_timeout=2000")  # a probe: answer in seconds, not 30
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute("ROLLBACK")
+                finally:
+                    self._db.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as e:
+            return f"queue {self.path}: {e}"
+        return None
 
     def destination_status(self) -> dict[str, dict[str, int]]:
         """Per destination: how many deliveries are in each state."""

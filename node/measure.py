@@ -47,12 +47,15 @@ def measure(segment: Segment, volume: SeriesVolume) -> None:
     mask = mask.astype(bool, copy=False)
     acquired = np.array([f is not None for f in volume.frames], bool)
 
-    count = int(np.count_nonzero(mask))
-    segment.volume_ml = count * float(volume.volume.voxel_volume) / 1000.0
-    if count == 0:
+    box = _bbox(mask)  # every step below works on the mask's bounding box only
+    if box is None:
+        segment.volume_ml = 0.0
         segment.mean = segment.maximum = 0.0
         segment.longest_diameter_mm = segment.diameter_slice = segment.diameter_endpoints = None
         return
+    mask, array, acquired = mask[box], array[box], acquired[box[0]]
+    count = int(np.count_nonzero(mask))
+    segment.volume_ml = count * float(volume.volume.voxel_volume) / 1000.0
 
     measured = mask & acquired[:, None, None]
     values = array[measured] if measured.any() else array[mask]
@@ -62,8 +65,10 @@ def measure(segment: Segment, volume: SeriesVolume) -> None:
     if segment.kind == "lesion":
         d = longest_diameter(mask, volume.volume.pixel_spacing, acquired)
         segment.longest_diameter_mm = d.length_mm if d else None
-        segment.diameter_slice = d.slice_index if d else None
-        segment.diameter_endpoints = d.endpoints if d else None
+        segment.diameter_slice = d.slice_index + box[0].start if d else None
+        segment.diameter_endpoints = (
+            tuple((r + box[1].start, c + box[2].start) for r, c in d.endpoints) if d else None
+        )
     else:
         segment.longest_diameter_mm = segment.diameter_slice = segment.diameter_endpoints = None
 
@@ -88,9 +93,30 @@ def longest_diameter(
 
 
 def outline(plane: np.ndarray) -> list[np.ndarray]:
-    """Closed 0.5 iso-contours (N, 2) of a 2D mask in (row, col) index coordinates."""
-    padded = np.pad(plane.astype(np.float32), 1)  # contours of regions touching the edge stay closed
-    return [c - 1.0 for c in find_contours(padded, 0.5)]
+    """Closed 0.5 iso-contours (N, 2) of a 2D mask in (row, col) index coordinates.
+
+    Traced on the mask's bounding box only (the same squares in the same raster order, so the
+    same contours as on the whole plane, just without scanning the empty rest of it).
+    """
+    box = _bbox(plane)
+    if box is None:
+        return []
+    crop = plane[box]
+    padded = np.pad(crop.astype(np.float32), 1)  # contours of regions touching the edge stay closed
+    offset = np.array([box[0].start - 1.0, box[1].start - 1.0])
+    return [c + offset for c in find_contours(padded, 0.5)]
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every true voxel of ``mask``; None if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=others) if others else mask)
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
 
 
 def _feret_2d(plane: np.ndarray, spacing: np.ndarray):

@@ -18,6 +18,11 @@ def _concept(c: Code) -> Concept:
     return Concept(c.value, c.scheme, c.meaning)
 
 
+def _offset(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A box inside a crop, in the coordinates of the whole volume."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
+
+
 def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, runtime: str) -> Findings:
     segments: list[Segment] = []
     voxel_mm3 = float(np.prod(series.volume.spacing))
@@ -25,29 +30,37 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         if head.kind != "segmentation" or "seg" not in head.outputs:
             continue
         labels, conf = prediction.labels[head.name], prediction.confidence[head.name]
+        boxes = ndimage.find_objects(labels)  # one bounding box per class: work on crops, not whole volumes
         for label in head.labels:
-            mask = labels == label.index
-            if not mask.any():
+            box = boxes[label.index - 1] if label.index <= len(boxes) else None
+            if box is None:
                 continue
+            crop = labels[box] == label.index
             if label.instances:
                 # one segment per connected lesion, largest first, so "Lesion 1" is the biggest
-                comps, n = ndimage.label(mask)
+                comps, n = ndimage.label(crop)
                 sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+                sub = ndimage.find_objects(comps)
                 keep = [
-                    i + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
+                    i for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
                 ]
-                masks = [(f"{label.name} {k}", comps == c) for k, c in enumerate(keep, start=1)]
+                parts = [
+                    (f"{label.name} {k}", _offset(box, sub[i]), comps[sub[i]] == i + 1)
+                    for k, i in enumerate(keep, start=1)
+                ]
             else:
-                masks = [(label.name, mask)]
-            for name, m in masks:
+                parts = [(label.name, box, crop)]
+            for name, where, m in parts:
+                mask = np.zeros(labels.shape, bool)
+                mask[where] = m
                 seg = Segment(
                     number=len(segments) + 1,
                     label=name,
                     kind=label.kind,
                     category=_concept(label.category),
                     type=_concept(label.type),
-                    mask=m,
-                    probability=round(float(conf[m].mean()) / 255, 3),
+                    mask=mask,
+                    probability=round(float(conf[where][m].mean()) / 255, 3),
                 )
                 measure(seg, series)
                 segments.append(seg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import node
 from node.config import ConfigError, NodeConfig, dump_config, load_config
 from node.jobqueue import JobQueue
+from node.metrics import RESTARTS_ENV
 from node.orthanc import OrthancClient, OrthancError
 
 log = logging.getLogger("node.server")
@@ -29,6 +31,23 @@ PLUGIN = SRC_DIR / "plugins" / "pacs_node_plugin.py"
 ORTHANC_PLUGINS = ("libOrthancPython.so", "libOrthancDicomWeb.so", "libOrthancGdcm.so")
 REQUIRED_PLUGINS = ORTHANC_PLUGINS[:2]
 STOP_GRACE_S = 15.0
+
+# Transfer syntaxes Orthanc accepts as Storage SCP: the ones the worker can decode (pydicom + pylibjpeg).
+# conformance/statement.md lists exactly these (tests/test_conformance.py checks both against a live node).
+SCP_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
 
 
 def orthanc_config(cfg: NodeConfig) -> dict:
@@ -56,6 +75,8 @@ def orthanc_config(cfg: NodeConfig) -> dict:
         "StorageCompression": False,
         "ExecuteLuaEnabled": False,
         "RestApiWriteToFileSystemEnabled": False,
+        "AcceptedTransferSyntaxes": list(SCP_TRANSFER_SYNTAXES),
+        "UnknownSopClassAccepted": False,
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": not cfg.allowed_aes,
         "DicomCheckModalityHost": False,
@@ -93,12 +114,15 @@ class Child:
 
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (owned by the child)
+        # the worker's pacs_node_worker_restarts_total: how many times it was started before this one
+        env = {**os.environ, RESTARTS_ENV: str(len(self.starts))}
         # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
         self.proc = subprocess.Popen(
             self.argv,
             stdout=out or sys.stderr,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
+            env=env,
         )
         if out:
             out.close()

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node import egress
-from node.config import NodeConfig, read_resolved
+from node.config import ConfigError, NodeConfig, load_config, read_resolved
 from node.errors import InputError, ModelError
 from node.jobqueue import Job, JobQueue, Output
+from node.metrics import MetricsServer, ModelInfo, NodeMetrics
 from node.orthanc import OrthancClient, OrthancError
 
 log = logging.getLogger("node.worker")
@@ -50,6 +51,10 @@ class Worker:
         self.work_dir = cfg.data_dir / "work"
         self._pipeline = pipeline
         self._stop = threading.Event()
+        self.metrics = NodeMetrics(cfg.queue_path, [d.name for d in cfg.destinations])
+        self.metrics_server: MetricsServer | None = None
+        if pipeline is not None:
+            self._model_info(pipeline)
 
     @property
     def pipeline(self):
@@ -62,12 +67,49 @@ class Worker:
             runtime, why = select_runtime(model, self.cfg.runtime)
             log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
             self._pipeline = Pipeline(model, runtime)
+            self._model_info(self._pipeline)
         return self._pipeline
+
+    def _model_info(self, pipeline) -> None:
+        model, runtime = getattr(pipeline, "model", None), getattr(pipeline, "runtime", None)
+        self.metrics.set_model(
+            ModelInfo(
+                model=str(getattr(model, "name", "") or ""),
+                version=str(getattr(model, "version", "") or ""),
+                runtime=str(getattr(runtime, "name", "") or ""),
+                device=str(getattr(runtime, "device", "") or ""),
+                precision=str(getattr(runtime, "precision", "fp32") or "fp32"),
+            )
+        )
+
+    # --- health ----------------------------------------------------------------------------------
+    def start_metrics(self) -> MetricsServer | None:
+        """Serve /metrics, /healthz and /readyz on ``metrics_port`` (0: not at all)."""
+        if not self.cfg.metrics_port:
+            return None
+        checks = {
+            "orthanc": lambda: (
+                None if self.orthanc.ready() else f"Orthanc at {self.orthanc.url} not reachable"
+            ),
+            "model": lambda: (
+                None if self._pipeline is not None else f"model {self.cfg.model} not loaded (yet)"
+            ),
+            "queue": self.metrics.queue_collector.queue.writable,
+        }
+        try:
+            self.metrics_server = MetricsServer(
+                self.cfg.metrics_host, self.cfg.metrics_port, self.metrics, checks
+            ).start()
+        except OSError as e:  # the port is taken: run without metrics rather than not at all
+            log.error("metrics_port %d: cannot listen (%s): no metrics endpoint", self.cfg.metrics_port, e)
+        return self.metrics_server
 
     # --- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
         deliverer = threading.Thread(target=self._delivery_loop, name="delivery", daemon=True)
         deliverer.start()
+        if self.metrics_server is None:
+            self.start_metrics()  # before the model loads: /healthz answers, /readyz says "loading"
         self.pipeline  # noqa: B018  (load the model before taking a job)
         log.info("worker %s ready", self.owner)
         try:
@@ -82,6 +124,8 @@ class Worker:
         finally:
             self._stop.set()
             deliverer.join(timeout=5)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,6 +141,7 @@ class Worker:
             outputs = self._run(job, tmp)
             state = self.queue.complete(job.id, self.owner, outputs, self._routes())
             seconds = time.monotonic() - t0
+            self.metrics.observe_job("processed", seconds)
             log.info("job %d (series %s): %s in %.1f s", job.id, job.series_id, state, seconds)
             return JobOutcome(state, seconds)
         except InputError as e:  # the series itself is unusable: no point retrying
@@ -108,6 +153,7 @@ class Worker:
             raise
         except Exception as e:  # a bug of ours: keep the traceback in the log, a line in the job
             log.exception("job %d: internal error", job.id)
+            self.metrics.errors.labels("job").inc()
             return self._failed(job, f"internal error: {type(e).__name__}: {e}", True, t0)
         finally:
             beat.set()
@@ -115,6 +161,7 @@ class Worker:
 
     def _failed(self, job: Job, error: str, retry: bool, t0: float) -> JobOutcome:
         state = self.queue.fail(job.id, self.owner, error, retry=retry)
+        self.metrics.observe_job("failed" if state == "failed" else "error", time.monotonic() - t0)
         log.warning("job %d (series %s): %s: %s", job.id, job.series_id, state, error)
         return JobOutcome(state, time.monotonic() - t0, error)
 
@@ -124,6 +171,7 @@ class Worker:
         shutil.rmtree(tmp, ignore_errors=True)
         t0 = time.monotonic()
         files = self.orthanc.fetch_series(job.series_id, tmp / "in", self.cfg.worker.fetch_threads)
+        self.metrics.observe_stage("fetch", time.monotonic() - t0)
         log.info("job %d: fetched %d instances in %.2f s", job.id, len(files), time.monotonic() - t0)
         series, errors = find_series([tmp / "in"])
         if errors:
@@ -133,6 +181,8 @@ class Worker:
         result = self.pipeline.process(series[0], tmp / "out")
         if result.error:
             raise InputError(result.error)
+        self.metrics.observe_stages(result.seconds)
+        t_store = time.monotonic()
         outputs = []
         for path in result.files:
             from pydicom import dcmread
@@ -142,6 +192,7 @@ class Worker:
             )
             stored = self.orthanc.store(path.read_bytes())
             outputs.append(Output(path.stem, sop_uid, stored.orthanc_id))
+        self.metrics.observe_stage("store", time.monotonic() - t_store)
         log.info(
             "job %d: %s; stages %s",
             job.id,
@@ -171,6 +222,7 @@ class Worker:
                 n = self.deliver_due(queue)
             except Exception:
                 log.exception("delivery loop error")
+                self.metrics.errors.labels("delivery").inc()
                 n = 0
             if not n:
                 self._stop.wait(min(self.cfg.worker.poll_s, 1.0))
@@ -199,7 +251,11 @@ class Worker:
                         d.id, str(e), d_cfg.backoff_s, d_cfg.backoff_max_s, d_cfg.max_attempts
                     )
             ok = 0
-            for o in egress.send(dest, items, self.cfg.ae_title):
+            t_send = time.monotonic()
+            outcomes = egress.send(dest, items, self.cfg.ae_title)
+            if items:
+                self.metrics.observe_stage("deliver", time.monotonic() - t_send)
+            for o in outcomes:
                 if o.error is None:
                     ok += 1
                     queue.delivered(o.key)
@@ -214,9 +270,22 @@ class Worker:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pacs-node-worker")
-    p.add_argument("--config", type=Path, required=True, help="resolved node config (JSON, written by serve)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="resolved node config (JSON, written by serve), or the node's YAML config (a worker on its own,"
+        " e.g. in compose)",
+    )
     args = p.parse_args(argv)
-    cfg = read_resolved(args.config)
+    try:
+        if args.config.suffix in (".yaml", ".yml"):
+            cfg = load_config(args.config)
+        else:
+            cfg = read_resolved(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, cfg.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -60,35 +60,50 @@ def _rule_matches(rule, tags, modality, n_instances):
     )
 
 
+# Why a stable series got no job: the ``rule`` label of pacs_node_jobs_total{outcome="skipped"}
+SKIP_EXCLUDED_MODALITY = "excluded_modality"
+SKIP_OWN_OUTPUT = "own_output"
+SKIP_NOT_IMAGE = "not_an_image"
+SKIP_NO_INSTANCES = "no_instances"
+SKIP_NO_RULE = "no_routing_rule_matched"
+
+
+def _modality_label(modality):
+    """A bounded, PHI-free label: a DICOM Modality (CS, <= 16 chars) or 'other'."""
+    return modality if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality or "") else "other"
+
+
 def decide(series_id):
-    """Return (eligible, reason, series info) for one stable series."""
+    """Return (eligible, skip rule or None, reason, series info) for one stable series."""
     series = _get(f"/series/{series_id}")
     instances = sorted(series.get("Instances", []))
     tags = dict(series.get("MainDicomTags", {}))
     modality = str(tags.get("Modality", "")).upper()
     if modality in NEVER_MODALITIES:
-        return False, f"{modality} series is never processed", series
+        return False, SKIP_EXCLUDED_MODALITY, f"{modality} series is never processed", series
     if not instances:
-        return False, "no instances", series
+        return False, SKIP_NO_INSTANCES, "no instances", series
     # SOP class and manufacturer are instance-level: read one instance's header
     first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
         tags.setdefault(key, first.get(key, ""))
     if str(first.get("Manufacturer", "")).strip() == OUR_MANUFACTURER:
-        return False, "output of pacs-node", series
+        return False, SKIP_OWN_OUTPUT, "output of pacs-node", series
     if "Rows" not in first:
-        return False, "not an image", series
+        return False, SKIP_NOT_IMAGE, "not an image", series
     for rule in _rules:
         if _rule_matches(rule, tags, modality, len(instances)):
-            return True, "eligible", series
-    return False, "%s series matches no routing rule" % (modality or "unknown"), series
+            return True, None, "eligible", series
+    return False, SKIP_NO_RULE, "%s series matches no routing rule" % (modality or "unknown"), series
 
 
 def on_change(change_type, level, resource_id):
     if change_type != orthanc.ChangeType.STABLE_SERIES:
         return
     try:
-        eligible, reason, series = decide(resource_id)
+        eligible, skipped_by, reason, series = decide(resource_id)
+        modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
+        _queue.record_series(_modality_label(modality), skipped_by)
         if not eligible:
             _info(f"series {resource_id} skipped: {reason}")
             return

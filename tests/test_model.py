@@ -59,7 +59,7 @@ def test_runtime_selection():
     model = load_model("phantom-fm")
     rt, why = select_runtime(model, "auto")
     assert rt.name.startswith("onnxruntime") and "auto" in why
-    with pytest.raises(ModelError, match="tensorrt is not implemented"):
+    with pytest.raises(ModelError, match="tensorrt is not available here"):
         select_runtime(model, "tensorrt")
     with pytest.raises(ModelError, match="unknown runtime"):
         select_runtime(model, "tpu")

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from node.model_repo import load_model
-from node.phantom import Phantom
+from node.phantom import ORGANS, Phantom
 from node.phantom_dicom import Patient, write_variant
 from node.pipeline import Pipeline
 from node.runtimes import select_runtime
@@ -91,11 +91,21 @@ def test_same_segmentation_in_patient_coordinates(pipeline, phantom, axial, vari
 
 
 def test_oblique_acquisition_lands_in_the_same_place(pipeline, phantom, axial, tmp_path):
+    """The tilted slab covers another part of the body, so compare each with the phantom's truth, in mm."""
     result = _run(pipeline, phantom, "oblique", tmp_path)
-    ref, got = read_segments(axial.files[0]), read_segments(result.files[0])
+    organ_index = {name.capitalize(): i for i, name in ORGANS.items()}
+
+    def precision(res, organ):
+        points = read_segments(res.files[0])[organ].points
+        tissue, _ = phantom.labels(points)
+        return float(np.mean(tissue == organ_index[organ]))
+
     for organ in ("Liver", "Lung", "Bone"):
-        assert np.linalg.norm(got[organ].centroid - ref[organ].centroid) < 4.0, organ
-        assert got[organ].volume_ml == pytest.approx(ref[organ].volume_ml, rel=0.15), organ
+        straight, tilted = precision(axial, organ), precision(result, organ)
+        assert straight > 0.85, organ
+        assert tilted > straight - 0.1, (
+            f"{organ}: {tilted:.2f} of the oblique segment is {organ} ({straight:.2f} axial)"
+        )
     assert any("oblique" in n for n in result.findings.notes)
 
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: CUDA execution provider when present, else CPU."""
+"""ONNX Runtime backend: CUDA execution provider when present (features stay on the GPU), else CPU."""
 
 from __future__ import annotations
 
@@ -10,14 +10,19 @@ from node.model_repo import HeadSpec, ModelSpec
 from node.runtimes import BatchOutput, Runtime
 
 
+def cuda_unavailable() -> str | None:
+    """Why the CUDA execution provider cannot be used here, or None."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu)"
+    return None
+
+
 class OnnxRuntime(Runtime):
-    def __init__(self, model: ModelSpec, threads: int = 0):
+    def __init__(self, model: ModelSpec, threads: int = 0, cuda: bool = True):
         super().__init__(model)
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        cuda = providers[0] == "CUDAExecutionProvider"
-        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
-        self.device = "cuda:0" if cuda else "cpu"
+        providers = ["CPUExecutionProvider"]
+        if cuda and cuda_unavailable() is None:
+            providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
@@ -30,15 +35,52 @@ class OnnxRuntime(Runtime):
 
         self.backbone = session(model.backbone.graph)
         self.heads = {h.name: session(h.graph) for h in model.heads}
+        # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU, then falls back
+        on_gpu = "CUDAExecutionProvider" in self.backbone.get_providers()
+        self.name = "onnxruntime-cuda" if on_gpu else "onnxruntime-cpu"
+        self.device = "cuda:0" if on_gpu else "cpu"
+        self.overlap = on_gpu
+        self._outputs = [o.name for o in self.backbone.get_outputs()]
 
     def infer(self, images: np.ndarray) -> BatchOutput:
-        names = [o.name for o in self.backbone.get_outputs()]
-        feats = dict(zip(names, self.backbone.run(None, {"image": images}), strict=True))
+        if self.device != "cpu":
+            return self._infer_bound(images)
+        feats = dict(zip(self._outputs, self.backbone.run(None, {"image": images}), strict=True))
         feats["image"] = images
         out = {}
         for h in self.slice_heads:
             out[h.name] = self.heads[h.name].run(None, {k: feats[k] for k in h.inputs})[0]
         return BatchOutput(heads=out, features={k: feats[k] for k in self.series_inputs})
+
+    def _infer_bound(self, images: np.ndarray) -> BatchOutput:  # pragma: no cover - needs a GPU
+        """IO binding: the image goes up once, backbone features stay on the GPU for every head."""
+        on_gpu = {"image": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), "cuda", 0)}
+        bb = self.backbone.io_binding()
+        bb.bind_ortvalue_input("image", on_gpu["image"])
+        for name in self._outputs:
+            bb.bind_output(name, "cuda", 0)
+        self.backbone.run_with_iobinding(bb)
+        on_gpu.update(zip(self._outputs, bb.get_outputs(), strict=True))
+        out = {}
+        for h in self.slice_heads:
+            sess = self.heads[h.name]
+            hb = sess.io_binding()
+            for k in h.inputs:
+                hb.bind_ortvalue_input(k, on_gpu[k])
+            hb.bind_output(sess.get_outputs()[0].name, "cpu")
+            sess.run_with_iobinding(hb)
+            out[h.name] = hb.copy_outputs_to_cpu()[0]
+        return BatchOutput(heads=out, features={k: on_gpu[k].numpy() for k in self.series_inputs})
+
+    def encode(self, images: np.ndarray) -> None:
+        if self.device == "cpu":
+            self.backbone.run(None, {"image": images})
+            return
+        bb = self.backbone.io_binding()  # pragma: no cover - needs a GPU
+        bb.bind_cpu_input("image", np.ascontiguousarray(images))
+        for name in self._outputs:
+            bb.bind_output(name, "cuda", 0)
+        self.backbone.run_with_iobinding(bb)
 
     def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
         feeds = {k: features[k].astype(np.float32, copy=False) for k in head.inputs}

@@ -62,34 +62,14 @@ def vit_flops(cfg: ViTConfig = CURIA) -> float:
 def build(cfg: ViTConfig = CURIA, seed: int = 0):
     """(backbone, organs head, lesions head, presence head) torch modules with random weights."""
     import torch
-    from torch import nn
 
-    from node.reference_model import Config, PresenceHead, SegHead, SegProbs
-
-    class ViT(nn.Module):
-        """ViT-B/16: (N, C, S, S) -> patch tokens (N, T, D), CLS (N, D); pre-norm, GELU MLP."""
-
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch, stride=cfg.patch)
-            self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-            self.pos = nn.Parameter(torch.randn(1, cfg.tokens + 1, cfg.dim) * 0.02)
-            layer = nn.TransformerEncoderLayer(
-                cfg.dim, cfg.heads, cfg.mlp, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-            )
-            self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(cfg.dim)
-
-        def forward(self, image):
-            x = self.embed(image).flatten(2).transpose(1, 2)
-            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-            x = self.norm(self.encoder(x))
-            return x[:, 1:], x[:, 0]
+    from node.reference_model import Backbone, Config, PresenceHead, SegHead, SegProbs
 
     torch.manual_seed(seed)
     head_cfg = Config(size=cfg.size, patch=cfg.patch, dim=cfg.dim, channels=cfg.channels)
+    vit_cfg = replace(head_cfg, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp // cfg.dim)
     return (
-        ViT().eval(),
+        Backbone(vit_cfg).eval(),
         SegProbs(SegHead(head_cfg, 6)).eval(),
         SegProbs(SegHead(head_cfg, 2)).eval(),
         PresenceHead(head_cfg).eval(),

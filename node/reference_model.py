@@ -49,6 +49,7 @@ class Config:
     dim: int = 96
     depth: int = 4
     heads: int = 4
+    mlp_ratio: int = 2  # MLP width / dim (ViT-B uses 4)
     channels: int = 2  # wide window + soft-tissue window (CT); MR uses one normalisation twice
     n_train: int = 72  # phantoms
     slices_per_phantom: int = 24
@@ -72,7 +73,7 @@ class Backbone(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos = nn.Parameter(torch.randn(1, n_tokens + 1, cfg.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, cfg.dim * 2, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            cfg.dim, cfg.heads, cfg.dim * cfg.mlp_ratio, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)

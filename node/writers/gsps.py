@@ -96,27 +96,16 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
         for key in sorted(where, key=lambda k: where[k].index)
     ]
 
-    def uid(kind: str) -> str:
-        return uids.output_uid(series.series_uid, model.name, model.version, kind)
-
     center, width = window(findings)
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=series.datasets,
-        series_instance_uid=uid("gsps-series"),
-        series_number=uids.series_number(series.datasets[0].get("SeriesNumber"), "gsps"),
-        sop_instance_uid=uid("gsps-instance"),
-        instance_number=1,
-        manufacturer=uids.NODE_NAME,
-        manufacturer_model_name=uids.NODE_NAME,
-        software_versions=uids.software_versions(model.name, model.version),
-        device_serial_number=uids.device_uid(),
+        **uids.instance_identity(series.series_uid, series.datasets[0].get("SeriesNumber"), model.name, model.version, "gsps"),
         content_label="AI_ANNOTATIONS",
         content_description=f"Lesion outlines ({model.name} {model.version})"[:64],
         graphic_annotations=annotations or None,
         graphic_layers=[layer],
         graphic_groups=groups or None,
         **_windowing(series.datasets, center, width, "SOFT TISSUE" if series.modality == "CT" else "P1-P99"),
-        series_description=uids.series_description("gsps", model.name, model.version),
     )
     # General Series: Laterality is required for a paired body part; validators decide that from
     # Body Part Examined, so carry both over from the source, or say "unknown" (empty) without them.

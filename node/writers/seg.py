@@ -216,17 +216,9 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=uid("seg-series"),
-        series_number=uids.series_number(src0.get("SeriesNumber"), "seg"),
-        sop_instance_uid=uid("seg-instance"),
-        instance_number=1,
-        manufacturer=uids.NODE_NAME,
-        manufacturer_model_name=uids.NODE_NAME,
-        software_versions=uids.software_versions(model.name, model.version),
-        device_serial_number=uids.device_uid(),
+        **uids.instance_identity(series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "seg"),
         content_label="AI_SEGMENTATION",
         content_description=f"{model.name} {model.version}"[:64],
-        series_description=uids.series_description("seg", model.name, model.version),
         omit_empty_frames=True,
     )
     # highdicom draws a random Dimension Organization UID; ours must be reproducible

@@ -102,15 +102,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
         evidence=[seg, *series.datasets],
         content=report[0],
-        series_instance_uid=uid("sr-series"),
-        series_number=uids.series_number(src0.get("SeriesNumber"), "sr"),
-        sop_instance_uid=uid("sr-instance"),
-        instance_number=1,
-        manufacturer=uids.NODE_NAME,
-        manufacturer_model_name=uids.NODE_NAME,
-        software_versions=uids.software_versions(model.name, model.version),
-        device_serial_number=uids.device_uid(),
-        series_description=uids.series_description("sr", model.name, model.version),
+        **uids.instance_identity(series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "sr"),
         is_complete=True,
     )
 

@@ -67,3 +67,20 @@ def series_description(kind: str, model_name: str, model_version: str) -> str:
     if kind not in _SERIES_TITLE:
         raise ValueError(f"kind must be one of {sorted(_SERIES_TITLE)}, got {kind!r}.")
     return f"{_SERIES_TITLE[kind]} ({model_name} {model_version})"[:64]
+
+
+def instance_identity(
+    source_series_uid: str, source_series_number: object, model_name: str, model_version: str, kind: str
+) -> dict:
+    """The series/instance/equipment keyword arguments every highdicom output constructor takes."""
+    return {
+        "series_instance_uid": output_uid(source_series_uid, model_name, model_version, f"{kind}-series"),
+        "series_number": series_number(source_series_number, kind),
+        "series_description": series_description(kind, model_name, model_version),
+        "sop_instance_uid": output_uid(source_series_uid, model_name, model_version, f"{kind}-instance"),
+        "instance_number": 1,
+        "manufacturer": NODE_NAME,
+        "manufacturer_model_name": NODE_NAME,
+        "software_versions": software_versions(model_name, model_version),
+        "device_serial_number": device_uid(),
+    }

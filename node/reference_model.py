@@ -73,7 +73,13 @@ class Backbone(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos = nn.Parameter(torch.randn(1, n_tokens + 1, cfg.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, cfg.dim * cfg.mlp_ratio, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            cfg.dim,
+            cfg.heads,
+            cfg.dim * cfg.mlp_ratio,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)

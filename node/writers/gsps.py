@@ -99,7 +99,9 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
     center, width = window(findings)
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=series.datasets,
-        **uids.instance_identity(series.series_uid, series.datasets[0].get("SeriesNumber"), model.name, model.version, "gsps"),
+        **uids.instance_identity(
+            series.series_uid, series.datasets[0].get("SeriesNumber"), model.name, model.version, "gsps"
+        ),
         content_label="AI_ANNOTATIONS",
         content_description=f"Lesion outlines ({model.name} {model.version})"[:64],
         graphic_annotations=annotations or None,

@@ -216,7 +216,9 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        **uids.instance_identity(series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "seg"),
+        **uids.instance_identity(
+            series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "seg"
+        ),
         content_label="AI_SEGMENTATION",
         content_description=f"{model.name} {model.version}"[:64],
         omit_empty_frames=True,

@@ -102,7 +102,9 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
         evidence=[seg, *series.datasets],
         content=report[0],
-        **uids.instance_identity(series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "sr"),
+        **uids.instance_identity(
+            series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "sr"
+        ),
         is_complete=True,
     )
 

@@ -1,13 +1,14 @@
 # Two commands do all set-up on a fresh Debian machine:
-#   make demo   - install, write CT + MR phantoms and run the offline pipeline on them (results/)
+#   make run    - install, then start the node (Orthanc + plugin + worker) on the embedded default
 #   make test   - install, then the whole test suite (what CI runs)
+# and: make demo - CT + MR phantoms through the offline pipeline into results/
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench train evaluate conformance clean
+.PHONY: setup run demo test bench train evaluate conformance clean
 
 $(VENV)/.installed: pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -23,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/pacs-node serve
 
 demo: setup
 	$(VENV)/bin/pacs-node demo --out results

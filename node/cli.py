@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         "train", help="train the reference model phantom-fm and export ONNX (needs the train extra)"
     )
     tr.add_argument("--out", type=Path, default=None, help="model folder (default: models/phantom-fm)")
+    tr.add_argument(
+        "--head",
+        choices=("lesion_presence",),
+        help="retrain only this head on the model folder's exported (frozen) backbone",
+    )
     ev = msub.add_parser("evaluate", help="measure a model on freshly generated held-out phantoms")
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
@@ -278,6 +283,12 @@ def cmd_models(args) -> int:
 
         logging.getLogger("node").setLevel(logging.INFO)
         out = args.out or MODELS_DIR / "phantom-fm"
+        if args.head:
+            from node.reference_model import retrain_presence
+
+            retrain_presence(out)
+            print(f"retrained head {args.head} in {out} (backbone untouched)")
+            return EXIT_OK
         stats = train(out)
         print(f"trained phantom-fm in {stats['train_seconds']} s; graphs in {out}")
         print(f"next: pacs-node models evaluate --model {out}")

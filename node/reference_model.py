@@ -55,7 +55,7 @@ class Config:
     slices_per_phantom: int = 24
     pretrain_steps: int = 900
     head_steps: int = 900
-    cls_steps: int = 500
+    cls_steps: int = 1500
     batch: int = 16
     seed: int = 7
 
@@ -270,16 +270,7 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
     # series-level presence: each training volume is a bag of slices
     bags = [np.flatnonzero(vol_ids == v) for v in np.unique(vol_ids)]
     labels = torch.tensor([float(y_les[b].any()) for b in bags])
-    opt = torch.optim.AdamW(presence.parameters(), lr=1e-3)
-    for _ in range(cfg.cls_steps):
-        v = int(rng.integers(len(bags)))
-        sub = bags[v][rng.integers(len(bags[v])) :]  # random contiguous tail: bags of varied length
-        sub_label = float(y_les[sub].any())
-        p = presence(tokens_all[sub])
-        loss = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), torch.tensor([sub_label]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_presence(presence, tokens_all, y_les, bags, cfg.cls_steps, rng)
     stats = {
         "train_slices": len(x),
         "train_volumes": len(bags),
@@ -295,6 +286,67 @@ def train(out_dir: Path, cfg: Config = Config()) -> dict:
     export(out_dir, cfg, backbone, organs_head, lesions_head, presence)
     (out_dir / "training.json").write_text(json.dumps({"config": cfg.__dict__, **stats}, indent=2) + "\n")
     return stats
+
+
+def train_presence(presence, tokens_all, y_les, bags, steps: int, rng: np.random.Generator) -> None:
+    """Train the series-level head on bags of consecutive slices, as many without a lesion as with.
+
+    Bags vary in length, so the max-pooled score learns not to fire more often on long series.
+    """
+    has = y_les.flatten(1).any(1).numpy()
+    opt = torch.optim.AdamW(presence.parameters(), lr=1e-3, weight_decay=0.01)
+
+    def bag(positive: bool) -> np.ndarray:
+        for _ in range(50):
+            b = bags[int(rng.integers(len(bags)))]
+            start = int(rng.integers(len(b)))
+            sub = b[start : start + int(rng.integers(4, len(b) + 1))]
+            if has[sub].any() == positive:
+                return sub
+        return sub
+
+    for step in range(steps):
+        loss = sum(
+            F.binary_cross_entropy(
+                presence(tokens_all[sub]).clamp(1e-6, 1 - 1e-6), torch.tensor([float(has[sub].any())])
+            )
+            for sub in (bag(True), bag(False), bag(True), bag(False))
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            log.info("presence %d/%d loss %.3f", step, steps, loss.item() / 4)
+
+
+def retrain_presence(model_dir: Path, cfg: Config = Config()) -> None:
+    """Retrain only the lesion-presence head on the *exported* frozen backbone, and export only that head.
+
+    This is how a head is added or improved without re-exporting the backbone.
+    """
+    import onnxruntime as ort
+
+    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed)
+    x, _, y_les, vol_ids = make_dataset(cfg, range(1000, 1000 + cfg.n_train), rng)
+    session = ort.InferenceSession(str(model_dir / "backbone.onnx"), providers=["CPUExecutionProvider"])
+    tokens = np.concatenate(
+        [session.run(["tokens"], {"image": x[i : i + 64].numpy()})[0] for i in range(0, len(x), 64)]
+    )
+    presence = PresenceHead(cfg)
+    bags = [np.flatnonzero(vol_ids == v) for v in np.unique(vol_ids)]
+    train_presence(presence, torch.from_numpy(tokens), y_les, bags, cfg.cls_steps, rng)
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.onnx.export(
+        presence.eval(),
+        (torch.from_numpy(tokens[:2]),),
+        model_dir / "head_lesion_presence.onnx",
+        input_names=["tokens"],
+        output_names=["probability"],
+        dynamic_axes={"tokens": {0: "slices"}},
+        opset_version=17,
+        dynamo=False,
+    )
 
 
 def _augment(xb):

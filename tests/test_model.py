@@ -138,3 +138,18 @@ def test_3d_backbone_is_refused_with_one_line(model_copy, tmp_path):
         "error: model phantom-fm: patch3d (3D sliding-window) backbones are described by the manifest but "
         "not implemented in this version"
     ]
+
+
+def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
+    pytest.importorskip("torch")
+    from node.reference_model import Config, retrain_presence
+
+    backbone = (model_copy / "backbone.onnx").read_bytes()
+    head = (model_copy / "head_lesion_presence.onnx").read_bytes()
+    retrain_presence(model_copy, Config(n_train=3, slices_per_phantom=4, cls_steps=2))
+    assert (model_copy / "backbone.onnx").read_bytes() == backbone
+    assert (model_copy / "head_lesion_presence.onnx").read_bytes() != head
+    model = load_model(model_copy)
+    rt = OnnxRuntime(model)
+    out = rt.infer(np.zeros((2, 2, 128, 128), np.float32))
+    assert 0.0 <= rt.classify(model.heads[2], out.features) <= 1.0

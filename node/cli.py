@@ -89,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=("lesion_presence",),
         help="retrain only this head on the model folder's exported (frozen) backbone",
     )
+    bd = msub.add_parser(
+        "build", help="build (or find in the cache) the TensorRT engines of a model (GPU only)"
+    )
+    bd.add_argument("--model", default="phantom-fm")
+    bd.add_argument(
+        "--precision", nargs="+", default=["bf16", "fp16", "fp32"], choices=("bf16", "fp16", "fp32")
+    )
     ev = msub.add_parser("evaluate", help="measure a model on freshly generated held-out phantoms")
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
@@ -295,6 +302,13 @@ def cmd_models(args) -> int:
         return EXIT_OK
     from node.evaluate import evaluate_model, format_report, write_quality
     from node.model_repo import load_model
+
+    if args.models_command == "build":
+        from node.runtimes.tensorrt import build_model
+
+        for path in build_model(load_model(args.model), tuple(args.precision)):
+            print(path)
+        return EXIT_OK
 
     model = load_model(args.model)
     report = evaluate_model(model, cases=args.cases, seed=args.seed)

@@ -334,3 +334,18 @@ def test_prefetch_overlap_gives_the_same_prediction():
     for k in a.labels:
         assert np.array_equal(a.labels[k], b.labels[k]) and np.array_equal(a.confidence[k], b.confidence[k])
     assert a.probabilities == b.probabilities
+
+
+def test_models_build_without_tensorrt_is_one_line():
+    import subprocess
+    import sys
+
+    from node.runtimes.tensorrt import unavailable
+
+    if not unavailable():
+        pytest.skip("TensorRT is installed here: the build itself is a GPU test")
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "models", "build"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: cannot build TensorRT engines here: {unavailable()}"]

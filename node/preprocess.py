@@ -159,7 +159,7 @@ class PlaneMap:
     def _resample_matrix(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """(size, n) float32 blur+interpolation matrix along ``axis`` and the mask of outside pixels."""
         return _resample_matrix(
-            self.shape[axis], self.spacing[axis], self.model_spacing, self.size, self._pad(axis)
+            self.shape[axis], tuple(self.model_to_canonical(axis)), self.model_spacing / self.spacing[axis]
         )
 
     def to_canonical(self, planes: np.ndarray) -> np.ndarray:
@@ -226,18 +226,15 @@ def _lerp_matrix(n: int, coords: tuple[float, ...]) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def _resample_matrix(n: int, spacing: float, model_spacing: float, size: int, pad: float):
-    u = np.arange(size)
-    coords = ((u + 0.5) * model_spacing - pad) / spacing - 0.5
-    i0, i1, w = _taps(coords, n)
-    lerp = np.zeros((size, n), np.float64)
-    lerp[u, i0] += 1 - w
-    lerp[u, i1] += w
-    sigma = max(0.0, (model_spacing / spacing - 1) / 2)
+def _resample_matrix(n: int, coords: tuple[float, ...], shrink: float):
+    """Blur (when ``shrink`` > 1) then interpolate at ``coords``, as one (len(coords), n) matrix."""
+    lerp = _lerp_matrix(n, coords).astype(np.float64)
+    sigma = max(0.0, (shrink - 1) / 2)
     if sigma > 0:  # the blur as a matrix: the filter applied to each unit impulse (same kernel, same edges)
         blur = ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, mode="nearest")
         lerp = lerp @ blur
-    outside = (coords < -0.5) | (coords > n - 0.5)
+    c = np.asarray(coords)
+    outside = (c < -0.5) | (c > n - 0.5)
     lerp[outside] = 0.0
     matrix = lerp.astype(np.float32)
     matrix.setflags(write=False)
@@ -251,12 +248,10 @@ def _lerp(a: np.ndarray, coords: np.ndarray, axis: int, fill: float | None = Non
     Outside the source range: ``fill`` if given, else the edge value (clamped).
     """
     n = a.shape[axis]
-    c = np.clip(coords, 0, n - 1)
-    i0 = np.floor(c).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
+    i0, i1, w = _taps(coords, n)
     shape = [1] * a.ndim
-    shape[axis] = len(c)
-    w = (c - i0).reshape(shape).astype(np.float32)
+    shape[axis] = len(coords)
+    w = w.reshape(shape)
     out = np.take(a, i0, axis=axis) * (1 - w) + np.take(a, i1, axis=axis) * w
     if fill is not None:
         outside = ((coords < -0.5) | (coords > n - 0.5)).reshape(shape)

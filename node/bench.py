@@ -233,15 +233,17 @@ def pipeline_runs(pipeline: Pipeline, slice_counts: list[int], size: int, repeat
                 result = pipeline.process(series[0], out)
                 if not result.ok:
                     raise RuntimeError(result.error)
-                samples.append(result.seconds)
-        med = {s: statistics.median(x.get(s, 0.0) for x in samples) for s in STAGES}
-        total = statistics.median(sum(x.values()) for x in samples)
+                samples.append((result.seconds, result.parts))
+        med = {s: statistics.median(x.get(s, 0.0) for x, _ in samples) for s in STAGES}
+        parts = {p: statistics.median(x[p] for _, x in samples) for p in samples[0][1]}
+        total = statistics.median(sum(x.values()) for x, _ in samples)
         runs.append(
             {
                 "slices": n,
                 "size": size,
                 "total_s": round(total, 3),
                 "stages_s": {k: round(v, 3) for k, v in med.items()},
+                "inference_parts_s": {k: round(v, 3) for k, v in parts.items()},
             }
         )
     return runs
@@ -297,6 +299,9 @@ def bench(
             table.add_column(f"{r['slices']} slices (s)", justify="right")
         for s in STAGES:
             table.add_row(s, *(f"{r['stages_s'][s]:.2f}" for r in runs))
+            if s == "inference":  # its breakdown: the backbone once, then each head
+                for p in runs[0]["inference_parts_s"]:
+                    table.add_row(f"  {p}", *(f"{r['inference_parts_s'].get(p, 0):.2f}" for r in runs))
         table.add_row("total", *(f"{r['total_s']:.2f}" for r in runs))
         table.add_row("slices/s", *(f"{r['slices'] / r['total_s']:.1f}" for r in runs))
         console.print(table)

@@ -76,7 +76,7 @@ def predict(
         else:
             x = prepare(sl)
         with clock("inference"):
-            out = runtime.infer(x)
+            out = runtime.infer(x, clock)
         for k, v in out.features.items():
             pooled[k].append(v)
         with clock("postprocess"):
@@ -89,7 +89,10 @@ def predict(
     clock.seconds["preprocess"] += prep_clock.seconds["preprocess"]  # overlapped with inference on a GPU
     with clock("inference"):
         features = {k: np.concatenate(v) for k, v in pooled.items()}
-        probabilities = {h.name: runtime.classify(h, features) for h in runtime.series_heads}
+        probabilities = {}
+        for h in runtime.series_heads:
+            with clock.part(f"head_{h.name}"):
+                probabilities[h.name] = runtime.classify(h, features)
     with clock("postprocess"):
         src = series.volume
         labels = {k: labels_to_source(v, canonical, src) for k, v in labels.items()}

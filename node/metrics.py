@@ -237,7 +237,8 @@ class NodeMetrics:
         self.stage_seconds = Histogram(
             f"{p}_stage_duration_seconds",
             "Wall time per pipeline stage (fetch, load, preprocess, inference, postprocess, measure,"
-            " encode_seg, encode_sr, encode_gsps, write, store, deliver).",
+            " encode_seg, encode_sr, encode_gsps, write, store, deliver) and, inside inference, of the"
+            " backbone and each head (backbone, head_<name>).",
             ["stage", "model", "runtime"],
             buckets=STAGE_BUCKETS,
             registry=r,

@@ -35,6 +35,7 @@ class SeriesResult:
     files: list[Path] = field(default_factory=list)
     findings: Findings | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)  # inside inference: backbone, head_<name>
     error: str | None = None
 
     @property
@@ -98,7 +99,7 @@ class Pipeline:
         with clock("write"):
             result.files = _write_atomically(out_dir, series.series_uid, {"seg": seg, "sr": sr, "gsps": gsps})
         result.findings = findings
-        result.seconds = dict(clock.seconds)
+        result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
 
 

@@ -181,7 +181,7 @@ class Worker:
         result = self.pipeline.process(series[0], tmp / "out")
         if result.error:
             raise InputError(result.error)
-        self.metrics.observe_stages(result.seconds)
+        self.metrics.observe_stages(result.seconds | result.parts)
         t_store = time.monotonic()
         outputs = []
         for path in result.files:

@@ -222,6 +222,7 @@ def test_node_metrics_have_no_patient_data(metrics_node, tmp_path: Path) -> None
     }
     assert {"fetch", "load", "preprocess", "inference", "encode_seg", "encode_sr", "encode_gsps"} <= stages
     assert {"store", "deliver"} <= stages
+    assert {"backbone", "head_organs", "head_lesions", "head_lesion_presence"} <= stages  # inference's parts
     assert (
         value(text, "pacs_node_job_duration_seconds_count", model=model, runtime=runtime, outcome="processed")
         >= 1

@@ -194,8 +194,8 @@ class Noisy(Runtime):
         super().__init__(inner.model)
         self.inner, self.scale, self.rng = inner, scale, np.random.default_rng(0)
 
-    def infer(self, images):
-        out = self.inner.infer(images)
+    def infer(self, images, clock=None):
+        out = self.inner.infer(images, clock)
         heads = {
             k: v + self.scale * self.rng.standard_normal(v.shape).astype(np.float32)
             for k, v in out.heads.items()

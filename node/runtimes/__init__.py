@@ -23,6 +23,7 @@ import numpy as np
 
 from node.errors import ModelError
 from node.model_repo import HeadSpec, ModelSpec
+from node.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,11 @@ class Runtime(ABC):
         self.series_inputs = sorted({i for h in self.series_heads for i in h.inputs})
 
     @abstractmethod
-    def infer(self, images: np.ndarray) -> BatchOutput:
-        """(N, C, S, S) normalised slices -> backbone once, then every per-slice head."""
+    def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
+        """(N, C, S, S) normalised slices -> backbone once, then every per-slice head.
+
+        ``clock.part("backbone")`` and ``clock.part("head_<name>")`` get each one's time.
+        """
 
     @abstractmethod
     def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:

@@ -8,6 +8,7 @@ import onnxruntime as ort
 from node.errors import ModelError
 from node.model_repo import HeadSpec, ModelSpec
 from node.runtimes import BatchOutput, Runtime
+from node.timing import Stopwatch
 
 
 def cuda_unavailable() -> str | None:
@@ -42,34 +43,44 @@ class OnnxRuntime(Runtime):
         self.overlap = on_gpu
         self._outputs = [o.name for o in self.backbone.get_outputs()]
 
-    def infer(self, images: np.ndarray) -> BatchOutput:
+    def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
+        clock = clock or Stopwatch()
         if self.device != "cpu":
-            return self._infer_bound(images)
-        feats = dict(zip(self._outputs, self.backbone.run(None, {"image": images}), strict=True))
+            return self._infer_bound(images, clock)
+        with clock.part("backbone"):
+            feats = dict(zip(self._outputs, self.backbone.run(None, {"image": images}), strict=True))
         feats["image"] = images
         out = {}
         for h in self.slice_heads:
-            out[h.name] = self.heads[h.name].run(None, {k: feats[k] for k in h.inputs})[0]
+            with clock.part(f"head_{h.name}"):
+                out[h.name] = self.heads[h.name].run(None, {k: feats[k] for k in h.inputs})[0]
         return BatchOutput(heads=out, features={k: feats[k] for k in self.series_inputs})
 
-    def _infer_bound(self, images: np.ndarray) -> BatchOutput:  # pragma: no cover - needs a GPU
-        """IO binding: the image goes up once, backbone features stay on the GPU for every head."""
-        on_gpu = {"image": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), "cuda", 0)}
-        bb = self.backbone.io_binding()
-        bb.bind_ortvalue_input("image", on_gpu["image"])
-        for name in self._outputs:
-            bb.bind_output(name, "cuda", 0)
-        self.backbone.run_with_iobinding(bb)
-        on_gpu.update(zip(self._outputs, bb.get_outputs(), strict=True))
+    def _infer_bound(
+        self, images: np.ndarray, clock: Stopwatch
+    ) -> BatchOutput:  # pragma: no cover - needs a GPU
+        """IO binding: the image goes up once, backbone features stay on the GPU for every head.
+
+        ``run_with_iobinding`` returns when the GPU is done, so each part's time is its own.
+        """
+        with clock.part("backbone"):
+            on_gpu = {"image": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), "cuda", 0)}
+            bb = self.backbone.io_binding()
+            bb.bind_ortvalue_input("image", on_gpu["image"])
+            for name in self._outputs:
+                bb.bind_output(name, "cuda", 0)
+            self.backbone.run_with_iobinding(bb)
+            on_gpu.update(zip(self._outputs, bb.get_outputs(), strict=True))
         out = {}
         for h in self.slice_heads:
-            sess = self.heads[h.name]
-            hb = sess.io_binding()
-            for k in h.inputs:
-                hb.bind_ortvalue_input(k, on_gpu[k])
-            hb.bind_output(sess.get_outputs()[0].name, "cpu")
-            sess.run_with_iobinding(hb)
-            out[h.name] = hb.copy_outputs_to_cpu()[0]
+            with clock.part(f"head_{h.name}"):
+                sess = self.heads[h.name]
+                hb = sess.io_binding()
+                for k in h.inputs:
+                    hb.bind_ortvalue_input(k, on_gpu[k])
+                hb.bind_output(sess.get_outputs()[0].name, "cpu")
+                sess.run_with_iobinding(hb)
+                out[h.name] = hb.copy_outputs_to_cpu()[0]
         return BatchOutput(heads=out, features={k: on_gpu[k].numpy() for k in self.series_inputs})
 
     def encode(self, images: np.ndarray) -> None:

@@ -29,6 +29,7 @@ from node.engine_cache import EngineCache, EngineKey, Profile, file_sha256
 from node.errors import ModelError
 from node.model_repo import HeadSpec, ModelSpec
 from node.runtimes import BatchOutput, Runtime
+from node.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 WORKSPACE_BYTES = 8 << 30
@@ -266,31 +267,35 @@ class TensorRTRuntime(Runtime):  # pragma: no cover - needs a GPU with TensorRT
         self._run_backbone(images)
         self.mem.sync()
 
-    def infer(self, images: np.ndarray) -> BatchOutput:
-        n, ptrs = self._run_backbone(images)
+    def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
+        clock = clock or Stopwatch()
+        with clock.part("backbone"):  # one stream wait per part, so each part's time is its own
+            n, ptrs = self._run_backbone(images)
+            self.mem.sync()
         shapes = {o: tuple(self.backbone.context.get_tensor_shape(o)) for o in self.backbone.outputs}
         shapes["image"] = images.shape
-        results = {}
+        heads = {}
         for h in self.slice_heads:
-            e = self.heads[h.name]
-            for k in h.inputs:  # the backbone's device buffers, bound as they are
-                e.context.set_input_shape(k, shapes[k])
-                e.context.set_tensor_address(k, ptrs[k])
-            out = e.outputs[0]
-            shape = tuple(e.context.get_tensor_shape(out))
-            ptr = self.mem.buffer(f"{h.name}:{out}", int(np.prod(shape)) * e.dtype[out].itemsize)
-            e.context.set_tensor_address(out, ptr)
-            e.context.execute_async_v3(self.mem.stream)
-            results[h.name] = (self.mem.pinned(f"{h.name}:{out}", shape, e.dtype[out]), ptr)
+            with clock.part(f"head_{h.name}"):
+                e = self.heads[h.name]
+                for k in h.inputs:  # the backbone's device buffers, bound as they are
+                    e.context.set_input_shape(k, shapes[k])
+                    e.context.set_tensor_address(k, ptrs[k])
+                out = e.outputs[0]
+                shape = tuple(e.context.get_tensor_shape(out))
+                ptr = self.mem.buffer(f"{h.name}:{out}", int(np.prod(shape)) * e.dtype[out].itemsize)
+                e.context.set_tensor_address(out, ptr)
+                e.context.execute_async_v3(self.mem.stream)
+                host = self.mem.pinned(f"{h.name}:{out}", shape, e.dtype[out])
+                self.mem.download(host, ptr)
+                self.mem.sync()
+                heads[h.name] = host.astype(np.float32, copy=True)
         feats = {}
         for k in self.series_inputs:
-            dtype = self.backbone.dtype[k]
-            feats[k] = self.mem.pinned(f"feat:{k}", shapes[k], dtype)
-            self.mem.download(feats[k], ptrs[k])
-        for host, ptr in results.values():
-            self.mem.download(host, ptr)
+            host = self.mem.pinned(f"feat:{k}", shapes[k], self.backbone.dtype[k])
+            self.mem.download(host, ptrs[k])
+            feats[k] = host
         self.mem.sync()
-        heads = {k: host.astype(np.float32, copy=True) for k, (host, _) in results.items()}
         return BatchOutput(
             heads=heads, features={k: v.astype(np.float32, copy=True) for k, v in feats.items()}
         )

@@ -24,6 +24,7 @@ import numpy as np
 from node.errors import ModelError
 from node.model_repo import HeadSpec, ModelSpec
 from node.runtimes import BatchOutput, Runtime
+from node.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -119,25 +120,36 @@ class TorchRuntime(Runtime):
         out = self.backbone(x)
         return dict(zip(self.model.backbone.outputs, out, strict=True))
 
-    def infer(self, images: np.ndarray) -> BatchOutput:
+    def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
         torch = self._torch
+        clock = clock or Stopwatch()
         images, n = self._pad(images)
         with torch.inference_mode(), self._autocast():
-            x = self._upload(images)
-            feats = self._features(x)  # stays on the device for every head
+            with clock.part("backbone"):
+                x = self._upload(images)
+                feats = self._features(x)  # stays on the device for every head
+                self._sync()
             feats["image"] = x
-            heads = {h.name: self.heads[h.name](*(feats[k] for k in h.inputs)) for h in self.slice_heads}
-            heads = {k: v[:n].float().cpu().numpy() for k, v in heads.items()}
+            heads = {}
+            for h in self.slice_heads:
+                with clock.part(f"head_{h.name}"):
+                    heads[h.name] = (
+                        self.heads[h.name](*(feats[k] for k in h.inputs))[:n].float().cpu().numpy()
+                    )
             features = {k: feats[k][:n].float().cpu().numpy() for k in self.series_inputs}
         return BatchOutput(heads=heads, features=features)
+
+    def _sync(self) -> None:
+        """Wait for the GPU, so a part's time is its own (one wait per batch part: cheap)."""
+        if self.device != "cpu":  # pragma: no cover - needs a GPU
+            self._torch.cuda.synchronize()
 
     def encode(self, images: np.ndarray) -> None:
         torch = self._torch
         images, _ = self._pad(images)
         with torch.inference_mode(), self._autocast():
             self._features(self._upload(images))
-        if self.device != "cpu":  # pragma: no cover - needs a GPU
-            torch.cuda.synchronize()
+        self._sync()
 
     def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
         torch = self._torch

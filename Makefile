@@ -8,7 +8,7 @@ DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm p
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run demo test bench train evaluate conformance clean
+.PHONY: setup run demo test bench train evaluate conformance viewer screenshot clean
 
 $(VENV)/.installed: pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -32,7 +32,7 @@ demo: setup
 	$(VENV)/bin/pacs-node demo --out results
 
 test: setup
-	$(VENV)/bin/ruff check node tests plugins conformance
+	$(VENV)/bin/ruff check node tests plugins conformance deploy
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup
@@ -47,5 +47,20 @@ evaluate: setup
 conformance: setup
 	$(VENV)/bin/python -m conformance
 
+# OHIF (its published build from npm) in front of the running node's Orthanc: http://127.0.0.1:3000/
+OHIF_VERSION ?= 3.12.10
+OHIF := .cache/ohif/package/dist
+$(OHIF)/index.html:
+	mkdir -p .cache/ohif
+	cd .cache/ohif && npm pack -q @ohif/app@$(OHIF_VERSION) && tar xzf ohif-app-$(OHIF_VERSION).tgz
+
+viewer: setup $(OHIF)/index.html
+	$(PY) deploy/viewer/serve.py --ohif $(OHIF) --orthanc http://127.0.0.1:8042
+
+# the README's picture: needs `make run` and `make viewer` running, the study sent, and Debian chromium
+screenshot: setup
+	$(PY) -m pip install -q playwright
+	$(PY) deploy/viewer/screenshot.py --study $(STUDY) --slice $(or $(SLICE),1) --out docs/ohif-seg-ct.png
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache .cache

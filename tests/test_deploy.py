@@ -242,3 +242,67 @@ def test_secret_references_fail_with_one_line(tmp_path: Path, monkeypatch) -> No
         )
     monkeypatch.setenv("PACS_NODE_PW", "s3cret")
     assert parse_config({"http_users": {"w": "${env:PACS_NODE_PW}"}}).http_users == {"w": "s3cret"}
+
+
+def test_viewer_server_serves_ohif_our_config_and_proxies_dicomweb(tmp_path: Path) -> None:
+    """deploy/viewer/serve.py: OHIF's files, our app-config.js, index.html for browser routes,
+    /dicom-web/ passed to Orthanc with the Accept header and credentials, Orthanc's errors kept."""
+    import base64
+    import importlib.util
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    spec = importlib.util.spec_from_file_location("serve", ROOT / "deploy/viewer/serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "index.html").write_text("<html>ohif</html>")
+    (dist / "app.js").write_text("console.log(1)")
+    (dist / "app-config.js").write_text("window.config = {demo: 'aws'}")  # OHIF's own: must not be served
+    seen = []
+
+    class Orthanc(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Accept"), self.headers.get("Authorization")))
+            code, body = (404, b"no such study") if "missing" in self.path else (200, b"[]")
+            self.send_response(code)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Orthanc)]
+    orthanc = f"http://127.0.0.1:{servers[0].server_port}"
+    auth = "Basic " + base64.b64encode(b"viewer:secret").decode()
+    servers.append(ThreadingHTTPServer(("127.0.0.1", 0), serve.make_handler(dist, orthanc, auth)))
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{servers[1].server_port}"
+
+    def get(path: str, **headers) -> tuple[int, str, dict]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers)) as r:
+                return r.status, r.read().decode(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode(), dict(e.headers)
+
+    try:
+        assert get("/app.js")[1] == "console.log(1)"
+        code, body, headers = get("/app-config.js")
+        assert "/dicom-web" in body and "aws" not in body
+        assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert get("/viewer?StudyInstanceUIDs=1.2.3")[1] == "<html>ohif</html>"  # browser route
+        assert get("/../../etc/passwd")[1] == "<html>ohif</html>"  # nothing outside dist
+        code, body, _ = get("/dicom-web/studies?limit=1", Accept="application/dicom+json")
+        assert (code, body) == (200, "[]")
+        assert seen[-1] == ("/dicom-web/studies?limit=1", "application/dicom+json", auth)
+        assert get("/dicom-web/studies/missing")[:2] == (404, "no such study")
+    finally:
+        for s in servers:
+            s.shutdown()

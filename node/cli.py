@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--out", required=True, type=Path, help="folder for the SEG/SR/GSPS (.dcm), one subfolder per series"
     )
+    run.add_argument(
+        "--prior",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PRIOR",
+        help="an earlier series of the same patient (repeatable): lesions are matched and tracked across them",
+    )
     _model_args(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -136,10 +144,17 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
+    from datetime import datetime
+
+    from node.longitudinal import acquired
     from node.series import find_series
 
     console = Console()  # stdout: info and summary; stderr carries only progress and 'error:' lines
     series, errors = find_series(args.inputs)
+    priors, prior_errors = find_series(args.prior) if args.prior else ([], [])
+    errors += prior_errors
+    # oldest first: each series is compared with the one before it, so a lesion keeps its UID throughout
+    priors.sort(key=lambda s: acquired(s.datasets[0]) or datetime.min)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not series:
@@ -160,12 +175,15 @@ def cmd_run(args) -> int:
         console=Console(stderr=True),
         disable=not show,
     ) as progress:
-        for s in series:
+        prior = None
+        for i, s in enumerate(priors + series):
             task = progress.add_task(f"{s.modality} series …{s.series_uid[-12:]}", total=None)
-            result = _process_one(pipeline, s, args, progress, task)
+            result = _process_one(pipeline, s, args, progress, task, prior)
             results.append(result)
             if not result.ok:
                 print(f"error: {result.error}", file=sys.stderr)
+            elif i < len(priors):
+                prior = result.time_point
     _print_summary(console, results, args.out)
     done = sum(r.ok for r in results)
     if done == len(results) and not errors:
@@ -173,7 +191,7 @@ def cmd_run(args) -> int:
     return EXIT_PARTIAL if done else EXIT_INPUT
 
 
-def _process_one(pipeline, series, args, progress, task):
+def _process_one(pipeline, series, args, progress, task, prior=None):
     from node.pipeline import SeriesResult
     from node.timing import Stopwatch
 
@@ -184,7 +202,9 @@ def _process_one(pipeline, series, args, progress, task):
         return SeriesResult(series.series_uid, series.modality, error=str(e))
     progress.update(task, total=volume.volume.shape[0])
     try:
-        result = pipeline.process(series, args.out, lambda n: progress.advance(task, n), volume=volume)
+        result = pipeline.process(
+            series, args.out, lambda n: progress.advance(task, n), volume=volume, prior=prior
+        )
     except Exception as e:  # a bug of ours: keep the traceback in the log, one line for the user
         log.debug("series %s failed", series.series_uid, exc_info=True)
         hint = "" if args.verbose else " (run with --verbose for the traceback)"

@@ -7,12 +7,15 @@ series; they never see model tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import highdicom as hd
 import numpy as np
 
 from node.volume import SeriesVolume
+
+if TYPE_CHECKING:  # longitudinal imports this module
+    from node.longitudinal import Comparison
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Segment:
     longest_diameter_mm: float | None = None
     diameter_slice: int | None = None  # index along the volume's slice axis
     diameter_endpoints: tuple[tuple[float, float], tuple[float, float]] | None = None  # (row, col) pairs
+    tracking_uid: str | None = None  # set when matched to a prior lesion: that lesion's UID
 
     @property
     def slices(self) -> list[int]:
@@ -78,6 +82,7 @@ class Findings:
     segments: list[Segment]
     classifications: list[Classification] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was done to unusual input, for the SR
+    comparison: Comparison | None = None  # against the most relevant prior, when there is one
 
     @property
     def lesions(self) -> list[Segment]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from node.errors import InputError, ModelError
 from node.findings import Findings
 from node.inference import predict
+from node.longitudinal import TimePoint, time_point, track
 from node.model_repo import ModelSpec
 from node.postprocess import to_findings
 from node.runtimes import Runtime
@@ -36,6 +37,7 @@ class SeriesResult:
     findings: Findings | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     parts: dict[str, float] = field(default_factory=dict)  # inside inference: backbone, head_<name>
+    time_point: TimePoint | None = None  # what a later series of the patient is compared with
     error: str | None = None
 
     @property
@@ -77,6 +79,7 @@ class Pipeline:
         out_dir: Path,
         progress: Callable[[int], None] | None = None,
         volume: SeriesVolume | None = None,
+        prior: TimePoint | None = None,
     ) -> SeriesResult:
         """Run one series end to end. User-fixable problems become ``result.error``; bugs propagate."""
         clock = Stopwatch()
@@ -90,6 +93,9 @@ class Pipeline:
         prediction = predict(volume, self.model, self.runtime, clock, progress)
         with clock("measure"):
             findings = to_findings(volume, self.model, prediction, self.runtime.name)
+        if prior is not None:
+            with clock("compare"):
+                track(findings, prior)
         with clock("encode_seg"):
             seg = write_seg(findings)
         with clock("encode_sr"):
@@ -99,6 +105,7 @@ class Pipeline:
         with clock("write"):
             result.files = _write_atomically(out_dir, series.series_uid, {"seg": seg, "sr": sr, "gsps": gsps})
         result.findings = findings
+        result.time_point = time_point(findings)
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
 

@@ -42,7 +42,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
     groups = []
     for k, lesion in enumerate(findings.lesions, start=1):
         group = hd.pr.GraphicGroup(graphic_group_id=k, label=lesion.label[:64], description="AI lesion")
-        tracking = {"tracking_id": lesion.label[:64], "tracking_uid": tracking_uid(findings, lesion.number)}
+        tracking = {"tracking_id": lesion.label[:64], "tracking_uid": tracking_uid(findings, lesion)}
         drawn = False
         for src in sources:
             plane = np.asarray(lesion.mask[src.index], bool)
@@ -74,7 +74,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
                 )
                 texts[key].append(
                     hd.pr.TextObject(
-                        text_value=label_text(lesion),
+                        text_value=label_text(lesion, findings),
                         units=hd.pr.AnnotationUnitsValues.PIXEL,
                         anchor_point=tuple(float(v) for v in line[np.argmin(line[:, 1])]),  # upper end
                         anchor_point_visible=True,
@@ -156,11 +156,16 @@ def _windowing(datasets, center: float, width: float, explanation: str) -> dict:
     }
 
 
-def label_text(lesion: Segment) -> str:
-    """e.g. "Lesion 1, 23 mm"."""
-    if lesion.longest_diameter_mm is None:
-        return lesion.label[:64]
-    return f"{lesion.label}, {lesion.longest_diameter_mm:.0f} mm"[:64]
+def label_text(lesion: Segment, findings: Findings) -> str:
+    """e.g. "Lesion 1, 23 mm", and with a prior "Lesion 1, 23 mm NEW" or "Lesion 2, 16 mm +35%"."""
+    text = lesion.label
+    if lesion.longest_diameter_mm is not None:
+        text += f", {lesion.longest_diameter_mm:.0f} mm"
+    if findings.comparison is not None:
+        change = findings.comparison.by_uid().get(tracking_uid(findings, lesion))
+        if change is not None:
+            text += f" {change.tag()}"
+    return text[:64]
 
 
 def window(findings: Findings) -> tuple[float, float]:

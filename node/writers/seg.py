@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from node.findings import Findings, ModelRef
+from node.findings import Findings, ModelRef, Segment
 from node.volume import SeriesVolume
 from node.writers import uids
 
@@ -147,10 +147,13 @@ def algorithm_identification(model: ModelRef) -> hd.AlgorithmIdentificationSeque
     )
 
 
-def tracking_uid(findings: Findings, segment_number: int) -> str:
-    """Shared by the SEG segment and the SR measurement group that describes it."""
+def tracking_uid(findings: Findings, segment: Segment) -> str:
+    """Shared by the SEG segment, its SR group and GSPS outlines; a lesion matched to a prior keeps
+    the prior's UID (``segment.tracking_uid``), so it is the same in every report of the patient."""
+    if segment.tracking_uid:
+        return segment.tracking_uid
     m = findings.model
-    return uids.output_uid(findings.series.series_uid, m.name, m.version, f"tracking-{segment_number}")
+    return uids.output_uid(findings.series.series_uid, m.name, m.version, f"tracking-{segment.number}")
 
 
 def write_seg(findings: Findings) -> hd.seg.Segmentation:
@@ -202,7 +205,7 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
             segmented_property_type=seg.type.coded(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=tracking_uid(findings, seg.number),
+            tracking_uid=tracking_uid(findings, seg),
             tracking_id=seg.label[:64],
         )
         for seg in segments

@@ -135,7 +135,7 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
         measurements.append(
             hd.sr.Measurement(name=CODES["long_axis"], value=segment.longest_diameter_mm, unit=UNITS["mm"])
         )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(findings, segment),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -148,10 +148,20 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
         algorithm_id=algorithm,
         measurements=measurements,
     )
+    change = findings.comparison and findings.comparison.by_uid().get(tracking_uid(findings, segment))
+    if change:  # what changed since the prior, in words (coded change concepts are still to come)
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=CODES["comment"],
+                value=change.sentence(findings.comparison.interval_days)[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
 
 
 def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=tracking_uid(findings, segment.number), identifier=segment.label[:64])
+    return hd.sr.TrackingIdentifier(uid=tracking_uid(findings, segment), identifier=segment.label[:64])
 
 
 def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid):

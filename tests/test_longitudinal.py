@@ -1,0 +1,200 @@
+"""Priors and lesion tracking: RECIST-like categories, matching under a rigid motion, tracking UIDs
+kept across time points, registration of a prior in another frame of reference (SimpleITK), and
+`pacs-node run CURRENT --prior PRIOR` end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.longitudinal import TimePoint, TrackedLesion, classify, compare
+from node.phantom import Lesion, Phantom
+from node.phantom_dicom import Patient, write_axial_series, write_grid
+
+
+@pytest.mark.parametrize(
+    "before, now, status",
+    [
+        (10.0, 12.0, "stable"),  # +20 % but only +2 mm
+        (20.0, 25.0, "increased"),  # +25 % and +5 mm
+        (30.0, 34.0, "stable"),  # +4 mm, +13 %
+        (20.0, 14.0, "decreased"),  # -30 %
+        (20.0, 15.0, "stable"),  # -25 %
+    ],
+)
+def test_recist_like_thresholds(before, now, status):
+    assert classify(before, now) == status
+
+
+def rigid(deg: float, shift) -> np.ndarray:
+    a = np.deg2rad(deg)
+    m = np.eye(4)
+    m[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    m[:3, 3] = shift
+    return m
+
+
+def point(uid, label, xyz, d):
+    return TrackedLesion(uid, label, np.asarray(xyz, float), d, d**3 / 2000)
+
+
+def test_matching_under_motion_gives_each_category_and_keeps_the_uid():
+    prior = TimePoint(
+        "prior",
+        "for-1",
+        datetime(2025, 1, 10),
+        [
+            point("uid-stable", "Lesion 1", (-40, 0, 10), 16),
+            point("uid-grown", "Lesion 2", (0, 0, 10), 12),
+            point("uid-gone", "Lesion 3", (40, 0, 10), 14),
+            point("uid-shrunk", "Lesion 4", (0, 40, -30), 20),
+        ],
+    )
+    motion = rigid(8, (12, -20, 30))  # the patient lies elsewhere in the later exam's frame
+    moved = lambda xyz: (motion @ np.append(xyz, 1))[:3]  # noqa: E731
+    current = TimePoint(
+        "current",
+        "for-2",
+        datetime(2025, 4, 10),
+        [
+            point("c-1", "Lesion 1", moved((-40, 1, 10)), 17),
+            point("c-2", "Lesion 2", moved((1, 0, 11)), 18),
+            point("c-3", "Lesion 3", moved((0, -45, 40)), 9),
+            point("c-4", "Lesion 4", moved((0, 40, -30)), 12),
+        ],
+    )
+    comp = compare(prior, current, motion, "test")
+    by_uid = {c.tracking_uid: c.status for c in comp.changes}
+    assert by_uid == {
+        "uid-stable": "stable",
+        "uid-grown": "increased",
+        "uid-gone": "resolved",
+        "uid-shrunk": "decreased",
+        "c-3": "new",
+    }
+    assert comp.interval_days == 90 and comp.new == 1
+    assert comp.overall == "progression"  # a new lesion
+    tags = {c.tracking_uid: c.tag() for c in comp.changes}
+    assert tags["c-3"] == "NEW" and tags["uid-grown"] == "+50%" and tags["uid-gone"] == "GONE"
+    # without the motion the same lesions do not line up: the transform is what matches them
+    wrong = compare(prior, current, np.eye(4), "test")
+    assert {c.status for c in wrong.changes} <= {"new", "resolved"}
+
+
+def test_three_time_points_keep_one_uid():
+    t = [datetime(2025, 1, 1), datetime(2025, 3, 1), datetime(2025, 6, 1)]
+    one = TimePoint("s1", "f", t[0], [point("uid-a", "Lesion 1", (0, 0, 0), 10)])
+    two_raw = TimePoint("s2", "f", t[1], [point("s2-a", "Lesion 1", (2, 0, 0), 13)])
+    c12 = compare(one, two_raw, np.eye(4), "same frame of reference")
+    two = dataclasses.replace(
+        two_raw, lesions=[dataclasses.replace(two_raw.lesions[0], tracking_uid=c12.changes[0].tracking_uid)]
+    )
+    three = TimePoint("s3", "f", t[2], [point("s3-a", "Lesion 1", (3, 1, 0), 19)])
+    c23 = compare(two, three, np.eye(4), "same frame of reference")
+    assert [c.tracking_uid for c in c12.changes] == ["uid-a"]
+    assert [(c.tracking_uid, c.status) for c in c23.changes] == [("uid-a", "increased")]
+
+
+# -- registration and the CLI, on phantoms ------------------------------------------------------
+
+
+def lesion_in(phantom: Phantom, host: int, offset, radius: float) -> Lesion:
+    centre = np.asarray(next(e.center for k, e in phantom.organs if k == host)) + np.asarray(offset)
+    return Lesion(tuple(float(v) for v in centre), radius, host, 100.0, 1400.0)
+
+
+def test_registration_recovers_a_prior_in_another_frame_of_reference(tmp_path: Path):
+    from node.phantom_dicom import axial_affine
+    from node.registration import register_rigid
+    from node.series import find_series
+    from node.volume import load_volume
+
+    ph = Phantom.random(5, n_lesions=0)
+    shape = (60, 160, 160)
+    a = axial_affine(shape, 2.5, 5.0, -20.0)
+    truth = ph.sample(a, shape, "CT", noise=12.0, seed=1)
+    motion = rigid(7, (15, -25, 40))  # where the same anatomy sits in the prior exam's frame
+    write_grid(truth, a, tmp_path / "cur", patient=Patient(study_uid="1.2.3.9.1"))
+    write_grid(truth, motion @ a, tmp_path / "pri", patient=Patient(study_uid="1.2.3.9.2"))
+    cur = load_volume(find_series([tmp_path / "cur"])[0][0]).volume
+    pri = load_volume(find_series([tmp_path / "pri"])[0][0]).volume
+    assert cur.frame_of_reference_uid != pri.frame_of_reference_uid
+    prior_to_current, _ = register_rigid(pri, cur, "CT")
+    # points across the body, given in the prior's frame, must land where they are now
+    pts = np.array([[x, y, z] for x in (-80, 0, 80) for y in (-40, 40) for z in (-80, 0, 60)], float)
+    in_prior = (motion @ np.c_[pts, np.ones(len(pts))].T).T
+    back = (prior_to_current @ in_prior.T).T[:, :3]
+    assert np.abs(back - pts).max() < 3.0, np.abs(back - pts).max()
+
+
+def test_run_with_a_prior_tracks_lesions_and_labels_the_change(tmp_path: Path):
+    """End to end with the reference model: every current lesion carries a change tag in the GSPS,
+    lesions matched to the prior share its SEG Tracking UIDs, and all outputs pass dciodvfy."""
+    ph = Phantom.random(5, n_lesions=0)
+    big = lesion_in(ph, 1, (-30, 0, 0), 9.0)
+    prior = dataclasses.replace(ph, lesions=(big,))
+    current = dataclasses.replace(ph, lesions=(dataclasses.replace(big, radius_mm=13.0),))
+    for name, p, date in (("prior", prior, "20250601"), ("current", current, "20251201")):
+        write_axial_series(
+            p,
+            tmp_path / name,
+            modality="MR",
+            shape=(80, 256, 256),
+            pixel_spacing=1.5,
+            slice_spacing=3.0,
+            patient=Patient(study_date=date, study_uid=f"1.2.3.8.{date}"),
+            seed=3,
+        )
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "run",
+            str(tmp_path / "current"),
+            "--prior",
+            str(tmp_path / "prior"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    by_date = {}
+    for d in out.iterdir():
+        seg = pydicom.dcmread(d / "seg.dcm")
+        by_date[seg.StudyDate] = d
+    assert set(by_date) == {"20250601", "20251201"}
+
+    def lesion_uids(d):
+        seg = pydicom.dcmread(d / "seg.dcm")
+        return {str(s.TrackingUID) for s in seg.SegmentSequence if str(s.SegmentLabel).startswith("Lesion")}
+
+    before, now = lesion_uids(by_date["20250601"]), lesion_uids(by_date["20251201"])
+    assert before and now and before & now  # the grown lesion at least is the same lesion
+    labels = [
+        str(t.UnformattedTextValue)
+        for a in pydicom.dcmread(by_date["20251201"] / "gsps.dcm").GraphicAnnotationSequence
+        for t in a.get("TextObjectSequence", [])
+    ]
+    assert labels and all(
+        lbl.endswith(("NEW", "stable")) or lbl.split()[-1].endswith("%") for lbl in labels
+    ), labels
+    text = subprocess.run(
+        ["dsrdump", "+Pl", str(by_date["20251201"] / "sr.dcm")], capture_output=True, text=True
+    ).stdout
+    assert "compared with prior series" in text and "rigid registration" in text
+    for d in by_date.values():
+        for kind in ("seg", "sr", "gsps"):
+            v = subprocess.run(["dciodvfy", str(d / f"{kind}.dcm")], capture_output=True, text=True)
+            assert not [ln for ln in v.stderr.splitlines() if ln.startswith("Error")], (kind, v.stderr)

@@ -17,7 +17,7 @@ report of that patient; a new lesion keeps the UID its own series gave it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
@@ -170,12 +170,11 @@ def time_point(findings: Findings) -> TimePoint:
     )
 
 
-def track(findings: Findings, prior: TimePoint) -> Comparison:
-    """Compare ``findings`` with ``prior``; matched lesions take the prior's Tracking UID.
-
-    Sets ``findings.comparison`` and adds the comparison's summary to ``findings.notes``.
+def track(findings: Findings, prior: TimePoint, current: TimePoint) -> TimePoint:
+    """Compare ``findings`` (whose time point is ``current``) with ``prior``; matched lesions take
+    the prior's Tracking UID. Sets ``findings.comparison``, adds its summary to ``findings.notes``
+    and returns ``current`` with the UIDs the lesions now carry (for the next time point).
     """
-    current = time_point(findings)
     if prior.frame_of_reference == current.frame_of_reference:
         transform, how = np.eye(4), "same frame of reference"
     else:
@@ -184,13 +183,13 @@ def track(findings: Findings, prior: TimePoint) -> Comparison:
         transform, _ = register_rigid(prior.volume, current.volume, current.modality)
         how = "rigid registration"
     comparison = compare(prior, current, transform, how)
-    by_label = {c.label: c for c in comparison.changes if c.status != "resolved"}
+    uid = {c.label: c.tracking_uid for c in comparison.changes if c.status != "resolved"}
     for s in findings.lesions:
-        s.tracking_uid = by_label[s.label].tracking_uid
+        s.tracking_uid = uid[s.label]
     findings.comparison = comparison
     findings.notes.append(comparison.summary())
     findings.notes += [c.sentence(None) for c in comparison.changes if c.status == "resolved"]
-    return comparison
+    return replace(current, lesions=[replace(t, tracking_uid=uid[t.label]) for t in current.lesions])
 
 
 def acquired(ds) -> datetime | None:

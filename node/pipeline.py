@@ -93,9 +93,10 @@ class Pipeline:
         prediction = predict(volume, self.model, self.runtime, clock, progress)
         with clock("measure"):
             findings = to_findings(volume, self.model, prediction, self.runtime.name)
+            result.time_point = time_point(findings)
         if prior is not None:
             with clock("compare"):
-                track(findings, prior)
+                result.time_point = track(findings, prior, result.time_point)
         with clock("encode_seg"):
             seg = write_seg(findings)
         with clock("encode_sr"):
@@ -105,7 +106,6 @@ class Pipeline:
         with clock("write"):
             result.files = _write_atomically(out_dir, series.series_uid, {"seg": seg, "sr": sr, "gsps": gsps})
         result.findings = findings
-        result.time_point = time_point(findings)
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
 

@@ -83,6 +83,7 @@ class Findings:
     classifications: list[Classification] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was done to unusual input, for the SR
     comparison: Comparison | None = None  # against the most relevant prior, when there is one
+    prior_unavailable: str | None = None  # a prior was looked for and none could be used: why
 
     @property
     def lesions(self) -> list[Segment]:

@@ -55,6 +55,7 @@ class TimePoint:
     lesions: list[TrackedLesion]
     volume: hd.Volume | None = None  # for registration when a later series has another frame of reference
     modality: str = "CT"
+    order: int = 1  # 1 for the first exam of the patient we compared, then 2, 3, ...
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Comparison:
     interval_days: int | None
     changes: list[LesionChange] = field(default_factory=list)
     how: str = ""  # how the two were aligned, for the report
+    order: int = 2  # the current series' time point order (the prior's + 1)
 
     def by_uid(self) -> dict[str, LesionChange]:
         return {c.tracking_uid: c for c in self.changes}
@@ -172,8 +174,7 @@ def time_point(findings: Findings) -> TimePoint:
 
 def track(findings: Findings, prior: TimePoint, current: TimePoint) -> TimePoint:
     """Compare ``findings`` (whose time point is ``current``) with ``prior``; matched lesions take
-    the prior's Tracking UID. Sets ``findings.comparison``, adds its summary to ``findings.notes``
-    and returns ``current`` with the UIDs the lesions now carry (for the next time point).
+    the prior's Tracking UID. Sets ``findings.comparison`` and returns ``current`` with the UIDs the lesions now carry (for the next time point).
     """
     if prior.frame_of_reference == current.frame_of_reference:
         transform, how = np.eye(4), "same frame of reference"
@@ -187,9 +188,8 @@ def track(findings: Findings, prior: TimePoint, current: TimePoint) -> TimePoint
     for s in findings.lesions:
         s.tracking_uid = uid[s.label]
     findings.comparison = comparison
-    findings.notes.append(comparison.summary())
-    findings.notes += [c.sentence(None) for c in comparison.changes if c.status == "resolved"]
-    return replace(current, lesions=[replace(t, tracking_uid=uid[t.label]) for t in current.lesions])
+    lesions = [replace(t, tracking_uid=uid[t.label]) for t in current.lesions]
+    return replace(current, lesions=lesions, order=comparison.order)
 
 
 def acquired(ds) -> datetime | None:
@@ -251,7 +251,7 @@ def compare(prior: TimePoint, current: TimePoint, prior_to_current: np.ndarray, 
             changes.append(
                 LesionChange("resolved", p.tracking_uid, p.label, None, p.diameter_mm, None, p.volume_ml)
             )
-    return Comparison(prior.series_uid, interval, changes, how)
+    return Comparison(prior.series_uid, interval, changes, how, prior.order + 1)
 
 
 def classify(before_mm: float, now_mm: float) -> Status:

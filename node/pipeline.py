@@ -54,7 +54,10 @@ class SeriesResult:
         classes = [
             f"{c.name.meaning} {c.value.meaning.lower()} (p={c.probability:.2f})" for c in f.classifications
         ]
-        return "; ".join(x for x in (", ".join(organs), ", ".join(lesions) or "no lesion", *classes) if x)
+        compared = [f.comparison.summary()] if f.comparison else []
+        return "; ".join(
+            x for x in (", ".join(organs), ", ".join(lesions) or "no lesion", *classes, *compared) if x
+        )
 
 
 class Pipeline:

@@ -14,9 +14,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.longitudinal import TimePoint, TrackedLesion, classify, compare
+from node.findings import Concept, Findings, ModelRef, Segment
+from node.longitudinal import TimePoint, TrackedLesion, classify, compare, time_point, track
+from node.measure import measure
 from node.phantom import Lesion, Phantom
 from node.phantom_dicom import Patient, write_axial_series, write_grid
+
+ALTERED = Concept("49755003", "SCT", "Morphologically Altered Structure")
+LESION = Concept("52988006", "SCT", "Lesion")
 
 
 @pytest.mark.parametrize(
@@ -198,3 +203,121 @@ def test_run_with_a_prior_tracks_lesions_and_labels_the_change(tmp_path: Path):
         for kind in ("seg", "sr", "gsps"):
             v = subprocess.run(["dciodvfy", str(d / f"{kind}.dcm")], capture_output=True, text=True)
             assert not [ln for ln in v.stderr.splitlines() if ln.startswith("Error")], (kind, v.stderr)
+
+
+def _truth_findings(series_dir: Path, truth, phantom: Phantom) -> Findings:
+    """Findings from the phantom's ground truth (not the model): lesion k is truth label k."""
+    from node.series import find_series
+    from node.volume import load_volume
+
+    sv = load_volume(find_series([series_dir])[0][0])
+    assert np.array_equal(sv.volume.array, truth.image)  # masks below are on the loaded grid
+    segments = [
+        Segment(k, f"Lesion {k}", "lesion", ALTERED, LESION, truth.lesion == k, probability=0.9)
+        for k in range(1, len(phantom.lesions) + 1)
+    ]
+    for s in segments:
+        measure(s, sv)
+    return Findings(sv, ModelRef("phantom-fm", "1.0.0"), segments)
+
+
+def _coded_groups(sr) -> dict[str, dict[str, object]]:
+    """Tracking UID -> {concept meaning: code meaning or numeric value} of each measurement group."""
+    out = {}
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeMeaning != "Imaging Measurements":
+            continue
+        for group in item.ContentSequence:
+            values: dict[str, object] = {}
+            for c in group.ContentSequence:
+                name = c.ConceptNameCodeSequence[0].CodeMeaning
+                if c.ValueType == "UIDREF":
+                    values[name] = c.UID
+                elif c.ValueType == "CODE":
+                    values[name] = c.ConceptCodeSequence[0].CodeMeaning
+                elif c.ValueType == "NUM":
+                    values[name] = float(c.MeasuredValueSequence[0].NumericValue)
+            out[values["Tracking Unique Identifier"]] = values
+    return out
+
+
+def test_new_grown_stable_resolved_are_categorised_and_coded_across_frames_of_reference(tmp_path: Path):
+    """Ground-truth lesions (not the model): a prior and a current exam of one patient, the prior in
+    another frame of reference (rotated and shifted). Registration must bring them together, each
+    lesion must get its category, the SRs must carry it coded with the prior values, the lesion keeps
+    its Tracking UID, and every object stays dciodvfy-clean."""
+    from node.phantom_dicom import axial_affine
+    from node.writers import write_gsps, write_seg, write_sr
+
+    ph = Phantom.random(5, n_lesions=0)
+    stable, grows = lesion_in(ph, 1, (-25, 5, 0), 9.0), lesion_in(ph, 1, (20, -5, 10), 6.0)
+    goes, new = lesion_in(ph, 2, (0, 0, 0), 8.0), lesion_in(ph, 1, (0, 10, -25), 7.0)
+    shape, a = (60, 160, 160), axial_affine((60, 160, 160), 2.5, 5.0, -20.0)
+    exams = {
+        "prior": (
+            dataclasses.replace(ph, lesions=(stable, grows, goes)),
+            rigid(7, (15, -25, 40)),
+            "20250601",
+        ),
+        "current": (
+            dataclasses.replace(ph, lesions=(stable, dataclasses.replace(grows, radius_mm=11.0), new)),
+            np.eye(4),
+            "20251201",
+        ),
+    }
+    findings = {}
+    for name, (phantom, motion, date) in exams.items():
+        truth = phantom.sample(a, shape, "CT", noise=12.0, seed=1)
+        patient = Patient(study_date=date, study_uid=f"1.2.3.10.{date}")
+        written = write_grid(truth, motion @ a, tmp_path / name, patient=patient)
+        findings[name] = _truth_findings(tmp_path / name, written.truth, phantom)
+    prior_tp = time_point(findings["prior"])
+    current_tp = track(findings["current"], prior_tp, time_point(findings["current"]))
+
+    c = findings["current"].comparison
+    assert c.how == "rigid registration" and c.interval_days == 183 and c.order == 2
+    assert {ch.label: ch.status for ch in c.changes if ch.status != "resolved"} == {
+        "Lesion 1": "stable",
+        "Lesion 2": "increased",
+        "Lesion 3": "new",
+    }
+    assert [ch.label for ch in c.changes if ch.status == "resolved"] == ["Lesion 3"]
+    assert c.new == 1 and c.overall == "progression"
+    prior_uid = {t.label: t.tracking_uid for t in prior_tp.lesions}
+    now_uid = {t.label: t.tracking_uid for t in current_tp.lesions}
+    assert now_uid["Lesion 1"] == prior_uid["Lesion 1"] and now_uid["Lesion 2"] == prior_uid["Lesion 2"]
+    assert now_uid["Lesion 3"] not in prior_uid.values()
+
+    out = {}
+    for name, f in findings.items():
+        seg = write_seg(f)
+        objects = {"seg": seg, "sr": write_sr(f, seg), "gsps": write_gsps(f)}
+        for kind, ds in objects.items():
+            ds.save_as(tmp_path / f"{name}-{kind}.dcm", enforce_file_format=True)
+            v = subprocess.run(
+                ["dciodvfy", str(tmp_path / f"{name}-{kind}.dcm")], capture_output=True, text=True
+            )
+            assert not [ln for ln in v.stderr.splitlines() if ln.startswith("Error")], (name, kind, v.stderr)
+        out[name] = objects
+    groups = _coded_groups(out["current"]["sr"])
+    grown = groups[prior_uid["Lesion 2"]]
+    assert grown["Description of Change"] == "Increase in size"
+    assert grown["Long axis at prior time point"] == pytest.approx(
+        findings["prior"].lesions[1].longest_diameter_mm
+    )
+    assert grown["Change in long axis since prior"] > 20 and grown["Interval"] == 183
+    assert groups[prior_uid["Lesion 1"]]["Description of Change"] == "No significant changes in the finding"
+    assert groups[now_uid["Lesion 3"]]["Description of Change"] == "New finding"
+    assert (
+        groups[prior_uid["Lesion 3"]]["Description of Change"] == "Problem resolved"
+    )  # the prior's lesion 3
+    summary = next(g for g in groups.values() if "Current Response" in g)
+    assert summary["Current Response"] == "Target Lesion Progressive Disease"
+    assert summary["Number of new lesions"] == 1
+    assert summary["Sum of long axes at prior time point"] == pytest.approx(c.sum_before_mm, abs=0.1)
+    labels = {
+        str(t.UnformattedTextValue)
+        for a in out["current"]["gsps"].GraphicAnnotationSequence
+        for t in a.get("TextObjectSequence", [])
+    }
+    assert {lbl.split()[-1] for lbl in labels} == {"stable", "NEW", f"{c.changes[1].diameter_change:+.0%}"}

@@ -27,6 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.findings import Classification, Findings, Segment
+from node.longitudinal import Comparison, LesionChange
 from node.writers import uids
 from node.writers.seg import SliceSource, slice_sources, tracking_uid
 
@@ -40,14 +41,44 @@ CODES = {
     "probability": codes.DCM.Probability,  # 122157
     "comment": codes.DCM.Comment,  # 121106
     "ct": Code("77477000", "SCT", "Computed tomography"),
+    # change since a prior (TID 1411/1501 qualitative evaluation, values as in CID 6134)
+    "change": codes.DCM.DescriptionOfChange,  # 111021
+    "interval": codes.SCT.Interval,  # 385673002
+    "response": codes.DCM.CurrentResponse,  # 112048, values from CID 6144
+    "comparison_done": codes.DCM.ComparisonWithPriorStudyDone,  # 122140
+    # concepts DICOM has no code for: our local scheme, declared in the SR and the conformance statement
+    "prior_long_axis": Code("PN0001", "99PACSNODE", "Long axis at prior time point"),
+    "prior_volume": Code("PN0002", "99PACSNODE", "Volume at prior time point"),
+    "long_axis_change": Code("PN0003", "99PACSNODE", "Change in long axis since prior"),
+    "volume_change": Code("PN0004", "99PACSNODE", "Change in volume since prior"),
+    "new_lesions": Code("PN0005", "99PACSNODE", "Number of new lesions"),
+    "sum_long_axes": Code("PN0006", "99PACSNODE", "Sum of long axes"),
+    "prior_sum_long_axes": Code("PN0007", "99PACSNODE", "Sum of long axes at prior time point"),
     "mr": Code("113091000", "SCT", "Magnetic resonance imaging"),
 }
+STATUS = {
+    "new": codes.SCT.NewFinding,  # 129721008
+    "increased": codes.SCT.IncreaseInSize,  # 15454001
+    "decreased": codes.SCT.DecreaseInSize,  # 19776001
+    "stable": codes.SCT.NoSignificantChangesInTheFinding,  # 129723006
+    "resolved": codes.SCT.ProblemResolved,  # 413322009
+}
+RESPONSE = {  # CID 6144, RECIST-like overall assessment on the sum of long axes
+    "progression": codes.DCM.TargetLesionProgressiveDisease,
+    "stable disease": codes.DCM.TargetLesionStableDisease,
+    "partial response": codes.DCM.TargetLesionPartialResponse,
+    "complete response": codes.DCM.TargetLesionCompleteResponse,
+}
+LOCAL_SCHEME = "99PACSNODE"
 UNITS = {
     "ml": Code("ml", "UCUM", "milliliter"),
     "mm": Code("mm", "UCUM", "millimeter"),
     "hu": Code("[hnsf'U]", "UCUM", "Hounsfield unit"),
     # MR signal has no physical unit and an arbitrary scale: UCUM unity, as DICOM CID 7181 does
     "unity": Code("1", "UCUM", "no units"),
+    "percent": Code("%", "UCUM", "Percent"),
+    "days": Code("d", "UCUM", "day"),
+    "lesions": Code("{lesions}", "UCUM", "lesions"),
 }
 
 
@@ -67,12 +98,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         return uids.output_uid(series.series_uid, model.name, model.version, kind)
 
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
-    notes = [
-        hd.sr.TextContentItem(
-            name=CODES["comment"], value=n[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-        )
-        for n in findings.notes
-    ]
+    notes = [_comment(n) for n in findings.notes]
     sources = {s.index: s for s in slice_sources(series)}
     groups = []
     for segment in findings.segments:
@@ -81,6 +107,10 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
             groups.append(_diameter_group(segment, sources[segment.diameter_slice], algorithm, uid))
     for k, c in enumerate(findings.classifications, start=1):
         groups.append(_classification_group(c, k, algorithm, uid))
+    if findings.comparison is not None:
+        groups += _comparison_groups(findings, algorithm, uid)
+    elif findings.prior_unavailable:
+        groups.append(_no_prior_group(findings.prior_unavailable, algorithm, uid))
     for group in groups:
         group[0].ContentSequence.extend(notes)
 
@@ -99,7 +129,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         imaging_measurements=groups,
     )
     src0 = series.datasets[0] if series.datasets else next(f.dataset for f in series.frames if f)
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[seg, *series.datasets],
         content=report[0],
         **uids.instance_identity(
@@ -107,6 +137,17 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         ),
         is_complete=True,
     )
+    if findings.comparison is not None:
+        sr.CodingSchemeIdentificationSequence = [_local_scheme()]
+    return sr
+
+
+def _local_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = "pacs-node local concepts"
+    item.CodingSchemeResponsibleOrganization = "pacs-node (see conformance/statement.md)"
+    return item
 
 
 def _intensity(modality: str) -> tuple[Code, Code]:
@@ -135,8 +176,14 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
         measurements.append(
             hd.sr.Measurement(name=CODES["long_axis"], value=segment.longest_diameter_mm, unit=UNITS["mm"])
         )
+    evaluations = []
+    change = findings.comparison and findings.comparison.by_uid().get(tracking_uid(findings, segment))
+    if change:
+        evaluations, more = _change_items(change, findings.comparison.interval_days)
+        measurements += more
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(findings, segment),
+        time_point_context=_time_point(findings),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
@@ -147,17 +194,111 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
         finding_category=segment.category.coded(),
         algorithm_id=algorithm,
         measurements=measurements,
+        qualitative_evaluations=evaluations or None,
     )
-    change = findings.comparison and findings.comparison.by_uid().get(tracking_uid(findings, segment))
-    if change:  # what changed since the prior, in words (coded change concepts are still to come)
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=CODES["comment"],
-                value=change.sentence(findings.comparison.interval_days)[:1024],
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    if change:  # and in words, for readers that show only text
+        group[0].ContentSequence.append(_comment(change.sentence(findings.comparison.interval_days)))
+    return group
+
+
+def _time_point(findings: Findings) -> hd.sr.TimePointContext | None:
+    """TID 1502: which exam of the patient's series of exams this report is (1 = the first we saw)."""
+    c = findings.comparison
+    if c is None:
+        return None
+    return hd.sr.TimePointContext(time_point=f"follow-up {c.order - 1}", time_point_order=c.order)
+
+
+def _change_items(change: LesionChange, interval_days: int | None):
+    """Coded change since the prior: the category, prior values, relative changes and interval."""
+    evaluations = [hd.sr.QualitativeEvaluation(name=CODES["change"], value=STATUS[change.status])]
+    measurements = []
+    for code, value, unit in (
+        ("prior_long_axis", change.prior_diameter_mm, "mm"),
+        ("prior_volume", change.prior_volume_ml, "ml"),
+        ("long_axis_change", _percent(change.diameter_change), "percent"),
+        ("volume_change", _percent(change.volume_change), "percent"),
+        ("interval", interval_days if change.status != "new" else None, "days"),
+    ):
+        if value is not None:
+            measurements.append(hd.sr.Measurement(name=CODES[code], value=float(value), unit=UNITS[unit]))
+    return evaluations, measurements
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else round(100.0 * fraction, 1)
+
+
+def _comparison_groups(findings: Findings, algorithm, uid) -> list:
+    """TID 1501 groups: one per resolved lesion (its tracking UID lives on) and the summary."""
+    c: Comparison = findings.comparison
+    groups = []
+    for change in c.changes:
+        if change.status != "resolved":
+            continue
+        evaluations, measurements = _change_items(change, c.interval_days)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=change.tracking_uid, identifier=f"prior {change.label}"[:64]
+                ),
+                time_point_context=_time_point(findings),
+                finding_type=codes.SCT.Lesion,
+                algorithm_id=algorithm,
+                qualitative_evaluations=evaluations,
+                measurements=measurements,
             )
         )
+    summary = [
+        hd.sr.Measurement(name=CODES["new_lesions"], value=float(c.new), unit=UNITS["lesions"]),
+        hd.sr.Measurement(name=CODES["sum_long_axes"], value=round(c.sum_now_mm, 1), unit=UNITS["mm"]),
+        hd.sr.Measurement(
+            name=CODES["prior_sum_long_axes"], value=round(c.sum_before_mm, 1), unit=UNITS["mm"]
+        ),
+    ]
+    if c.interval_days is not None:
+        summary.append(
+            hd.sr.Measurement(name=CODES["interval"], value=float(c.interval_days), unit=UNITS["days"])
+        )
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uid("comparison"), identifier="Comparison with prior"
+            ),
+            time_point_context=_time_point(findings),
+            algorithm_id=algorithm,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=codes.SCT.Yes),
+                hd.sr.QualitativeEvaluation(name=CODES["response"], value=RESPONSE[c.overall]),
+            ],
+            measurements=summary,
+        )
+    )
+    groups[-1][0].ContentSequence += [_comment(c.summary())] + [
+        _comment(ch.sentence(None)) for ch in c.changes if ch.status == "resolved"
+    ]
+    return groups
+
+
+def _no_prior_group(reason: str, algorithm, uid):
+    """A prior was looked for and none could be used: say so, and why, in the report."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid("comparison"), identifier="Comparison with prior"
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=codes.SCT.No)
+        ],
+    )
+    group[0].ContentSequence.append(_comment(f"no prior available: {reason}"))
     return group
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=CODES["comment"], value=text[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
 
 
 def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.urgency import TriageRules
+
 OUTPUT_KINDS = ("seg", "sr", "gsps")
 OutputKind = Literal["seg", "sr", "gsps"]
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
@@ -63,7 +65,25 @@ class DicomWebDestination(_Strict):
         return v.rstrip("/")
 
 
-Destination = Annotated[DicomDestination | DicomWebDestination, Field(discriminator="kind")]
+class WebhookDestination(_Strict):
+    """Triage notifications: one JSON POST per processed series whose urgency reaches
+    ``min_category``, retried with the deliveries' backoff like any other destination."""
+
+    name: str
+    kind: Literal["webhook"]
+    url: str
+    min_category: Literal["routine", "priority", "urgent"] = "priority"
+    # beyond the documented minimum (UIDs, score, category, findings summary): opt-in fields
+    include: list[Literal["reasons", "discrepancies"]] = []
+    headers: dict[str, str] = {}  # e.g. Authorization: "Bearer ${env:RIS_TOKEN}"
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    _http = field_validator("url")(DicomWebDestination._http.__func__)
+
+
+Destination = Annotated[
+    DicomDestination | DicomWebDestination | WebhookDestination, Field(discriminator="kind")
+]
 
 
 class Rule(_Strict):
@@ -116,6 +136,7 @@ class NodeConfig(_Strict):
     allowed_aes: list[str] = []  # empty: any calling AE may store; else only these
 
     routing: list[Rule] = [Rule()]
+    triage: TriageRules = TriageRules()  # urgency rules; defaults and their reasons in node/urgency.py
     stable_age_s: int = Field(default=10, ge=1)
     model: str = "phantom-fm"
     runtime: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
@@ -165,7 +186,7 @@ class NodeConfig(_Strict):
         user = sorted(self.http_users)[0]
         return user, self.http_users[user]
 
-    def destination(self, name: str) -> DicomDestination | DicomWebDestination:
+    def destination(self, name: str) -> DicomDestination | DicomWebDestination | WebhookDestination:
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -177,7 +198,7 @@ def _where(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("dicom", "dicomweb", "DicomDestination", "DicomWebDestination"):
+        elif part in ("dicom", "dicomweb", "webhook"):
             continue  # pydantic's union branch, not a key the user wrote
         else:
             out += f".{part}" if out else str(part)
@@ -188,12 +209,12 @@ def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     msg = err["msg"].removeprefix("Value error, ")
     where = _where(tuple(err["loc"]))
-    if err["type"] == "extra_forbidden":
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"{where}: unknown key"
     if err["type"] == "union_tag_invalid":
-        return f"{where}.kind: must be 'dicom' or 'dicomweb'"
+        return f"{where}.kind: must be 'dicom', 'dicomweb' or 'webhook'"
     if err["type"] == "union_tag_not_found":
-        return f"{where}.kind: missing (must be 'dicom' or 'dicomweb')"
+        return f"{where}.kind: missing (must be 'dicom', 'dicomweb' or 'webhook')"
     return f"{where}: {msg}"
 
 

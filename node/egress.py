@@ -1,4 +1,5 @@
-"""Deliver the node's outputs to configured destinations: C-STORE (pynetdicom) or STOW-RS.
+"""Deliver the node's outputs to configured destinations: C-STORE (pynetdicom), STOW-RS, or a
+webhook (the triage notification, JSON).
 
 Every send is checked (C-STORE status, STOW-RS response) and reports one
 error line per object; the caller (the worker's delivery loop) persists the
@@ -8,6 +9,7 @@ so a repeated send replaces the object at the destination, never duplicates it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from io import BytesIO
@@ -16,7 +18,7 @@ import requests
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from node.config import DicomDestination, DicomWebDestination
+from node.config import DicomDestination, DicomWebDestination, WebhookDestination
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,21 @@ def _datasets(items: list[Item]) -> list[tuple[Item, Dataset]]:
     return [(it, dcmread(BytesIO(it.data))) for it in items]
 
 
-def send(dest: DicomDestination | DicomWebDestination, items: list[Item], calling_ae: str) -> list[Outcome]:
+# the documented minimum a webhook receives; WebhookDestination.include adds the optional fields
+WEBHOOK_FIELDS = ("event", "study_instance_uid", "series_instance_uid", "score", "category", "summary")
+
+
+def send(
+    dest: DicomDestination | DicomWebDestination | WebhookDestination, items: list[Item], calling_ae: str
+) -> list[Outcome]:
     """Send ``items`` to ``dest`` in one association / one request; one Outcome per item."""
     if not items:
         return []
     try:
         if isinstance(dest, DicomDestination):
             return _c_store(dest, items, calling_ae)
+        if isinstance(dest, WebhookDestination):
+            return [_post(dest, it) for it in items]
         return _stow(dest, items)
     except Exception as e:  # a broken destination must not stop the delivery loop
         log.debug("delivery to %s failed", dest.name, exc_info=True)
@@ -106,3 +116,19 @@ def _stow(dest: DicomWebDestination, items: list[Item]) -> list[Outcome]:
         else Outcome(it.key, None)
         for it, ds in pairs
     ]
+
+
+def _post(dest: WebhookDestination, item: Item) -> Outcome:
+    """POST one triage notification as JSON; any 2xx is delivered."""
+    body = json.loads(item.data)
+    keep = WEBHOOK_FIELDS + tuple(dest.include)
+    try:
+        r = requests.post(
+            dest.url,
+            json={k: v for k, v in body.items() if k in keep},
+            headers=dest.headers,
+            timeout=dest.timeout_s,
+        )
+    except requests.RequestException as e:
+        return Outcome(item.key, f"{dest.name}: {type(e).__name__}")
+    return Outcome(item.key, None if r.ok else f"{dest.name}: HTTP {r.status_code}")

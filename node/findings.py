@@ -16,6 +16,8 @@ from node.volume import SeriesVolume
 
 if TYPE_CHECKING:  # longitudinal imports this module
     from node.longitudinal import Comparison
+    from node.report_text import Discrepancy
+    from node.urgency import Urgency
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class Findings:
     notes: list[str] = field(default_factory=list)  # what was done to unusual input, for the SR
     comparison: Comparison | None = None  # against the most relevant prior, when there is one
     prior_unavailable: str | None = None  # a prior was looked for and none could be used: why
+    urgency: Urgency | None = None  # triage of the series: request context and findings
+    discrepancies: list[Discrepancy] = field(default_factory=list)  # report statements the image contradicts
 
     @property
     def lesions(self) -> list[Segment]:

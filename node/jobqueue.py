@@ -39,7 +39,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     superseded_by INTEGER,
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    priority INTEGER NOT NULL DEFAULT 0,  -- urgency points of the request: higher is leased first
+    urgency TEXT,                         -- routine, priority, urgent (after inference)
+    urgency_score INTEGER,
+    discrepancies INTEGER                 -- report statements the image contradicts
 );
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -64,6 +68,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     delivered REAL,
+    payload TEXT NOT NULL DEFAULT '',   -- what a webhook delivery posts (DICOM objects come from Orthanc)
     UNIQUE (job_id, destination, kind)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try);
@@ -87,6 +92,16 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 ACTIVE = ("queued", "running", "delivering", "done")
+# columns added after the first release: a queue file written by an older node gains them at open
+MIGRATIONS = {
+    "jobs": {
+        "priority": "INTEGER NOT NULL DEFAULT 0",
+        "urgency": "TEXT",
+        "urgency_score": "INTEGER",
+        "discrepancies": "INTEGER",
+    },
+    "deliveries": {"payload": "TEXT NOT NULL DEFAULT ''"},
+}
 
 
 @dataclass
@@ -108,6 +123,10 @@ class Job:
     created: float
     updated: float
     finished: float | None
+    priority: int = 0
+    urgency: str | None = None
+    urgency_score: int | None = None
+    discrepancies: int | None = None
 
 
 @dataclass
@@ -125,13 +144,15 @@ class Delivery:
     created: float
     updated: float
     delivered: float | None
+    payload: str = ""
 
 
 @dataclass(frozen=True)
 class Output:
-    kind: str  # seg, sr, gsps
+    kind: str  # seg, sr, gsps; triage: a webhook notification (payload, nothing in Orthanc)
     sop_uid: str
     orthanc_id: str
+    payload: str = ""
 
 
 @dataclass
@@ -165,6 +186,11 @@ class JobQueue:
         self._db.execute("PRAGMA busy_timeout=30000")
         for stmt in filter(str.strip, SCHEMA.split(";")):
             self._db.execute(stmt)
+        for table, columns in MIGRATIONS.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -226,8 +252,12 @@ class JobQueue:
         instances: int = 0,
         fingerprint: str = "",
         max_attempts: int = 3,
+        priority: int = 0,
     ) -> Submitted:
-        """Record that ``series_id`` is stable and eligible; decide whether it needs a (new) job."""
+        """Record that ``series_id`` is stable and eligible; decide whether it needs a (new) job.
+
+        ``priority``: the request's urgency points (:func:`node.urgency.request_points`); the queue
+        leases the highest first, then the oldest."""
         now = self._clock()
         with self._tx() as db:
             row = db.execute(
@@ -248,7 +278,7 @@ class JobQueue:
                 return Submitted(latest.id, "queued job updated")
             cur = db.execute(
                 "INSERT INTO jobs (series_id, study_id, modality, instances, fingerprint, state, max_attempts,"
-                " supersedes, created, updated) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                " supersedes, created, updated, priority) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
                 (
                     series_id,
                     study_id,
@@ -259,12 +289,15 @@ class JobQueue:
                     latest.id if latest else None,
                     now,
                     now,
+                    priority,
                 ),
             )
             job_id = int(cur.lastrowid)
             self._bump(db, "jobs", "queued")
             if latest is None:
-                self._log(db, job_id, "queued", f"{modality} series, {instances} instances")
+                self._log(
+                    db, job_id, "queued", f"{modality} series, {instances} instances, priority {priority}"
+                )
                 return Submitted(job_id, "new series")
             why = (
                 f"re-sent after job {latest.id} failed"
@@ -288,11 +321,13 @@ class JobQueue:
 
     # --- consumer (the worker) --------------------------------------------------------------
     def lease(self, owner: str, lease_s: float) -> Job | None:
-        """Take the oldest queued job (or one whose lease expired) for ``lease_s`` seconds."""
+        """Take the most urgent, then oldest, queued job (or one whose lease expired) for ``lease_s`` s."""
         now = self._clock()
         with self._tx() as db:
             self._expire(db, now)
-            row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = db.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, id LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
             db.execute(
@@ -336,11 +371,18 @@ class JobQueue:
             return cur.rowcount == 1
 
     def complete(
-        self, job_id: int, owner: str, outputs: Iterable[Output], routes: Iterable[tuple[str, str]]
+        self,
+        job_id: int,
+        owner: str,
+        outputs: Iterable[Output],
+        routes: Iterable[tuple[str, str]],
+        urgency: tuple[str, int] | None = None,
+        discrepancies: int | None = None,
     ) -> str:
         """Record the stored outputs and create one pending delivery per (destination, kind) route.
 
-        Returns the job's new state. A job superseded while it ran keeps its outputs but delivers nothing:
+        ``urgency`` (category, score) and ``discrepancies`` are kept on the job for operators and
+        metrics; the job's deliveries go out in order of its score. Returns the job's new state. A job superseded while it ran keeps its outputs but delivers nothing:
         the newer job delivers the same UIDs.
         """
         now = self._clock()
@@ -350,6 +392,8 @@ class JobQueue:
             if row is None or row["state"] != "running" or row["lease_owner"] != owner:
                 return row["state"] if row else "missing"
             for o in outputs:
+                if not o.orthanc_id:  # a notification, not a stored object
+                    continue
                 db.execute(
                     "INSERT OR REPLACE INTO outputs (job_id, kind, sop_uid, orthanc_id) VALUES (?, ?, ?, ?)",
                     (job_id, o.kind, o.sop_uid, o.orthanc_id),
@@ -363,15 +407,21 @@ class JobQueue:
                         continue
                     db.execute(
                         "INSERT OR IGNORE INTO deliveries (job_id, destination, kind, sop_uid, orthanc_id, state,"
-                        " next_try, created, updated) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
-                        (job_id, dest, kind, o.sop_uid, o.orthanc_id, now, now, now),
+                        " next_try, created, updated, payload) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
+                        (job_id, dest, kind, o.sop_uid, o.orthanc_id, now, now, now, o.payload),
                     )
                     n += 1
             state = "superseded" if row["superseded_by"] is not None else ("delivering" if n else "done")
+            category, score = urgency or (None, None)
             db.execute(
-                "UPDATE jobs SET state = ?, error = NULL, lease_owner = NULL, updated = ?, finished = ? WHERE id = ?",
-                (state, now, now, job_id),
+                "UPDATE jobs SET state = ?, error = NULL, lease_owner = NULL, updated = ?, finished = ?,"
+                " urgency = ?, urgency_score = ?, discrepancies = ? WHERE id = ?",
+                (state, now, now, category, score, discrepancies, job_id),
             )
+            if category:
+                self._bump(db, "urgency", category)
+            if discrepancies:
+                self._bump(db, "discrepancies", "", "", discrepancies)
             self._log(db, job_id, "processed", f"{len(outputs)} outputs stored, {n} deliveries queued")
             self._bump(db, "jobs", "processed")
             if state in ("done", "superseded"):
@@ -397,7 +447,9 @@ class JobQueue:
     # --- deliveries ---------------------------------------------------------------------------
     def due_deliveries(self, limit: int = 100) -> list[Delivery]:
         rows = self._db_read(
-            "SELECT * FROM deliveries WHERE state = 'pending' AND next_try <= ? ORDER BY id LIMIT ?",
+            "SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            " WHERE d.state = 'pending' AND d.next_try <= ?"
+            " ORDER BY COALESCE(j.urgency_score, j.priority) DESC, d.id LIMIT ?",
             (self._clock(), limit),
         )
         return [Delivery(**r) for r in rows]

@@ -115,12 +115,23 @@ class QueueCollector:
                 "Age of the oldest pending delivery (0 when none).",
                 labels=["destination"],
             ),
+            CounterMetricFamily(
+                f"{p}_series_urgency",
+                "Processed series by triage category (routine, priority, urgent).",
+                labels=["category"],
+            ),
+            CounterMetricFamily(
+                f"{p}_report_discrepancies",
+                "Report statements the image contradicts (flagged in the SR, never changed).",
+            ),
         )
 
     def collect(self) -> Iterable[Metric]:
-        (received, jobs, in_state, depth, oldest, deliveries, retries, d_state, pending, d_oldest) = (
-            self._families()
-        )
+        families = self._families()
+        (received, jobs, in_state, depth, oldest, deliveries, retries, d_state, pending, d_oldest) = families[
+            :10
+        ]
+        urgency, discrepancies = families[10:]
         try:
             s = self.queue.stats()
         except Exception:  # a locked or missing file must not break the scrape: report nothing from it
@@ -137,6 +148,10 @@ class QueueCollector:
                 deliveries.add_metric([label, sub], value)
             elif name == "delivery_retries":
                 retries.add_metric([label], value)
+            elif name == "urgency":
+                urgency.add_metric([label], value)
+            elif name == "discrepancies":
+                discrepancies.add_metric([], value)
         for outcome in JOB_OUTCOMES:
             if outcome not in seen_jobs and outcome != "skipped":
                 jobs.add_metric([outcome, ""], 0)
@@ -150,7 +165,12 @@ class QueueCollector:
                 d_state.add_metric([d, state], s.deliveries.get((d, state), 0))
             pending.add_metric([d], s.deliveries.get((d, "pending"), 0))
             d_oldest.add_metric([d], s.oldest_pending_age_s.get(d, 0.0))
-        yield from (received, jobs, in_state, depth, oldest, deliveries, retries, d_state, pending, d_oldest)
+        for category in ("routine", "priority", "urgent"):
+            if ("urgency", category, "") not in s.counters:
+                urgency.add_metric([category], 0)
+        if ("discrepancies", "", "") not in s.counters:
+            discrepancies.add_metric([], 0)
+        yield from families
 
 
 class GpuCollector:

@@ -22,6 +22,7 @@ from node.postprocess import to_findings
 from node.runtimes import Runtime
 from node.series import SourceSeries
 from node.timing import Stopwatch
+from node.urgency import TriageRules, assess, tags_of
 from node.volume import SeriesVolume, load_volume
 from node.writers import write_gsps, write_seg, write_sr
 
@@ -63,7 +64,7 @@ class SeriesResult:
 class Pipeline:
     """Holds the loaded model and runtime; processes one series at a time."""
 
-    def __init__(self, model: ModelSpec, runtime: Runtime):
+    def __init__(self, model: ModelSpec, runtime: Runtime, triage: TriageRules | None = None):
         if model.input.kind != "slice2d":
             raise ModelError(
                 f"model {model.name}: {model.input.kind} (3D sliding-window) backbones are described by the "
@@ -71,6 +72,7 @@ class Pipeline:
             )
         self.model = model
         self.runtime = runtime
+        self.triage = triage or TriageRules()
 
     def load(self, series: SourceSeries, clock: Stopwatch) -> SeriesVolume:
         with clock("load"):
@@ -100,6 +102,7 @@ class Pipeline:
         if prior is not None:
             with clock("compare"):
                 result.time_point = track(findings, prior, result.time_point)
+        findings.urgency = assess(tags_of(volume.first_dataset), findings, self.triage)
         with clock("encode_seg"):
             seg = write_seg(findings)
         with clock("encode_sr"):

@@ -99,6 +99,7 @@ def orthanc_config(cfg: NodeConfig) -> dict:
             "Src": str(SRC_DIR),
             "Routing": [r.model_dump(mode="json") for r in cfg.routing],
             "MaxAttempts": cfg.worker.max_attempts,
+            "Triage": cfg.model_dump(mode="json")["triage"],
         },
     }
     return oc

@@ -49,6 +49,11 @@ class SeriesVolume:
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was done to make unusual input usable
 
+    @property
+    def first_dataset(self) -> Dataset:
+        """A source header: patient, study and request attributes are the same in all of them."""
+        return self.datasets[0] if self.datasets else next(f.dataset for f in self.frames if f)
+
 
 # Tolerances. Positions and orientations come as DS strings; scanners jitter by ~1e-3 mm.
 _ORIENTATION_TOL = 1e-4  # direction cosines

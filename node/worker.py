@@ -9,6 +9,7 @@ absent destination never holds back inference and vice versa.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -20,13 +21,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node import egress
-from node.config import ConfigError, NodeConfig, load_config, read_resolved
+from node.config import ConfigError, NodeConfig, WebhookDestination, load_config, read_resolved
 from node.errors import InputError, ModelError
 from node.jobqueue import Job, JobQueue, Output
 from node.metrics import MetricsServer, ModelInfo, NodeMetrics
 from node.orthanc import OrthancClient, OrthancError
+from node.urgency import CATEGORIES
+
+if TYPE_CHECKING:
+    from node.pipeline import SeriesResult
 
 log = logging.getLogger("node.worker")
 
@@ -66,7 +72,7 @@ class Worker:
             model = load_model(self.cfg.model)
             runtime, why = select_runtime(model, self.cfg.runtime)
             log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
-            self._pipeline = Pipeline(model, runtime)
+            self._pipeline = Pipeline(model, runtime, self.cfg.triage)
             self._model_info(self._pipeline)
         return self._pipeline
 
@@ -138,8 +144,16 @@ class Worker:
         hb.start()
         tmp = self.work_dir / f"job-{job.id}"
         try:
-            outputs = self._run(job, tmp)
-            state = self.queue.complete(job.id, self.owner, outputs, self._routes())
+            outputs, result = self._run(job, tmp)
+            f = result.findings
+            state = self.queue.complete(
+                job.id,
+                self.owner,
+                outputs + self._notifications(job, result),
+                self._routes(f.urgency.category),
+                (f.urgency.category, f.urgency.score),
+                len(f.discrepancies),
+            )
             seconds = time.monotonic() - t0
             self.metrics.observe_job("processed", seconds)
             log.info("job %d (series %s): %s in %.1f s", job.id, job.series_id, state, seconds)
@@ -165,7 +179,7 @@ class Worker:
         log.warning("job %d (series %s): %s: %s", job.id, job.series_id, state, error)
         return JobOutcome(state, time.monotonic() - t0, error)
 
-    def _run(self, job: Job, tmp: Path) -> list[Output]:
+    def _run(self, job: Job, tmp: Path) -> tuple[list[Output], SeriesResult]:
         from node.series import find_series
 
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,10 +213,35 @@ class Worker:
             result.summary(),
             ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
         )
-        return outputs
+        return outputs, result
 
-    def _routes(self) -> list[tuple[str, str]]:
-        return [(d.name, kind) for d in self.cfg.destinations for kind in d.accepts]
+    def _routes(self, category: str) -> list[tuple[str, str]]:
+        """(destination, kind) pairs to deliver: every DICOM destination's accepted kinds, and the
+        webhooks whose ``min_category`` this series' urgency reaches."""
+        routes = []
+        for d in self.cfg.destinations:
+            if not isinstance(d, WebhookDestination):
+                routes += [(d.name, kind) for kind in d.accepts]
+            elif CATEGORIES.index(category) >= CATEGORIES.index(d.min_category):
+                routes.append((d.name, "triage"))
+        return routes
+
+    def _notifications(self, job: Job, result: SeriesResult) -> list[Output]:
+        """The webhook payload: everything a destination may be sent (egress keeps what it may see)."""
+        if not any(isinstance(d, WebhookDestination) for d in self.cfg.destinations):
+            return []
+        f = result.findings
+        payload = {
+            "event": "pacs-node.triage",
+            "study_instance_uid": str(f.series.first_dataset.StudyInstanceUID),
+            "series_instance_uid": f.series.series_uid,
+            "score": f.urgency.score,
+            "category": f.urgency.category,
+            "summary": result.summary(),
+            "reasons": list(f.urgency.reasons),
+            "discrepancies": [d.reason for d in f.discrepancies],
+        }
+        return [Output("triage", "", "", payload=json.dumps(payload))]
 
     def _heartbeat(self, job_id: int, done: threading.Event) -> None:
         while not done.wait(self.cfg.worker.heartbeat_s):
@@ -244,6 +283,9 @@ class Worker:
                 continue
             items = []
             for d in deliveries:
+                if d.payload:  # a notification: its body is in the queue, nothing to read from Orthanc
+                    items.append(egress.Item(d.id, d.payload.encode()))
+                    continue
                 try:
                     items.append(egress.Item(d.id, self.orthanc.instance_file(d.orthanc_id)))
                 except OrthancError as e:

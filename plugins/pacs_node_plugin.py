@@ -19,6 +19,7 @@ if _CFG.get("Src") and _CFG["Src"] not in sys.path:
     sys.path.insert(0, _CFG["Src"])
 
 from node.jobqueue import JobQueue, to_json  # noqa: E402  (the path above makes it importable)
+from node.urgency import TriageRules, request_points  # noqa: E402
 
 # Never processed, whatever the rules say: non-images and the node's own outputs (no loops).
 NEVER_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "OT"}
@@ -28,6 +29,7 @@ log = logging.getLogger("pacs_node_plugin")
 _queue = JobQueue(_CFG["Queue"])
 _rules = _CFG.get("Routing") or [{"modalities": ["CT", "MR"]}]
 _max_attempts = int(_CFG.get("MaxAttempts", 3))
+_triage = TriageRules.from_dict(_CFG.get("Triage") or {})
 
 
 def _info(msg):
@@ -74,7 +76,8 @@ def _modality_label(modality):
 
 
 def decide(series_id):
-    """Return (eligible, skip rule or None, reason, series info) for one stable series."""
+    """Return (eligible, skip rule or None, reason, series info) for one stable series; the series
+    info gains ``Priority``, the request's urgency points."""
     series = _get(f"/series/{series_id}")
     instances = sorted(series.get("Instances", []))
     tags = dict(series.get("MainDicomTags", {}))
@@ -87,6 +90,7 @@ def decide(series_id):
     first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
         tags.setdefault(key, first.get(key, ""))
+    series["Priority"] = request_points(first, _triage)[0]  # the request's urgency orders the queue
     if str(first.get("Manufacturer", "")).strip() == OUR_MANUFACTURER:
         return False, SKIP_OWN_OUTPUT, "output of pacs-node", series
     if "Rows" not in first:
@@ -116,6 +120,7 @@ def on_change(change_type, level, resource_id):
             instances=len(instances),
             fingerprint=fingerprint,
             max_attempts=_max_attempts,
+            priority=int(series.get("Priority", 0)),
         )
         if submitted.job_id is None:
             _info(f"series {resource_id}: no new job ({submitted.reason})")

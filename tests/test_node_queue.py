@@ -253,3 +253,67 @@ def test_serve_bad_config_one_line(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         "error: destinations[0].port: Input should be greater than or equal to 1"
     ]
+
+
+def test_urgent_job_is_leased_before_older_routine_ones_and_delivered_first(
+    q: JobQueue, clock: Clock
+) -> None:
+    for k in (1, 2):
+        q.submit(f"routine{k}", modality="CT", fingerprint=f"r{k}")
+        clock.now += 1
+    q.submit("stroke", modality="CT", fingerprint="s", priority=70)
+    order = []
+    while job := q.lease("w1", 10):
+        order.append(job.series_id)
+        urgency = ("urgent", 80) if job.series_id == "stroke" else ("routine", 0)
+        q.complete(job.id, "w1", OUTS, [("pacs", "seg")], urgency=urgency, discrepancies=0)
+    assert order == ["stroke", "routine1", "routine2"]
+    # deliveries go out in order of urgency too, whatever order they were queued in
+    assert [q.job(d.job_id).series_id for d in q.due_deliveries()][0] == "stroke"
+    assert q.job(3).urgency == "urgent" and q.job(3).urgency_score == 80
+    assert q.stats().counters[("urgency", "urgent", "")] == 1
+
+
+def test_queue_written_by_an_older_node_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(  # the first release's tables, with one queued job
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, series_id TEXT NOT NULL, study_id TEXT NOT NULL"
+        " DEFAULT '', modality TEXT NOT NULL DEFAULT '', instances INTEGER NOT NULL DEFAULT 0, fingerprint TEXT"
+        " NOT NULL DEFAULT '', state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER"
+        " NOT NULL DEFAULT 3, lease_owner TEXT, lease_until REAL, error TEXT, supersedes INTEGER, superseded_by"
+        " INTEGER, created REAL NOT NULL, updated REAL NOT NULL, finished REAL);"
+        "INSERT INTO jobs (series_id, state, created, updated) VALUES ('old', 'queued', 1, 1);"
+    )
+    db.close()
+    q = JobQueue(path)
+    job = q.lease("w1", 10)
+    assert job.series_id == "old" and job.priority == 0 and job.urgency is None
+    hook = Output("triage", "", "", payload='{"category": "urgent"}')
+    assert q.complete(job.id, "w1", [*OUTS, hook], [("ris", "triage")], ("urgent", 75)) == "delivering"
+    (d,) = q.due_deliveries()
+    assert d.payload == '{"category": "urgent"}'
+    assert set(q.outputs(job.id)) == set(OUTS)  # a notification is no stored output
+
+
+def test_config_webhook_and_triage_rules() -> None:
+    cfg = parse_config(
+        {
+            "destinations": [{"name": "ris", "kind": "webhook", "url": "https://ris.example/hook"}],
+            "triage": {"urgent_at": 50, "age": {"under_years": 12}},
+        }
+    )
+    assert cfg.destination("ris").min_category == "priority" and cfg.triage.age.points == 10
+    for bad, key in (
+        ({"triage": {"urgent_at": 10}}, "triage: need 0 < priority_at"),
+        ({"triage": {"urgent_terms": "(("}}, "triage: urgent_terms is not a regular expression"),
+        ({"destinations": [{"name": "r", "kind": "webhook", "url": "ftp://x"}]}, "destinations[0].url"),
+        (
+            {"destinations": [{"name": "r", "kind": "webhook", "url": "http://x", "min_category": "x"}]},
+            "min_category",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace("[", r"\[")):
+            parse_config(bad)

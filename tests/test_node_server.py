@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import requests
 from orthanc_fixture import Node, Pacs, free_port, orthanc_missing, wait_for
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -37,8 +39,41 @@ def pacs(tmp_path_factory) -> Pacs:
     p.stop()
 
 
+class Hooks:
+    """A RIS's webhook endpoint: a local HTTP server that keeps every JSON body it receives."""
+
+    def __init__(self) -> None:
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def of_series(self, series_uid: str) -> list[dict]:
+        return [b for b in self.received if b.get("series_instance_uid") == series_uid]
+
+
 @pytest.fixture(scope="session")
-def node(tmp_path_factory, pacs: Pacs) -> Node:
+def hooks() -> Hooks:
+    h = Hooks()
+    yield h
+    h.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory, pacs: Pacs, hooks: Hooks) -> Node:
     folder = tmp_path_factory.mktemp("node")
     http = free_port()
     n = Node(
@@ -68,6 +103,8 @@ def node(tmp_path_factory, pacs: Pacs) -> Node:
                     "url": f"http://127.0.0.1:{http}/dicom-web",
                     "accepts": ["sr"],
                 },
+                # the RIS worklist: every series' triage (routine included, so each test can see it)
+                {"name": "ris", "kind": "webhook", "url": hooks.url, "min_category": "routine"},
             ],
             "worker": {"lease_s": 4, "heartbeat_s": 1, "poll_s": 0.2, "max_attempts": 3},
             "delivery": {"backoff_s": 0.5, "backoff_max_s": 2},
@@ -132,6 +169,7 @@ def test_cstore_ct_in_seg_sr_gsps_out(node: Node, pacs: Pacs, tmp_path: Path) ->
         ("viewer", "sr"),
         ("viewer", "gsps"),
         ("archive", "sr"),
+        ("ris", "triage"),
     }
     assert all(d["state"] == "delivered" for d in job["deliveries"])
     # per-destination accepted kinds: the viewer got no SEG
@@ -275,3 +313,55 @@ def test_late_instance_supersedes(node: Node, pacs: Pacs, tmp_path: Path) -> Non
     assert len(counts) == 3 and set(counts.values()) == {2}, counts
     seg = [r for r in pacs.of_study(ct.study_uid) if KINDS.get(r.sop_class) == "seg"][-1]
     assert len(dcmread(seg.path).ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 24
+
+
+def test_urgent_series_overtakes_routine_ones_and_the_ris_hears_of_it(
+    node: Node, pacs: Pacs, hooks: Hooks, tmp_path: Path
+) -> None:
+    """A routine series waits while a later STAT stroke series is processed first; the webhook gets
+    the documented JSON and nothing more; the SR carries the triage as a coded finding."""
+    busy = phantom(tmp_path, 111, slices=64, size=128)
+    routine, urgent = phantom(tmp_path, 112), phantom(tmp_path, 113)
+    for f in urgent.files:  # what a RIS order puts into the images' request attributes
+        ds = dcmread(f)
+        ds.RequestedProcedurePriority = "STAT"
+        ds.RequestedProcedureDescription = "CT head, suspected acute stroke"
+        ds.save_as(f)
+    node.store_scu(busy.files)
+    running = node.wait_job(busy.series_uid, ("running",), timeout=30)
+    worker = int(running["lease_owner"].rsplit(":", 1)[1])
+    os.kill(worker, signal.SIGSTOP)  # hold the worker while both series arrive, routine first
+    try:
+        node.store_scu(routine.files)
+        node.wait_job(routine.series_uid, ("queued",))
+        node.store_scu(urgent.files)
+        queued = node.wait_job(urgent.series_uid, ("queued",))
+        assert queued["priority"] == 70  # STAT 40 + urgent terms 30, known before inference
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    leased = {}
+    for s in (routine, urgent):
+        job = node.wait_job(s.series_uid, ("done",), timeout=120)
+        leased[s.series_uid] = next(h["ts"] for h in job["history"] if h["event"] == "leased")
+    assert leased[urgent.series_uid] < leased[routine.series_uid]
+    job = node.wait_job(urgent.series_uid, ("done",))
+    assert job["urgency"] == "urgent" and job["urgency_score"] >= 70
+    (hook,) = wait_for(lambda: hooks.of_series(urgent.series_uid), 30, "the triage webhook")
+    assert set(hook) == {"event", "study_instance_uid", "series_instance_uid", "score", "category", "summary"}
+    assert (hook["study_instance_uid"], hook["category"], hook["score"]) == (
+        urgent.study_uid,
+        "urgent",
+        job["urgency_score"],
+    )
+    assert not any("SECRET" in str(v) for v in hook.values())
+    sr = dcmread(outputs_at(pacs, urgent.study_uid)["sr"][-1].path)
+    groups = [g for item in sr.ContentSequence if "ContentSequence" in item for g in item.ContentSequence]
+    triage = [
+        c.ConceptCodeSequence[0].CodeMeaning
+        for g in groups
+        for c in g.get("ContentSequence", [])
+        if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeMeaning == "Urgency category"
+    ]
+    assert triage == ["Urgent"]
+    metrics = requests.get(f"http://127.0.0.1:{node.config['metrics_port']}/metrics", timeout=10).text
+    assert 'pacs_node_series_urgency_total{category="urgent"}' in metrics

@@ -28,6 +28,7 @@ from pydicom.sr.coding import Code
 
 from node.findings import Classification, Findings, Segment
 from node.longitudinal import Comparison, LesionChange
+from node.urgency import Urgency
 from node.writers import uids
 from node.writers.seg import SliceSource, slice_sources, tracking_uid
 
@@ -54,6 +55,8 @@ CODES = {
     "new_lesions": Code("PN0005", "99PACSNODE", "Number of new lesions"),
     "sum_long_axes": Code("PN0006", "99PACSNODE", "Sum of long axes"),
     "prior_sum_long_axes": Code("PN0007", "99PACSNODE", "Sum of long axes at prior time point"),
+    "urgency": Code("PN0008", "99PACSNODE", "Urgency category"),
+    "urgency_score": Code("PN0009", "99PACSNODE", "Urgency score"),
     "mr": Code("113091000", "SCT", "Magnetic resonance imaging"),
 }
 STATUS = {
@@ -69,6 +72,11 @@ RESPONSE = {  # CID 6144, RECIST-like overall assessment on the sum of long axes
     "partial response": codes.DCM.TargetLesionPartialResponse,
     "complete response": codes.DCM.TargetLesionCompleteResponse,
 }
+URGENCY = {
+    "routine": Code("PN0010", "99PACSNODE", "Routine"),
+    "priority": Code("PN0011", "99PACSNODE", "Priority"),
+    "urgent": Code("PN0012", "99PACSNODE", "Urgent"),
+}
 LOCAL_SCHEME = "99PACSNODE"
 UNITS = {
     "ml": Code("ml", "UCUM", "milliliter"),
@@ -79,6 +87,7 @@ UNITS = {
     "percent": Code("%", "UCUM", "Percent"),
     "days": Code("d", "UCUM", "day"),
     "lesions": Code("{lesions}", "UCUM", "lesions"),
+    "points": Code("{points}", "UCUM", "points"),
 }
 
 
@@ -111,6 +120,8 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         groups += _comparison_groups(findings, algorithm, uid)
     elif findings.prior_unavailable:
         groups.append(_no_prior_group(findings.prior_unavailable, algorithm, uid))
+    if findings.urgency is not None:
+        groups.append(_urgency_group(findings.urgency, algorithm, uid))
     for group in groups:
         group[0].ContentSequence.extend(notes)
 
@@ -128,7 +139,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         procedure_reported=CODES["ct"] if series.modality == "CT" else CODES["mr"],
         imaging_measurements=groups,
     )
-    src0 = series.datasets[0] if series.datasets else next(f.dataset for f in series.frames if f)
+    src0 = series.first_dataset
     sr = hd.sr.Comprehensive3DSR(
         evidence=[seg, *series.datasets],
         content=report[0],
@@ -137,7 +148,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         ),
         is_complete=True,
     )
-    if findings.comparison is not None:
+    if findings.comparison is not None or findings.urgency is not None:
         sr.CodingSchemeIdentificationSequence = [_local_scheme()]
     return sr
 
@@ -292,6 +303,22 @@ def _no_prior_group(reason: str, algorithm, uid):
         ],
     )
     group[0].ContentSequence.append(_comment(f"no prior available: {reason}"))
+    return group
+
+
+def _urgency_group(urgency: Urgency, algorithm, uid):
+    """Triage as a coded finding: category and score, the rules that fired as comments."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid("triage"), identifier="Triage"),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=CODES["urgency"], value=URGENCY[urgency.category])
+        ],
+        measurements=[
+            hd.sr.Measurement(name=CODES["urgency_score"], value=float(urgency.score), unit=UNITS["points"])
+        ],
+    )
+    group[0].ContentSequence += [_comment(f"urgency: {r}") for r in urgency.reasons]
     return group
 
 

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PRIOR",
         help="an earlier series of the same patient (repeatable): lesions are matched and tracked across them",
     )
+    run.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="the study's text report: statements the image contradicts are flagged in the SR",
+    )
     _model_args(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -150,6 +156,13 @@ def cmd_run(args) -> int:
     from node.series import find_series
 
     console = Console()  # stdout: info and summary; stderr carries only progress and 'error:' lines
+    report = None
+    if args.report:
+        try:
+            report = args.report.read_text(errors="replace")
+        except OSError as e:
+            print(f"error: {args.report}: cannot read the report ({e.strerror})", file=sys.stderr)
+            return EXIT_INPUT
     series, errors = find_series(args.inputs)
     priors, prior_errors = find_series(args.prior) if args.prior else ([], [])
     errors += prior_errors
@@ -178,7 +191,9 @@ def cmd_run(args) -> int:
         prior = None
         for i, s in enumerate(priors + series):
             task = progress.add_task(f"{s.modality} series …{s.series_uid[-12:]}", total=None)
-            result = _process_one(pipeline, s, args, progress, task, prior)
+            result = _process_one(
+                pipeline, s, args, progress, task, prior, None if i < len(priors) else report
+            )
             results.append(result)
             if not result.ok:
                 print(f"error: {result.error}", file=sys.stderr)
@@ -191,7 +206,7 @@ def cmd_run(args) -> int:
     return EXIT_PARTIAL if done else EXIT_INPUT
 
 
-def _process_one(pipeline, series, args, progress, task, prior=None):
+def _process_one(pipeline, series, args, progress, task, prior=None, report=None):
     from node.pipeline import SeriesResult
     from node.timing import Stopwatch
 
@@ -203,7 +218,7 @@ def _process_one(pipeline, series, args, progress, task, prior=None):
     progress.update(task, total=volume.volume.shape[0])
     try:
         result = pipeline.process(
-            series, args.out, lambda n: progress.advance(task, n), volume=volume, prior=prior
+            series, args.out, lambda n: progress.advance(task, n), volume=volume, prior=prior, report=report
         )
     except Exception as e:  # a bug of ours: keep the traceback in the log, one line for the user
         log.debug("series %s failed", series.series_uid, exc_info=True)
@@ -237,6 +252,9 @@ def _print_summary(console: Console, results, out: Path) -> None:
             str(files),
         )
     console.print(table)
+    for r in results:
+        for d in r.findings.discrepancies if r.findings else []:
+            console.print(f"[yellow]report discrepancy[/yellow] (series …{r.series_uid[-16:]}): {d.reason}")
     if stages:
         console.print("time per stage: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
 

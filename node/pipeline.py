@@ -19,6 +19,7 @@ from node.inference import predict
 from node.longitudinal import TimePoint, time_point, track
 from node.model_repo import ModelSpec
 from node.postprocess import to_findings
+from node.report_text import check_report
 from node.runtimes import Runtime
 from node.series import SourceSeries
 from node.timing import Stopwatch
@@ -56,8 +57,11 @@ class SeriesResult:
             f"{c.name.meaning} {c.value.meaning.lower()} (p={c.probability:.2f})" for c in f.classifications
         ]
         compared = [f.comparison.summary()] if f.comparison else []
+        flags = [f"report discrepancy: {d.reason}" for d in f.discrepancies]
         return "; ".join(
-            x for x in (", ".join(organs), ", ".join(lesions) or "no lesion", *classes, *compared) if x
+            x
+            for x in (", ".join(organs), ", ".join(lesions) or "no lesion", *classes, *compared, *flags)
+            if x
         )
 
 
@@ -85,8 +89,12 @@ class Pipeline:
         progress: Callable[[int], None] | None = None,
         volume: SeriesVolume | None = None,
         prior: TimePoint | None = None,
+        report: str | None = None,
     ) -> SeriesResult:
-        """Run one series end to end. User-fixable problems become ``result.error``; bugs propagate."""
+        """Run one series end to end. User-fixable problems become ``result.error``; bugs propagate.
+
+        ``prior``: the time point to compare with; ``report``: the study's report text, checked
+        against the image (contradictions are flagged in the SR, the report is never changed)."""
         clock = Stopwatch()
         result = SeriesResult(series.series_uid, series.modality)
         try:
@@ -102,6 +110,8 @@ class Pipeline:
         if prior is not None:
             with clock("compare"):
                 result.time_point = track(findings, prior, result.time_point)
+        if report:
+            findings.discrepancies = check_report(report, findings)
         findings.urgency = assess(tags_of(volume.first_dataset), findings, self.triage)
         with clock("encode_seg"):
             seg = write_seg(findings)

@@ -64,6 +64,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                 )
                 measure(seg, series)
                 segments.append(seg)
+    locate(segments)
     classifications = [
         Classification(
             head=h.name,
@@ -81,3 +82,16 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         classifications=classifications,
         notes=[*series.notes, *prediction.notes],
     )
+
+
+def locate(segments: list[Segment]) -> None:
+    """Set each lesion's ``site``: the organ segment that most of the lesion and its rim (2 voxels)
+    lies in. The rim counts because an organ head may leave the lesion itself out of the organ."""
+    organs = [s for s in segments if s.kind == "organ"]
+    for lesion in (s for s in segments if s.kind == "lesion"):
+        box = ndimage.find_objects(lesion.mask.astype(np.uint8))[0]
+        box = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
+        near = ndimage.binary_dilation(lesion.mask[box], iterations=2)
+        overlap = {o.label: int(np.count_nonzero(o.mask[box] & near)) for o in organs}
+        best = max(overlap, key=overlap.get, default=None)
+        lesion.site = best if best and overlap[best] else None

@@ -18,8 +18,10 @@ from node.findings import Concept, Findings, ModelRef, Segment
 from node.longitudinal import TimePoint, TrackedLesion, classify, compare, time_point, track
 from node.measure import measure
 from node.phantom import Lesion, Phantom
-from node.phantom_dicom import Patient, write_axial_series, write_grid
+from node.phantom_dicom import Patient, axial_affine, write_axial_series, write_grid
 
+ORGAN = Concept("123037004", "SCT", "Anatomical Structure")
+LIVER = Concept("10200004", "SCT", "Liver")
 ALTERED = Concept("49755003", "SCT", "Morphologically Altered Structure")
 LESION = Concept("52988006", "SCT", "Lesion")
 
@@ -206,18 +208,22 @@ def test_run_with_a_prior_tracks_lesions_and_labels_the_change(tmp_path: Path):
 
 
 def _truth_findings(series_dir: Path, truth, phantom: Phantom) -> Findings:
-    """Findings from the phantom's ground truth (not the model): lesion k is truth label k."""
+    """Findings from the phantom's ground truth (not the model): the liver, and lesion k is truth
+    label k, each placed in its organ as the pipeline does."""
+    from node.postprocess import locate
     from node.series import find_series
     from node.volume import load_volume
 
     sv = load_volume(find_series([series_dir])[0][0])
     assert np.array_equal(sv.volume.array, truth.image)  # masks below are on the loaded grid
-    segments = [
-        Segment(k, f"Lesion {k}", "lesion", ALTERED, LESION, truth.lesion == k, probability=0.9)
+    segments = [Segment(1, "Liver", "organ", ORGAN, LIVER, truth.tissue == 1, probability=0.95)]
+    segments += [
+        Segment(k + 1, f"Lesion {k}", "lesion", ALTERED, LESION, truth.lesion == k, probability=0.9)
         for k in range(1, len(phantom.lesions) + 1)
     ]
     for s in segments:
         measure(s, sv)
+    locate(segments)
     return Findings(sv, ModelRef("phantom-fm", "1.0.0"), segments)
 
 
@@ -246,7 +252,6 @@ def test_new_grown_stable_resolved_are_categorised_and_coded_across_frames_of_re
     another frame of reference (rotated and shifted). Registration must bring them together, each
     lesion must get its category, the SRs must carry it coded with the prior values, the lesion keeps
     its Tracking UID, and every object stays dciodvfy-clean."""
-    from node.phantom_dicom import axial_affine
     from node.writers import write_gsps, write_seg, write_sr
 
     ph = Phantom.random(5, n_lesions=0)
@@ -321,3 +326,81 @@ def test_new_grown_stable_resolved_are_categorised_and_coded_across_frames_of_re
         for t in a.get("TextObjectSequence", [])
     }
     assert {lbl.split()[-1] for lbl in labels} == {"stable", "NEW", f"{c.changes[1].diameter_change:+.0%}"}
+
+
+@pytest.fixture(scope="module")
+def liver_lesion(tmp_path_factory) -> Findings:
+    ph = Phantom.random(5, n_lesions=0)
+    ph = dataclasses.replace(ph, lesions=(lesion_in(ph, 1, (-20, 5, 0), 9.0),))
+    shape, a = (60, 160, 160), axial_affine((60, 160, 160), 2.5, 5.0, -20.0)
+    out = tmp_path_factory.mktemp("liver")
+    written = write_grid(ph.sample(a, shape, "CT", noise=12.0, seed=1), a, out / "ct")
+    return _truth_findings(out / "ct", written.truth, ph)
+
+
+@pytest.mark.parametrize(
+    "report, flagged",
+    [
+        ("No focal liver lesion. No pleural effusion.", ["No focal liver lesion"]),
+        ("Liver lesion, unchanged. No pleural effusion.", []),  # no prior compared: nothing contradicts
+        ("Lungs clear. No fracture.", []),  # the lesion is in the liver; fractures are not evaluated
+        ("Possible small liver lesion.", []),  # hedged
+    ],
+)
+def test_report_statements_the_image_contradicts_are_flagged(liver_lesion: Findings, report, flagged):
+    from node.report_text import check_report
+
+    assert liver_lesion.lesions[0].site == "Liver"
+    found = check_report(report, liver_lesion)
+    assert [d.statement.sentence for d in found] == flagged
+    assert all(d.lesions == ("Lesion 1",) and "Lesion 1" in d.reason for d in found)
+
+
+def test_discrepancy_is_a_coded_finding_in_the_sr(liver_lesion: Findings, tmp_path: Path):
+    from node.report_text import check_report
+    from node.writers import write_seg, write_sr
+    from node.writers.seg import tracking_uid
+
+    f = dataclasses.replace(liver_lesion, discrepancies=check_report("No liver lesion.", liver_lesion))
+    seg = write_seg(f)
+    sr = write_sr(f, seg)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    v = subprocess.run(["dciodvfy", str(tmp_path / "sr.dcm")], capture_output=True, text=True)
+    assert not [ln for ln in v.stderr.splitlines() if ln.startswith("Error")], v.stderr
+    text = subprocess.run(["dsrdump", "+Pl", str(tmp_path / "sr.dcm")], capture_output=True, text=True).stdout
+    assert '"Disagreement with prior findings")=(52988006,SCT,"Lesion")' in text
+    assert "report statement: No liver lesion" in text
+    assert tracking_uid(f, f.lesions[0]) in text.split("Report discrepancy 1")[1]  # points at its evidence
+
+
+def test_run_with_a_report_flags_what_the_image_contradicts(tmp_path: Path):
+    from node.phantom_dicom import write_variant
+
+    write_variant(
+        Phantom.random(4242, n_lesions=3),
+        tmp_path / "ct",
+        "axial",
+        "CT",
+        seed=1,
+        shape=(24, 112, 112),
+        pixel_spacing=3.4,
+        slice_spacing=6.0,
+    )
+    (tmp_path / "report.txt").write_text(
+        "FINDINGS: No focal lesion. No pleural effusion.\nIMPRESSION: Normal."
+    )
+    cli = [sys.executable, "-m", "node.cli", "run", str(tmp_path / "ct"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(
+        [*cli, "--report", str(tmp_path / "report.txt"), "--no-progress"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "report discrepancy (series" in r.stdout and "report says no lesion;" in " ".join(r.stdout.split())
+    (sr,) = (tmp_path / "out").glob("*/sr.dcm")
+    text = subprocess.run(["dsrdump", "+Pl", str(sr)], capture_output=True, text=True).stdout
+    assert "report statement: FINDINGS: No focal lesion" in text and "pleural" not in text
+    r = subprocess.run([*cli, "--report", str(tmp_path / "missing.txt")], capture_output=True, text=True)
+    assert (
+        r.returncode == 2
+        and r.stderr.strip()
+        == f"error: {tmp_path / 'missing.txt'}: cannot read the report (No such file or directory)"
+    )

@@ -514,3 +514,9 @@ def test_writers_reject_bad_segments(ct):
         write_seg(bad)
     with pytest.raises(ValueError, match="seg"):
         write_sr(f, pydicom.Dataset())
+
+
+def test_gsps_window_explanation_is_one_value(ct, mr):
+    for case, explanation in ((ct, "SOFT TISSUE"), (mr, "P1-P99")):
+        voi = pydicom.dcmread(case[1]["gsps"]).SoftcopyVOILUTSequence[0]
+        assert voi.WindowCenterWidthExplanation == explanation

@@ -124,6 +124,9 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
 def _windowing(datasets, center: float, width: float, explanation: str) -> dict:
     """The window for every referenced image.
 
+    Center, width and explanation go in as one-item lists: highdicom 0.28 splits a plain string
+    explanation into characters.
+
     A presentation state has one Modality LUT for all its images. When the
     source's Rescale Slope/Intercept vary per slice (legal, and common after
     some reconstructions), the GSPS keeps an identity Modality LUT and gives
@@ -136,7 +139,7 @@ def _windowing(datasets, center: float, width: float, explanation: str) -> dict:
         return {
             "voi_lut_transformations": [
                 hd.pr.SoftcopyVOILUTTransformation(
-                    window_center=center, window_width=width, window_explanation=explanation
+                    window_center=[center], window_width=[width], window_explanation=[explanation]
                 )
             ]
         }
@@ -146,9 +149,9 @@ def _windowing(datasets, center: float, width: float, explanation: str) -> dict:
         ),
         "voi_lut_transformations": [
             hd.pr.SoftcopyVOILUTTransformation(
-                window_center=(center - intercept) / slope,
-                window_width=width / slope,
-                window_explanation=explanation,
+                window_center=[(center - intercept) / slope],
+                window_width=[width / slope],
+                window_explanation=[explanation],
                 referenced_images=hd.ReferencedImageSequence(referenced_images=group),
             )
             for (slope, intercept), group in groups.items()

@@ -28,6 +28,7 @@ from pydicom.sr.coding import Code
 
 from node.findings import Classification, Findings, Segment
 from node.longitudinal import Comparison, LesionChange
+from node.report_text import Discrepancy
 from node.urgency import Urgency
 from node.writers import uids
 from node.writers.seg import SliceSource, slice_sources, tracking_uid
@@ -55,6 +56,7 @@ CODES = {
     "new_lesions": Code("PN0005", "99PACSNODE", "Number of new lesions"),
     "sum_long_axes": Code("PN0006", "99PACSNODE", "Sum of long axes"),
     "prior_sum_long_axes": Code("PN0007", "99PACSNODE", "Sum of long axes at prior time point"),
+    "disagreement": codes.DCM.DisagreementWithPriorFindings,  # 122776: with the report's findings
     "urgency": Code("PN0008", "99PACSNODE", "Urgency category"),
     "urgency_score": Code("PN0009", "99PACSNODE", "Urgency score"),
     "mr": Code("113091000", "SCT", "Magnetic resonance imaging"),
@@ -120,6 +122,8 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         groups += _comparison_groups(findings, algorithm, uid)
     elif findings.prior_unavailable:
         groups.append(_no_prior_group(findings.prior_unavailable, algorithm, uid))
+    for k, d in enumerate(findings.discrepancies, start=1):
+        groups.append(_discrepancy_group(d, k, findings, algorithm, uid))
     if findings.urgency is not None:
         groups.append(_urgency_group(findings.urgency, algorithm, uid))
     for group in groups:
@@ -192,8 +196,11 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
     if change:
         evaluations, more = _change_items(change, findings.comparison.interval_days)
         measurements += more
+    organ = next((o for o in findings.segments if o.kind == "organ" and o.label == segment.site), None)
+    sites = [hd.sr.FindingSite(anatomic_location=organ.type.coded())] if organ else None
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(findings, segment),
+        finding_sites=sites,
         time_point_context=_time_point(findings),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -303,6 +310,34 @@ def _no_prior_group(reason: str, algorithm, uid):
         ],
     )
     group[0].ContentSequence.append(_comment(f"no prior available: {reason}"))
+    return group
+
+
+def _discrepancy_group(d: Discrepancy, k: int, findings: Findings, algorithm, uid):
+    """A report statement the image contradicts: coded, with the sentence and the evidence (the
+    contradicting lesions' tracking identifiers, i.e. their SEG segments and SR groups)."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid(f"discrepancy-{k}"), identifier=f"Report discrepancy {k}"
+        ),
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=CODES["disagreement"], value=codes.SCT.Lesion)
+        ],
+    )
+    by_label = {s.label: s for s in findings.lesions}
+    group[0].ContentSequence += [
+        _comment(f"report statement: {d.statement.sentence}"),
+        _comment(d.reason),
+        *(
+            hd.sr.UIDRefContentItem(
+                name=codes.DCM.TrackingUniqueIdentifier,
+                value=tracking_uid(findings, by_label[label]),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for label in d.lesions
+        ),
+    ]
     return group
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.retrieve import QueryRetrieveSource
 from node.urgency import TriageRules
 
 OUTPUT_KINDS = ("seg", "sr", "gsps")
@@ -101,6 +102,21 @@ class Rule(_Strict):
     sop_classes: list[str] = []  # empty: any image SOP class
 
 
+class PriorsConfig(_Strict):
+    """Where and how far back the worker looks for a series' prior (see node/priors.py)."""
+
+    enabled: bool = True
+    lookback_days: int = Field(default=1825, ge=1)  # five years: follow-up intervals rarely exceed it
+    sources: list[QueryRetrieveSource] = []  # PACSs to query when Orthanc has no prior
+    # the AE title C-MOVE sends to: the node's own (Orthanc's) unless the PACS knows it by another
+    move_destination: str | None = None
+
+    @field_validator("move_destination")
+    @classmethod
+    def _check_move_ae(cls, v: str | None) -> str | None:
+        return v if v is None else _ae_title(v)
+
+
 class WorkerConfig(_Strict):
     lease_s: float = Field(
         default=120.0, gt=0
@@ -136,7 +152,8 @@ class NodeConfig(_Strict):
     allowed_aes: list[str] = []  # empty: any calling AE may store; else only these
 
     routing: list[Rule] = [Rule()]
-    triage: TriageRules = TriageRules()  # urgency rules; defaults and their reasons in node/urgency.py
+    triage: TriageRules = TriageRules()
+    priors: PriorsConfig = PriorsConfig()  # urgency rules; defaults and their reasons in node/urgency.py
     stable_age_s: int = Field(default=10, ge=1)
     model: str = "phantom-fm"
     runtime: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"

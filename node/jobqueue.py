@@ -80,6 +80,20 @@ CREATE TABLE IF NOT EXISTS history (
     detail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS history_job ON history(job_id);
+-- what each processed series showed (node.longitudinal.TimePoint, JSON): a later series of the
+-- patient is compared with it without inferring it again
+CREATE TABLE IF NOT EXISTS time_points (
+    series_uid TEXT NOT NULL,
+    model TEXT NOT NULL,              -- name and version: another model's lesions are not comparable
+    data TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (series_uid, model)
+);
+-- priors the worker retrieved from a PACS: the plugin makes no job of them when they arrive
+CREATE TABLE IF NOT EXISTS retrieved (
+    series_uid TEXT PRIMARY KEY,
+    ts REAL NOT NULL
+);
 -- monotonic counts for the metrics (durable: they survive restarts of Orthanc and the worker);
 -- labels are bounded enums or operator-chosen names (destinations), never patient data
 CREATE TABLE IF NOT EXISTS counters (
@@ -548,6 +562,30 @@ class JobQueue:
             )
             self._log(db, job_id, "retry", f"by operator ({'deliveries' if failed else 'whole job'})")
             return state
+
+    # --- priors -------------------------------------------------------------------------------
+    def save_time_point(self, series_uid: str, model: str, data: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO time_points (series_uid, model, data, updated) VALUES (?, ?, ?, ?)",
+                (series_uid, model, data, self._clock()),
+            )
+
+    def time_point(self, series_uid: str, model: str) -> str | None:
+        rows = self._db_read(
+            "SELECT data FROM time_points WHERE series_uid = ? AND model = ?", (series_uid, model)
+        )
+        return rows[0]["data"] if rows else None
+
+    def mark_retrieved(self, series_uid: str) -> None:
+        """A prior is about to arrive by C-MOVE: it is context, not work (see the plugin)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO retrieved (series_uid, ts) VALUES (?, ?)", (series_uid, self._clock())
+            )
+
+    def was_retrieved(self, series_uid: str) -> bool:
+        return bool(self._db_read("SELECT 1 FROM retrieved WHERE series_uid = ?", (series_uid,)))
 
     # --- reading --------------------------------------------------------------------------------
     def _db_read(self, sql: str, args: tuple = ()) -> list[dict]:

@@ -17,6 +17,7 @@ report of that patient; a new lesion keeps the UID its own series gave it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
@@ -56,6 +57,43 @@ class TimePoint:
     volume: hd.Volume | None = None  # for registration when a later series has another frame of reference
     modality: str = "CT"
     order: int = 1  # 1 for the first exam of the patient we compared, then 2, 3, ...
+
+    def to_json(self) -> str:
+        """What the node keeps of a processed series (no image, no patient data): enough to compare a
+        later series with it without inferring it again."""
+        return json.dumps(
+            {
+                "series_uid": self.series_uid,
+                "frame_of_reference": self.frame_of_reference,
+                "acquired": self.acquired.isoformat() if self.acquired else None,
+                "modality": self.modality,
+                "order": self.order,
+                "lesions": [
+                    {
+                        "tracking_uid": t.tracking_uid,
+                        "label": t.label,
+                        "centroid": [float(v) for v in t.centroid],
+                        "diameter_mm": t.diameter_mm,
+                        "volume_ml": t.volume_ml,
+                    }
+                    for t in self.lesions
+                ],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> TimePoint:
+        d = json.loads(text)
+        lesions = [
+            TrackedLesion(
+                t["tracking_uid"], t["label"], np.asarray(t["centroid"]), t["diameter_mm"], t["volume_ml"]
+            )
+            for t in d["lesions"]
+        ]
+        acquired = datetime.fromisoformat(d["acquired"]) if d["acquired"] else None
+        return cls(
+            d["series_uid"], d["frame_of_reference"], acquired, lesions, None, d["modality"], d["order"]
+        )
 
 
 @dataclass(frozen=True)

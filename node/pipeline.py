@@ -90,11 +90,13 @@ class Pipeline:
         volume: SeriesVolume | None = None,
         prior: TimePoint | None = None,
         report: str | None = None,
+        prior_unavailable: str | None = None,
     ) -> SeriesResult:
         """Run one series end to end. User-fixable problems become ``result.error``; bugs propagate.
 
         ``prior``: the time point to compare with; ``report``: the study's report text, checked
-        against the image (contradictions are flagged in the SR, the report is never changed)."""
+        against the image (contradictions are flagged in the SR, the report is never changed);
+        ``prior_unavailable``: a prior was looked for and none could be used, and why (the SR says it)."""
         clock = Stopwatch()
         result = SeriesResult(series.series_uid, series.modality)
         try:
@@ -107,6 +109,7 @@ class Pipeline:
         with clock("measure"):
             findings = to_findings(volume, self.model, prediction, self.runtime.name)
             result.time_point = time_point(findings)
+        findings.prior_unavailable = prior_unavailable
         if prior is not None:
             with clock("compare"):
                 result.time_point = track(findings, prior, result.time_point)

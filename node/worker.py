@@ -29,6 +29,7 @@ from node.errors import InputError, ModelError
 from node.jobqueue import Job, JobQueue, Output
 from node.metrics import MetricsServer, ModelInfo, NodeMetrics
 from node.orthanc import OrthancClient, OrthancError
+from node.priors import PriorLookup, Priors, study_report
 from node.urgency import CATEGORIES
 
 if TYPE_CHECKING:
@@ -192,9 +193,20 @@ class Worker:
             raise InputError(str(errors[0]))
         if len(series) != 1:
             raise InputError(f"Orthanc series {job.series_id}: no CT or MR image series in it")
-        result = self.pipeline.process(series[0], tmp / "out")
+        t_context = time.monotonic()
+        prior = self._prior(series[0], tmp)
+        report = study_report(self.orthanc, job.study_id) if job.study_id else None
+        self.metrics.observe_stage("context", time.monotonic() - t_context)
+        if prior.time_point is not None:
+            log.info("job %d: prior found (%s)", job.id, prior.how)
+        elif prior.why_not:
+            log.info("job %d: no prior available: %s", job.id, prior.why_not)
+        result = self.pipeline.process(
+            series[0], tmp / "out", prior=prior.time_point, report=report, prior_unavailable=prior.why_not
+        )
         if result.error:
             raise InputError(result.error)
+        self.queue.save_time_point(result.series_uid, self._model_key, result.time_point.to_json())
         self.metrics.observe_stages(result.seconds | result.parts)
         t_store = time.monotonic()
         outputs = []
@@ -214,6 +226,24 @@ class Worker:
             ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
         )
         return outputs, result
+
+    @property
+    def _model_key(self) -> str:
+        return f"{self.pipeline.model.name} {self.pipeline.model.version}"
+
+    def _prior(self, series, tmp: Path) -> PriorLookup:
+        p = self.cfg.priors
+        if not p.enabled:
+            return PriorLookup(None)
+        priors = Priors(
+            self.queue,
+            self.orthanc,
+            p.sources,
+            self.cfg.ae_title,
+            p.move_destination or self.cfg.ae_title,
+            p.lookback_days,
+        )
+        return priors.lookup(series.datasets[0], self._model_key, tmp, self.pipeline)
 
     def _routes(self, category: str) -> list[tuple[str, str]]:
         """(destination, kind) pairs to deliver: every DICOM destination's accepted kinds, and the

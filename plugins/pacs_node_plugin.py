@@ -68,6 +68,7 @@ SKIP_OWN_OUTPUT = "own_output"
 SKIP_NOT_IMAGE = "not_an_image"
 SKIP_NO_INSTANCES = "no_instances"
 SKIP_NO_RULE = "no_routing_rule_matched"
+SKIP_PRIOR = "retrieved_prior"
 
 
 def _modality_label(modality):
@@ -86,6 +87,8 @@ def decide(series_id):
         return False, SKIP_EXCLUDED_MODALITY, f"{modality} series is never processed", series
     if not instances:
         return False, SKIP_NO_INSTANCES, "no instances", series
+    if _queue.was_retrieved(str(tags.get("SeriesInstanceUID", ""))):
+        return False, SKIP_PRIOR, "a prior the worker retrieved for comparison", series
     # SOP class and manufacturer are instance-level: read one instance's header
     first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):

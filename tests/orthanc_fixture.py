@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydicom import Dataset, dcmread
 
 from node.orthanc import OrthancClient
 
@@ -221,3 +222,87 @@ class Node:
         except AssertionError:
             raise AssertionError(f"{self.jobs_of(series_uid)}\n{self.log.read_text()[-3000:]}") from None
         return self.job(job["id"])
+
+
+class QrScp:
+    """A Study Root C-FIND/C-MOVE SCP over a few files; ``ignore`` lists keys it does not match on (lax PACSs)."""
+
+    def __init__(self, files: list[Path], destinations: dict[str, int], ignore: frozenset[str] = frozenset()):
+        self.datasets = [dcmread(f) for f in files]
+        self.destinations = destinations  # move destination AE -> port on 127.0.0.1
+        self.ignore = ignore
+        self.queries: list[Dataset] = []
+        self.port = free_port()
+
+    def start(self) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            MRImageStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+
+        ae = AE(ae_title="QRSCP")
+        ae.require_called_aet = True
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(CTImageStorage)  # the move's C-STORE sub-operations
+        ae.add_requested_context(MRImageStorage)
+        handlers = [(evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move)]
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def _matches(self, q: Dataset, ds: Dataset) -> bool:
+        for elem in q:
+            key, want = elem.keyword, str(elem.value or "")
+            if not want or key in ("QueryRetrieveLevel", "SpecificCharacterSet") or key in self.ignore:
+                continue
+            if key == "ModalitiesInStudy":
+                if want not in {
+                    d.Modality for d in self.datasets if d.StudyInstanceUID == ds.StudyInstanceUID
+                }:
+                    return False
+            elif key.endswith("Date") and "-" in want:
+                lo, hi = want.split("-")
+                if (lo and ds.get(key, "") < lo) or (hi and ds.get(key, "") > hi):
+                    return False
+            elif str(ds.get(key, "")) != want:
+                return False
+        return True
+
+    def _answer(self, q: Dataset, ds: Dataset) -> Dataset:
+        r = Dataset()
+        for elem in q:
+            if elem.keyword == "ModalitiesInStudy":
+                value = sorted(
+                    {d.Modality for d in self.datasets if d.StudyInstanceUID == ds.StudyInstanceUID}
+                )
+            elif elem.keyword == "NumberOfSeriesRelatedInstances":
+                value = sum(d.SeriesInstanceUID == ds.SeriesInstanceUID for d in self.datasets)
+            else:
+                value = ds.get(elem.keyword, q.get(elem.keyword))
+            setattr(r, elem.keyword, value)
+        return r
+
+    def _find(self, event):
+        q = event.identifier
+        self.queries.append(q)
+        key = "StudyInstanceUID" if q.QueryRetrieveLevel == "STUDY" else "SeriesInstanceUID"
+        for ds in {d[key].value: d for d in self.datasets}.values():  # one answer per study / series
+            if self._matches(q, ds):
+                yield 0xFF00, self._answer(q, ds)
+
+    def _move(self, event):
+        q = event.identifier
+        port = self.destinations.get(event.move_destination)
+        if port is None:
+            yield None, None  # pynetdicom answers 0xA801 move destination unknown
+            return
+        yield "127.0.0.1", port
+        found = [d for d in self.datasets if d.SeriesInstanceUID == q.SeriesInstanceUID]
+        yield len(found)
+        for ds in found:
+            yield 0xFF00, ds

@@ -24,7 +24,7 @@ from seg_readback import read_segments
 import conformance
 from node.config import NodeConfig
 from node.phantom import Phantom
-from node.phantom_dicom import write_axial_series, write_variant
+from node.phantom_dicom import Patient, write_axial_series, write_variant
 
 KINDS = ("seg", "sr", "gsps")
 needs_orthanc = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")
@@ -42,14 +42,15 @@ def pipeline():
     return Pipeline(model, select_runtime(model, "auto")[0])
 
 
-def run(pipeline, folder: Path, out: Path) -> dict[str, Path]:
+def run(pipeline, folder: Path, out: Path, **context):
+    """Process the one series in ``folder``; ``context``: prior, report (as Pipeline.process takes)."""
     from node.series import find_series
 
     series, errors = find_series([folder])
     assert not errors and len(series) == 1
-    result = pipeline.process(series[0], out)
+    result = pipeline.process(series[0], out, **context)
     assert result.ok, result.error
-    return {p.stem: p for p in result.files}
+    return {p.stem: p for p in result.files}, result
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +58,31 @@ def outputs(pipeline, tmp_path_factory):
     """modality -> (written source series, {kind: path})."""
     tmp = tmp_path_factory.mktemp("conformance")
     got = {}
-    for modality, seed in (("CT", 31), ("MR", 32)):
-        src = write_axial_series(
+
+    def series(name: str, modality: str, seed: int, **patient):
+        return write_axial_series(
             Phantom.random(seed, n_lesions=2),
-            tmp / modality,
+            tmp / name,
             modality=modality,
             shape=(16, 96, 96),
             pixel_spacing=4.0,
             slice_spacing=15.0,
             seed=seed,
+            patient=Patient(**patient),
         )
-        got[modality] = (src, run(pipeline, tmp / modality, tmp / f"out-{modality}"))
+
+    for modality, seed in (("CT", 31), ("MR", 32)):
+        src = series(modality, modality, seed)
+        got[modality] = (src, run(pipeline, tmp / modality, tmp / f"out-{modality}")[0])
+    # a follow-up CT with a prior and a report: the longitudinal, triage and report-check content
+    series("prior", "CT", 31, study_date="20250101", study_uid="1.2.3.31.1")
+    prior = run(pipeline, tmp / "prior", tmp / "out-prior")[1].time_point
+    src = series("followup", "CT", 31, study_date="20250701", study_uid="1.2.3.31.2")
+    files, result = run(
+        pipeline, tmp / "followup", tmp / "out-followup", prior=prior, report="No focal lesion."
+    )
+    assert result.findings.comparison and result.findings.discrepancies
+    got["CT-followup"] = (src, files)
     return got
 
 
@@ -77,7 +92,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 @needs_dciodvfy
-@pytest.mark.parametrize("modality", ["CT", "MR"])
+@pytest.mark.parametrize("modality", ["CT", "MR", "CT-followup"])
 def test_dciodvfy_every_object_kind(outputs, modality: str) -> None:
     _, files = outputs[modality]
     assert sorted(files) == sorted(KINDS)
@@ -143,7 +158,8 @@ def test_sr_codes_are_the_statements(outputs) -> None:
     # and every template code in the table is one the writer uses (seen here, or in its code list)
     from node.writers import sr as sr_writer
 
-    declared = {(c.value, c.scheme_designator, c.meaning) for c in vars(sr_writer).get("CODES", {}).values()}
+    tables = (sr_writer.CODES, sr_writer.UNITS, sr_writer.STATUS, sr_writer.RESPONSE, sr_writer.URGENCY)
+    declared = {(c.value, c.scheme_designator, c.meaning) for t in tables for c in t.values()}
     unexplained = template - used - declared
     assert not unexplained or unexplained <= {
         # MR/CT alternatives and optional items not produced by these two phantoms
@@ -210,7 +226,7 @@ def test_processed_enhanced_sop_classes(pipeline, tmp_path: Path, variant: str) 
                 ds.save_as(f)
         sop = str(dcmread(src.files[0], stop_before_pixels=True).SOPClassUID)
         assert rows[sop]["Processed"] == "yes"
-        assert sorted(run(pipeline, tmp_path / modality, tmp_path / f"out-{modality}")) == sorted(KINDS)
+        assert sorted(run(pipeline, tmp_path / modality, tmp_path / f"out-{modality}")[0]) == sorted(KINDS)
 
 
 # --- the statement against what the code declares ------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from orthanc_fixture import Node, Pacs, free_port, orthanc_missing, wait_for
+from orthanc_fixture import Node, Pacs, QrScp, free_port, orthanc_missing, wait_for
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -73,14 +73,24 @@ def hooks() -> Hooks:
 
 
 @pytest.fixture(scope="session")
-def node(tmp_path_factory, pacs: Pacs, hooks: Hooks) -> Node:
+def qr() -> QrScp:
+    """The department's PACS as a query/retrieve SCP: it holds the priors tests put in it."""
+    q = QrScp([], {})
+    q.start()
+    yield q
+    q.stop()
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory, pacs: Pacs, hooks: Hooks, qr: QrScp) -> Node:
     folder = tmp_path_factory.mktemp("node")
-    http = free_port()
+    http, dicom = free_port(), free_port()
+    qr.destinations["PACSNODE"] = dicom  # the PACS knows the node's AE for C-MOVE
     n = Node(
         folder,
         {
             "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
+            "dicom_port": dicom,
             "http_port": http,
             "metrics_port": free_port(),
             "data_dir": str(folder / "data"),
@@ -106,6 +116,11 @@ def node(tmp_path_factory, pacs: Pacs, hooks: Hooks) -> Node:
                 # the RIS worklist: every series' triage (routine included, so each test can see it)
                 {"name": "ris", "kind": "webhook", "url": hooks.url, "min_category": "routine"},
             ],
+            "priors": {
+                "sources": [
+                    {"name": "qr", "kind": "dicom", "host": "127.0.0.1", "port": qr.port, "ae_title": "QRSCP"}
+                ]
+            },
             "worker": {"lease_s": 4, "heartbeat_s": 1, "poll_s": 0.2, "max_attempts": 3},
             "delivery": {"backoff_s": 0.5, "backoff_max_s": 2},
         },
@@ -365,3 +380,82 @@ def test_urgent_series_overtakes_routine_ones_and_the_ris_hears_of_it(
     assert triage == ["Urgent"]
     metrics = requests.get(f"http://127.0.0.1:{node.config['metrics_port']}/metrics", timeout=10).text
     assert 'pacs_node_series_urgency_total{category="urgent"}' in metrics
+
+
+def _sr_items(sr) -> dict[str, list[str]]:
+    """Concept name -> values (code meanings, numbers, texts) of every content item of the SR."""
+    out: dict[str, list[str]] = {}
+
+    def walk(item):
+        for c in item.get("ContentSequence", []):
+            name = c.ConceptNameCodeSequence[0].CodeMeaning
+            if c.ValueType == "CODE":
+                out.setdefault(name, []).append(c.ConceptCodeSequence[0].CodeMeaning)
+            elif c.ValueType == "NUM":
+                out.setdefault(name, []).append(str(c.MeasuredValueSequence[0].NumericValue))
+            elif c.ValueType == "TEXT":
+                out.setdefault(name, []).append(str(c.TextValue))
+            walk(c)
+
+    walk(sr)
+    return out
+
+
+def test_prior_found_at_the_pacs_is_moved_in_and_compared(
+    node: Node, pacs: Pacs, qr: QrScp, tmp_path: Path
+) -> None:
+    """The current CT's patient has nothing in Orthanc; the PACS has an earlier CT. The worker finds
+    it by C-FIND, retrieves it by C-MOVE into Orthanc (which makes no job of it), infers it once,
+    and the current SR reports the comparison. The next series of the patient reuses that result."""
+    ph = Phantom.random(120, n_lesions=2)
+
+    def exam(name: str, date: str):
+        return write_axial_series(
+            ph,
+            tmp_path / name,
+            shape=(24, 96, 96),
+            pixel_spacing=3.96,
+            slice_spacing=10.0,
+            seed=120,
+            patient=Patient(
+                name="SECRET^PRIOR", id="SECRETID120", study_date=date, study_uid=f"1.2.3.120.{date}"
+            ),
+        )
+
+    prior, current = exam("prior", "20250601"), exam("current", "20251201")
+    qr.datasets += [dcmread(f) for f in prior.files]
+    node.store_scu(current.files)
+    job = node.wait_job(current.series_uid, ("done",), timeout=120)
+    assert any(q.get("PatientID") == "SECRETID120" for q in qr.queries)  # C-FIND by patient
+    assert node.series_id(prior.series_uid) is not None  # moved into Orthanc
+    time.sleep(3)  # past stable_age: the plugin has seen the prior series by now
+    assert node.jobs_of(prior.series_uid) == []  # context, not work
+    sr = dcmread(outputs_at(pacs, current.study_uid)["sr"][-1].path)
+    items = _sr_items(sr)
+    assert items["Comparison with Prior Study Done"] == ["Yes"]
+    assert items["Interval"][-1] == "183.0" and "Current Response" in items
+    assert "prior found (qr, inferred now)" in node.log.read_text()
+    assert job["error"] is None
+
+    later = exam("later", "20260301")
+    node.store_scu(later.files)
+    node.wait_job(later.series_uid, ("done",), timeout=120)
+    assert (
+        "prior found (orthanc, earlier result)" in node.log.read_text()
+    )  # the current one, not inferred again
+    items = _sr_items(dcmread(outputs_at(pacs, later.study_uid)["sr"][-1].path))
+    assert items["Interval"][-1] == "90.0"
+
+
+def test_no_prior_is_said_and_why(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    ct = phantom(tmp_path, 121)
+    node.store_scu(ct.files)
+    node.wait_job(ct.series_uid, ("done",))
+    items = _sr_items(dcmread(outputs_at(pacs, ct.study_uid)["sr"][-1].path))
+    assert items["Comparison with Prior Study Done"] == ["No"]
+    assert any(
+        t.startswith(
+            "no prior available: no earlier CT series of this patient in Orthanc or qr within 1825 days"
+        )
+        for t in items["Comment"]
+    ), items["Comment"]

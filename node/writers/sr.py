@@ -48,6 +48,8 @@ CODES = {
     "interval": codes.SCT.Interval,  # 385673002
     "response": codes.DCM.CurrentResponse,  # 112048, values from CID 6144
     "comparison_done": codes.DCM.ComparisonWithPriorStudyDone,  # 122140
+    "yes": codes.SCT.Yes,
+    "no": codes.SCT.No,
     # concepts DICOM has no code for: our local scheme, declared in the SR and the conformance statement
     "prior_long_axis": Code("PN0001", "99PACSNODE", "Long axis at prior time point"),
     "prior_volume": Code("PN0002", "99PACSNODE", "Volume at prior time point"),
@@ -286,7 +288,7 @@ def _comparison_groups(findings: Findings, algorithm, uid) -> list:
             time_point_context=_time_point(findings),
             algorithm_id=algorithm,
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=codes.SCT.Yes),
+                hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=CODES["yes"]),
                 hd.sr.QualitativeEvaluation(name=CODES["response"], value=RESPONSE[c.overall]),
             ],
             measurements=summary,
@@ -306,7 +308,7 @@ def _no_prior_group(reason: str, algorithm, uid):
         ),
         algorithm_id=algorithm,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=codes.SCT.No)
+            hd.sr.QualitativeEvaluation(name=CODES["comparison_done"], value=CODES["no"])
         ],
     )
     group[0].ContentSequence.append(_comment(f"no prior available: {reason}"))

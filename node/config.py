@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.retrieve import QueryRetrieveSource
 from node.urgency import TriageRules
 
-OUTPUT_KINDS = ("seg", "sr", "gsps")
-OutputKind = Literal["seg", "sr", "gsps"]
+OUTPUT_KINDS = ("seg", "sr", "gsps")  # what a destination gets unless its ``accepts`` says otherwise
+# pmap (the lesion probability Parametric Map) is opt-in: not every PACS stores that SOP class
+OutputKind = Literal["seg", "sr", "gsps", "pmap"]
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
 
 

@@ -70,8 +70,13 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in pairs}):
-        # SEG, Comprehensive 3D SR and GSPS: offer the two uncompressed syntaxes every SCP accepts
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        # SEG, Comprehensive 3D SR and GSPS: the two uncompressed syntaxes every SCP accepts; the
+        # Parametric Map first as written (RLE Lossless), decompressed for an SCP that refuses it
+        written = sorted(
+            {str(ds.file_meta.TransferSyntaxUID) for _, ds in pairs if ds.SOPClassUID == sop_class}
+        )
+        syntaxes = [ts for ts in written if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
+        ae.add_requested_context(sop_class, [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
@@ -83,6 +88,9 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
             if not accepted:
                 out.append(Outcome(it.key, f"{dest.ae_title} does not accept SOP class {ds.SOPClassUID}"))
                 continue
+            ts = ds.file_meta.TransferSyntaxUID
+            if ts.is_compressed and ts not in {c.transfer_syntax[0] for c in accepted}:
+                ds.decompress()  # the destination takes this class uncompressed only (RLE Parametric Map)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code in _STORED:

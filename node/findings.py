@@ -89,6 +89,8 @@ class Findings:
     prior_unavailable: str | None = None  # a prior was looked for and none could be used: why
     urgency: Urgency | None = None  # triage of the series: request context and findings
     discrepancies: list[Discrepancy] = field(default_factory=list)  # report statements the image contradicts
+    # P(lesion) x 255 on the volume grid (uint8), the evidence behind every lesion: a Parametric Map
+    lesion_probability: np.ndarray | None = None
 
     @property
     def lesions(self) -> list[Segment]:

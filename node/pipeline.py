@@ -25,7 +25,7 @@ from node.series import SourceSeries
 from node.timing import Stopwatch
 from node.urgency import TriageRules, assess, tags_of
 from node.volume import SeriesVolume, load_volume
-from node.writers import write_gsps, write_seg, write_sr
+from node.writers import write_gsps, write_probability_map, write_seg, write_sr
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,12 @@ class Pipeline:
             sr = write_sr(findings, seg)
         with clock("encode_gsps"):
             gsps = write_gsps(findings)
+        objects = {"seg": seg, "sr": sr, "gsps": gsps}
+        if findings.lesion_probability is not None:
+            with clock("encode_pmap"):
+                objects["pmap"] = write_probability_map(findings)
         with clock("write"):
-            result.files = _write_atomically(out_dir, series.series_uid, {"seg": seg, "sr": sr, "gsps": gsps})
+            result.files = _write_atomically(out_dir, series.series_uid, objects)
         result.findings = findings
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result

@@ -65,6 +65,14 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                 measure(seg, series)
                 segments.append(seg)
     locate(segments)
+    lesion_heads = [
+        h for h in model.heads if h.kind == "segmentation" and any(lab.kind == "lesion" for lab in h.labels)
+    ]
+    probability = None
+    if lesion_heads:  # two classes (background, lesion): P(lesion) is the confidence or its complement
+        h = lesion_heads[0].name
+        conf = prediction.confidence[h]
+        probability = np.where(prediction.labels[h] > 0, conf, 255 - conf).astype(np.uint8)
     classifications = [
         Classification(
             head=h.name,
@@ -81,6 +89,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         segments=segments,
         classifications=classifications,
         notes=[*series.notes, *prediction.notes],
+        lesion_probability=probability,
     )
 
 

@@ -26,7 +26,7 @@ from node.config import NodeConfig
 from node.phantom import Phantom
 from node.phantom_dicom import Patient, write_axial_series, write_variant
 
-KINDS = ("seg", "sr", "gsps")
+KINDS = ("seg", "sr", "gsps", "pmap")
 needs_orthanc = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")
 needs_dciodvfy = pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3tools not installed")
 
@@ -109,7 +109,9 @@ def test_created_objects_match_statement(outputs) -> None:
             ds = dcmread(path)
             assert ds.SOPClassUID == rows[kind]["SOP class UID"], (modality, kind)
             assert ds.Modality == rows[kind]["Modality"]
-            assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+            assert ds.file_meta.TransferSyntaxUID == (
+                "1.2.840.10008.1.2.5" if kind == "pmap" else "1.2.840.10008.1.2.1"
+            )
             assert ds.SpecificCharacterSet == charset
             assert ds.Manufacturer == "pacs-node"
             assert ds.StudyInstanceUID == src.study_uid
@@ -277,7 +279,7 @@ def test_scu_contexts_match_egress(outputs, tmp_path: Path) -> None:
         _, files = outputs["CT"]
         items = [egress.Item(i, files[k].read_bytes()) for i, k in enumerate(KINDS)]
         dest = DicomDestination(name="rec", kind="dicom", host="127.0.0.1", port=port, ae_title="RECORDER")
-        assert [o.error for o in egress.send(dest, items, "PACSNODE")] == [None] * 3
+        assert [o.error for o in egress.send(dest, items, "PACSNODE")] == [None] * len(KINDS)
     finally:
         server.shutdown()
     table = {
@@ -316,7 +318,14 @@ def dcmtk_node(tmp_path_factory):
             "data_dir": str(folder / "node" / "data"),
             "stable_age_s": 1,
             "destinations": [
-                {"name": "dcmtk", "kind": "dicom", "host": "127.0.0.1", "port": port, "ae_title": "STORESCP"}
+                {
+                    "name": "dcmtk",
+                    "kind": "dicom",
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "ae_title": "STORESCP",
+                    "accepts": ["seg", "sr", "gsps", "pmap"],  # storescp takes the map uncompressed
+                }
             ],
             "worker": {"poll_s": 0.2},
         },
@@ -380,9 +389,9 @@ def test_dcmtk_interop(dcmtk_node, tmp_path: Path) -> None:
 
     def arrived():
         files = [p for p in received.iterdir() if p.is_file() and not p.name.startswith(".")]
-        return files if len(files) >= 3 else None
+        return files if len(files) >= len(KINDS) else None
 
-    files = wait_for(arrived, 90, "SEG, SR and GSPS at DCMTK storescp")
+    files = wait_for(arrived, 90, "SEG, SR, GSPS and the probability map at DCMTK storescp")
     time.sleep(0.3)  # storescp writes then closes
     by_class = {str(dcmread(f, stop_before_pixels=True).SOPClassUID): f for f in files}
     want = {r["SOP class UID"]: r["Object"].lower() for r in conformance.table("created-objects")}

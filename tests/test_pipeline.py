@@ -15,6 +15,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from node.model_repo import load_model
 from node.phantom import ORGANS, Phantom
@@ -123,6 +124,26 @@ def test_outputs_are_valid_and_filed_with_the_study(axial):
     sr = hd.sr.srread(axial.files[1])
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(axial.findings.segments)
+
+
+def test_probability_map_shows_where_the_lesions_are(axial):
+    """The Parametric Map's frames are source slices; inside every lesion the mapped probability
+    is at least 0.5 (the lesion label is the arg-max), and far from all lesions it is low."""
+    pm = pydicom.dcmread(next(p for p in axial.files if p.stem == "pmap"))
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert float(mapping.RealWorldValueSlope) == pytest.approx(1 / 255)
+    sources = {str(f.dataset.SOPInstanceUID): i for i, f in enumerate(axial.findings.series.frames) if f}
+    frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns) * float(mapping.RealWorldValueSlope)
+    shown = {}
+    for k, item in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        shown[sources[uid]] = frames[k]
+    lesions = np.any([s.mask for s in axial.findings.lesions], axis=0)
+    assert {int(i) for i in np.flatnonzero(lesions.any(axis=(1, 2)))} <= set(shown)
+    for i, p in shown.items():
+        assert (p[lesions[i]] >= 0.5).all()
+    far = [p[~ndimage.binary_dilation(lesions[i], iterations=8)] for i, p in shown.items()]
+    assert np.median(np.concatenate(far)) < 0.05
 
 
 def test_mr_series(pipeline, phantom, tmp_path):

@@ -15,8 +15,13 @@ import node
 NODE_NAME = "pacs-node"
 
 # Offsets added to (source SeriesNumber x 100) so that the outputs sort next to their source series.
-_SERIES_NUMBER_OFFSET = {"seg": 91, "sr": 92, "gsps": 93}
-_SERIES_TITLE = {"seg": "AI segmentation", "sr": "AI measurements", "gsps": "AI annotations"}
+_SERIES_NUMBER_OFFSET = {"seg": 91, "sr": 92, "gsps": 93, "pmap": 94}
+_SERIES_TITLE = {
+    "seg": "AI segmentation",
+    "sr": "AI measurements",
+    "gsps": "AI annotations",
+    "pmap": "AI lesion probability",
+}
 
 
 def _require(value: str, name: str) -> str:

@@ -89,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(bench)
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
 
+    rd = sub.add_parser(
+        "render", help="draw a presentation state (GSPS) over its image into a PNG, as a viewer shows it"
+    )
+    rd.add_argument("gsps", type=Path, help="the GSPS file (gsps.dcm from pacs-node run)")
+    rd.add_argument("--images", required=True, type=Path, help="folder with the source series")
+    rd.add_argument("--out", required=True, type=Path, help="the PNG to write")
+    rd.add_argument("--sop", help="SOP Instance UID of the image to show (default: the labelled slice)")
+
     serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
     serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
 
@@ -315,6 +323,13 @@ def cmd_bench(args) -> int:
     return bench(pipeline, why, args.slices, args.size, args.repeat, args.output, args.seconds, args.batch)
 
 
+def cmd_render(args) -> int:
+    from node.render import render_to_png
+
+    print(f"wrote {render_to_png(args.gsps, args.images, args.out, args.sop)}")
+    return EXIT_OK
+
+
 def cmd_serve(args) -> int:
     from node.server import serve
 
@@ -362,6 +377,7 @@ _COMMANDS = {
     "phantom": cmd_phantom,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "render": cmd_render,
     "serve": cmd_serve,
     "models": cmd_models,
 }

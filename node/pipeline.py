@@ -57,7 +57,7 @@ class SeriesResult:
             f"{c.name.meaning} {c.value.meaning.lower()} (p={c.probability:.2f})" for c in f.classifications
         ]
         compared = [f.comparison.summary()] if f.comparison else []
-        flags = [f"report discrepancy: {d.reason}" for d in f.discrepancies]
+        flags = [f"{len(f.discrepancies)} report discrepancies"] if f.discrepancies else []
         return "; ".join(
             x
             for x in (", ".join(organs), ", ".join(lesions) or "no lesion", *classes, *compared, *flags)

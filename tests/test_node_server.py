@@ -7,6 +7,7 @@ phantom (its own seed, so its own study) and looks only at what belongs to that 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -459,3 +460,49 @@ def test_no_prior_is_said_and_why(node: Node, pacs: Pacs, tmp_path: Path) -> Non
         )
         for t in items["Comment"]
     ), items["Comment"]
+
+
+def test_report_in_orthanc_contradicted_by_the_image_is_flagged(node: Node, tmp_path: Path) -> None:
+    """A radiologist's text SR already in the study says "No focal lesion."; the phantom has a
+    confident kidney lesion: the job, the SR and the metrics say so; the report is untouched."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from node.phantom_dicom import write_variant
+
+    src = write_variant(
+        Phantom.random(4242, n_lesions=3),
+        tmp_path / "ct",
+        "axial",
+        "CT",
+        seed=1,
+        shape=(24, 112, 112),
+        pixel_spacing=3.4,
+        slice_spacing=6.0,
+        patient=Patient(id="SECRETID130", study_uid="1.2.3.130"),
+    )
+    image = dcmread(src.files[0])
+    text = hd.sr.ContainerContentItem(name=codes.DCM.Finding, template_id=None)
+    text.ContentSequence = [
+        hd.sr.TextContentItem(
+            name=codes.DCM.Finding,
+            value="No focal lesion. No pleural effusion.",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    ]
+    report = hd.sr.EnhancedSR(
+        evidence=[image],
+        content=text,
+        series_instance_uid=generate_uid(),
+        series_number=99,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="RIS",
+    )
+    report.save_as(tmp_path / "report.dcm", enforce_file_format=True)
+    node.store_scu([tmp_path / "report.dcm", *src.files])
+    job = node.wait_job(src.series_uid, ("done",), timeout=120)
+    assert job["discrepancies"] == 1
+    metrics = requests.get(f"http://127.0.0.1:{node.config['metrics_port']}/metrics", timeout=10).text
+    (total,) = re.findall(r"^pacs_node_report_discrepancies_total (\S+)$", metrics, re.M)
+    assert float(total) >= 1

@@ -218,3 +218,15 @@ def test_multiframe_source_shows_the_same_picture(ct: Run, tmp_path: Path):
     image = pydicom.dcmread(mf.files[mf.label_uid])
     wrong = _rgb(render(mf.gsps, image, frame=mf.label_frame + 1, scale=SCALE))
     assert not np.array_equal(wrong, _rgb(render(mf.gsps, image, frame=mf.label_frame, scale=SCALE)))
+
+
+def test_render_command(ct: Run, tmp_path: Path, capsys):
+    out = tmp_path / "key.png"
+    assert main(["render", str(ct.gsps_path), "--images", str(ct.src), "--out", str(out)]) == 0
+    assert Image.open(out).size == (
+        SCALE * ct.gsps.DisplayedAreaSelectionSequence[0].DisplayedAreaBottomRightHandCorner[0],
+        SCALE * ct.gsps.DisplayedAreaSelectionSequence[0].DisplayedAreaBottomRightHandCorner[1],
+    )
+    assert main(["render", str(ct.gsps_path), "--images", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

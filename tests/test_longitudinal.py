@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from phantoms import confident_lesion_ct
 
 from node.findings import Concept, Findings, ModelRef, Segment
 from node.longitudinal import TimePoint, TrackedLesion, classify, compare, time_point, track
@@ -374,18 +375,7 @@ def test_discrepancy_is_a_coded_finding_in_the_sr(liver_lesion: Findings, tmp_pa
 
 
 def test_run_with_a_report_flags_what_the_image_contradicts(tmp_path: Path):
-    from node.phantom_dicom import write_variant
-
-    write_variant(
-        Phantom.random(4242, n_lesions=3),
-        tmp_path / "ct",
-        "axial",
-        "CT",
-        seed=1,
-        shape=(24, 112, 112),
-        pixel_spacing=3.4,
-        slice_spacing=6.0,
-    )
+    confident_lesion_ct(tmp_path / "ct")
     (tmp_path / "report.txt").write_text(
         "FINDINGS: No focal lesion. No pleural effusion.\nIMPRESSION: Normal."
     )

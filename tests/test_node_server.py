@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from orthanc_fixture import Node, Pacs, QrScp, free_port, orthanc_missing, wait_for
+from phantoms import confident_lesion_ct
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -468,19 +469,7 @@ def test_report_in_orthanc_contradicted_by_the_image_is_flagged(node: Node, tmp_
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from node.phantom_dicom import write_variant
-
-    src = write_variant(
-        Phantom.random(4242, n_lesions=3),
-        tmp_path / "ct",
-        "axial",
-        "CT",
-        seed=1,
-        shape=(24, 112, 112),
-        pixel_spacing=3.4,
-        slice_spacing=6.0,
-        patient=Patient(id="SECRETID130", study_uid="1.2.3.130"),
-    )
+    src = confident_lesion_ct(tmp_path / "ct", Patient(id="SECRETID130", study_uid="1.2.3.130"))
     image = dcmread(src.files[0])
     text = hd.sr.ContainerContentItem(name=codes.DCM.Finding, template_id=None)
     text.ContentSequence = [

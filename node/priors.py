@@ -210,7 +210,11 @@ def study_report(orthanc: OrthancClient, study_id: str) -> str | None:
         if series["MainDicomTags"].get("Modality") != "SR":
             continue
         for instance_id in series["Instances"]:
-            ds = dcmread(BytesIO(orthanc.instance_file(instance_id)))
+            try:
+                ds = dcmread(BytesIO(orthanc.instance_file(instance_id)))
+            except Exception as e:  # an unreadable report is no report, never a failed job
+                log.warning("priors: report instance %s unreadable: %s", instance_id, type(e).__name__)
+                continue
             if str(ds.get("Manufacturer", "")) != "pacs-node":
                 texts += list(_text_items(ds))
     return "\n".join(texts) or None

@@ -150,7 +150,7 @@ class Worker:
             state = self.queue.complete(
                 job.id,
                 self.owner,
-                outputs + self._notifications(job, result),
+                outputs + self._notifications(result),
                 self._routes(f.urgency.category),
                 (f.urgency.category, f.urgency.score),
                 len(f.discrepancies),
@@ -256,7 +256,7 @@ class Worker:
                 routes.append((d.name, "triage"))
         return routes
 
-    def _notifications(self, job: Job, result: SeriesResult) -> list[Output]:
+    def _notifications(self, result: SeriesResult) -> list[Output]:
         """The webhook payload: everything a destination may be sent (egress keeps what it may see)."""
         if not any(isinstance(d, WebhookDestination) for d in self.cfg.destinations):
             return []

@@ -160,7 +160,12 @@ def test_rerun_gives_the_same_uids_and_replaces(pipeline, phantom, axial, tmp_pa
     series, _ = find_series([tmp_path / "CT-axial"])
     out = tmp_path / "out-CT-axial"
     pipeline.process(series[0], out)
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["gsps.dcm", "seg.dcm", "sr.dcm"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [
+        "gsps.dcm",
+        "pmap.dcm",
+        "seg.dcm",
+        "sr.dcm",
+    ]
 
 
 # -- the command line -------------------------------------------------------------
@@ -262,7 +267,7 @@ def test_partial_failure_keeps_the_good_series(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("error:") == 1 and "CR" in proc.stderr
     written = sorted(p.name for p in out.rglob("*.dcm"))
-    assert written == ["gsps.dcm", "seg.dcm", "sr.dcm"]
+    assert written == ["gsps.dcm", "pmap.dcm", "seg.dcm", "sr.dcm"]
     assert not list(out.glob(".partial-*"))
     assert bad.exists()
 

@@ -212,7 +212,8 @@ def time_point(findings: Findings) -> TimePoint:
 
 def track(findings: Findings, prior: TimePoint, current: TimePoint) -> TimePoint:
     """Compare ``findings`` (whose time point is ``current``) with ``prior``; matched lesions take
-    the prior's Tracking UID. Sets ``findings.comparison`` and returns ``current`` with the UIDs the lesions now carry (for the next time point).
+    the prior's Tracking UID. Sets ``findings.comparison`` and returns ``current`` with the UIDs the
+    lesions now carry (for the next time point).
     """
     if prior.frame_of_reference == current.frame_of_reference:
         transform, how = np.eye(4), "same frame of reference"

@@ -322,7 +322,9 @@ def discrepancies(
 
 def check_report(text: str, findings) -> list[Discrepancy]:
     """The statements of ``text`` that a :class:`~node.findings.Findings`' lesions contradict."""
-    status = {c.label: c.status for c in findings.comparison.changes} if findings.comparison else {}
+    # a resolved lesion carries the prior's label, which a current lesion may carry too
+    changes = findings.comparison.changes if findings.comparison else []
+    status = {c.label: c.status for c in changes if c.status != "resolved"}
     evidence = [
         LesionEvidence(
             s.label, s.site, s.longest_diameter_mm or 0.0, s.probability or 0.0, status.get(s.label)

@@ -148,3 +148,19 @@ def test_change_vocabulary():
         "No interval change in the hepatic metastases.": "stable",
     }
     assert {text: only(text).change for text in changes} == changes
+
+
+def test_check_report_reads_a_lesion_status_not_a_resolved_namesake():
+    """The prior's Lesion 1 resolved and a new Lesion 1 appeared: "unchanged" is contradicted."""
+    from types import SimpleNamespace
+
+    from node.report_text import check_report
+
+    new = SimpleNamespace(label="Lesion 1", status="new")
+    gone = SimpleNamespace(label="Lesion 1", status="resolved")  # the prior's label
+    findings = SimpleNamespace(
+        lesions=[SimpleNamespace(label="Lesion 1", site="Liver", longest_diameter_mm=18.0, probability=0.93)],
+        comparison=SimpleNamespace(changes=[new, gone]),
+    )
+    (found,) = check_report("Liver lesion, unchanged.", findings)
+    assert found.lesions == ("Lesion 1",) and "new" in found.reason

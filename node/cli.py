@@ -14,6 +14,7 @@ from rich.table import Table
 
 from node import __version__
 from node.errors import InputError, ModelError
+from node.identity import RuntimeChoice, Stage
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
 log = logging.getLogger("node")
@@ -27,7 +28,7 @@ RUN_EPILOG = """exit status:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="pacs-node", description="PACS inference node: CT/MR in, SEG + SR + GSPS out"
+        prog="pacs-node", description="PACS inference node: CT/MR in, SEG + SR + GSPS (+ Parametric Map) out"
     )
     parser.add_argument("--version", action="version", version=f"pacs-node {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, with tracebacks")
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         "inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files or folders (any number of series)"
     )
     run.add_argument(
-        "--out", required=True, type=Path, help="folder for the SEG/SR/GSPS (.dcm), one subfolder per series"
+        "--out",
+        required=True,
+        type=Path,
+        help="folder for the SEG/SR/GSPS/Parametric Map (.dcm), one subfolder per series",
     )
     run.add_argument(
         "--prior",
@@ -69,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--size", type=int, default=256, help="rows and columns")
     ph.add_argument("--lesions", type=int, default=3)
     ph.add_argument("--seed", type=int, default=1)
-    ph.add_argument("--variant", default="axial", help="storage variant (see node.phantom_dicom.VARIANTS)")
+    ph.add_argument("--variant", default="axial", help="storage variant (see node.synthetic.dicom.VARIANTS)")
 
     demo = sub.add_parser("demo", help="write a CT and an MR phantom and run the pipeline on them")
     demo.add_argument("--out", type=Path, default=Path("results"))
+    demo.add_argument("--slices", type=int, default=120, help="slices of each phantom")
+    demo.add_argument("--size", type=int, default=256, help="rows and columns of each phantom")
     _model_args(demo)
 
     bench = sub.add_parser(
@@ -144,26 +150,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="phantom-fm", help="model name in models/ or a model folder")
-    p.add_argument("--runtime", default="auto", choices=("auto", "onnxruntime", "tensorrt", "torch"))
+    p.add_argument("--runtime", default="auto", choices=[r.value for r in RuntimeChoice])
 
 
-def _load(args):
-    from node.model_repo import load_model
+def _load(model_name: str, runtime_name: str):
+    from node.model.manifest import load_model
+    from node.model.select import select_runtime
     from node.pipeline import Pipeline
-    from node.runtimes import select_runtime
 
-    model = load_model(args.model)
-    runtime, why = select_runtime(model, args.runtime)
+    model = load_model(model_name)
+    runtime, why = select_runtime(model, runtime_name)
     return Pipeline(model, runtime), why
 
 
 def cmd_run(args) -> int:
-    from datetime import datetime
-
-    from node.longitudinal import acquired
-    from node.series import find_series
-
-    console = Console()  # stdout: info and summary; stderr carries only progress and 'error:' lines
     report = None
     if args.report:
         try:
@@ -171,8 +171,38 @@ def cmd_run(args) -> int:
         except OSError as e:
             print(f"error: {args.report}: cannot read the report ({e.strerror})", file=sys.stderr)
             return EXIT_INPUT
-    series, errors = find_series(args.inputs)
-    priors, prior_errors = find_series(args.prior) if args.prior else ([], [])
+    return run_offline(
+        args.inputs,
+        args.out,
+        args.prior,
+        report,
+        args.model,
+        args.runtime,
+        not args.no_progress,
+        args.verbose,
+    )
+
+
+def run_offline(
+    inputs: list[Path],
+    out: Path,
+    prior_inputs: list[Path],
+    report: str | None,
+    model: str,
+    runtime: str,
+    progress: bool = True,
+    verbose: bool = False,
+) -> int:
+    """``pacs-node run`` (and ``demo``): every series in ``inputs`` through the pipeline into ``out``;
+    the series in ``prior_inputs``, oldest first, are processed before them and compared in turn."""
+    from datetime import datetime
+
+    from node.analysis.longitudinal import acquired
+    from node.ingest.series import find_series
+
+    console = Console()  # stdout: info and summary; stderr carries only progress and 'error:' lines
+    series, errors = find_series(inputs)
+    priors, prior_errors = find_series(prior_inputs) if prior_inputs else ([], [])
     errors += prior_errors
     # oldest first: each series is compared with the one before it, so a lesion keeps its UID throughout
     priors.sort(key=lambda s: acquired(s.datasets[0]) or datetime.min)
@@ -180,14 +210,14 @@ def cmd_run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
     if not series:
         if not errors:
-            print(f"error: no CT or MR series found in {', '.join(map(str, args.inputs))}", file=sys.stderr)
+            print(f"error: no CT or MR series found in {', '.join(map(str, inputs))}", file=sys.stderr)
         return EXIT_INPUT
-    pipeline, why = _load(args)
+    pipeline, why = _load(model, runtime)
     console.print(
         f"model {pipeline.model.name} {pipeline.model.version}, runtime {pipeline.runtime.name} ({why})"
     )
     results = []
-    show = not args.no_progress and sys.stderr.isatty()
+    show = progress and sys.stderr.isatty()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -195,48 +225,47 @@ def cmd_run(args) -> int:
         TimeElapsedColumn(),
         console=Console(stderr=True),
         disable=not show,
-    ) as progress:
+    ) as bar:
         prior = None
         for i, s in enumerate(priors + series):
-            task = progress.add_task(f"{s.modality} series …{s.series_uid[-12:]}", total=None)
+            task = bar.add_task(f"{s.modality} series …{s.series_uid[-12:]}", total=None)
             result = _process_one(
-                pipeline, s, args, progress, task, prior, None if i < len(priors) else report
+                pipeline, s, out, verbose, bar, task, prior, None if i < len(priors) else report
             )
             results.append(result)
             if not result.ok:
                 print(f"error: {result.error}", file=sys.stderr)
             elif i < len(priors):
                 prior = result.time_point
-    _print_summary(console, results, args.out)
+    _print_summary(console, results, out)
     done = sum(r.ok for r in results)
     if done == len(results) and not errors:
         return EXIT_OK
     return EXIT_PARTIAL if done else EXIT_INPUT
 
 
-def _process_one(pipeline, series, args, progress, task, prior=None, report=None):
+def _process_one(pipeline, series, out, verbose, bar, task, prior=None, report=None):
     from node.pipeline import SeriesResult
     from node.timing import Stopwatch
 
     clock = Stopwatch()
     try:
         volume = pipeline.load(series, clock)
+        bar.update(task, total=volume.volume.shape[0])
+        result = pipeline.process(
+            series, out, lambda n: bar.advance(task, n), volume=volume, prior=prior, report=report
+        )
     except InputError as e:
         return SeriesResult(series.series_uid, series.modality, error=str(e))
-    progress.update(task, total=volume.volume.shape[0])
-    try:
-        result = pipeline.process(
-            series, args.out, lambda n: progress.advance(task, n), volume=volume, prior=prior, report=report
-        )
     except Exception as e:  # a bug of ours: keep the traceback in the log, one line for the user
         log.debug("series %s failed", series.series_uid, exc_info=True)
-        hint = "" if args.verbose else " (run with --verbose for the traceback)"
+        hint = "" if verbose else " (run with --verbose for the traceback)"
         return SeriesResult(
             series.series_uid,
             series.modality,
             error=f"series {series.series_uid}: internal error: {type(e).__name__}: {e}{hint}",
         )
-    result.seconds = {"load": clock.seconds["load"], **result.seconds}
+    result.seconds = {Stage.LOAD: clock.seconds[Stage.LOAD], **result.seconds}
     return result
 
 
@@ -268,54 +297,40 @@ def _print_summary(console: Console, results, out: Path) -> None:
 
 
 def cmd_phantom(args) -> int:
-    from node.phantom import Phantom
-    from node.phantom_dicom import Patient, write_variant
-
-    w = write_variant(
-        Phantom.random(args.seed, n_lesions=args.lesions),
-        args.out,
-        args.variant,
-        modality=args.modality,
-        seed=args.seed,
-        shape=(args.slices, args.size, args.size),
-        pixel_spacing=round(400.0 / args.size, 4),
-        slice_spacing=round(300.0 / args.slices, 3),
-        patient=Patient(name=f"PHANTOM^{args.modality}", id=f"PH{args.seed:05d}"),
-    )
+    w = _write_phantom(args.out, args.modality, args.slices, args.size, args.lesions, args.seed, args.variant)
     print(f"wrote {len(w.files)} files of series {w.series_uid} to {args.out}")
     return EXIT_OK
+
+
+def _write_phantom(out: Path, modality: str, slices: int, size: int, lesions: int, seed: int, variant: str):
+    from node.synthetic.dicom import Patient, write_variant
+    from node.synthetic.phantom import Phantom
+
+    return write_variant(
+        Phantom.random(seed, n_lesions=lesions),
+        out,
+        variant,
+        modality=modality,
+        seed=seed,
+        shape=(slices, size, size),
+        pixel_spacing=round(400.0 / size, 4),
+        slice_spacing=round(300.0 / slices, 3),
+        patient=Patient(name=f"PHANTOM^{modality}", id=f"PH{seed:05d}"),
+    )
 
 
 def cmd_demo(args) -> int:
     with tempfile.TemporaryDirectory(prefix="pacs-node-demo-") as tmp:
         for modality, seed in (("CT", 1), ("MR", 2)):
-            cmd_phantom(
-                argparse.Namespace(
-                    out=Path(tmp) / modality,
-                    modality=modality,
-                    slices=120,
-                    size=256,
-                    lesions=3,
-                    seed=seed,
-                    variant="axial",
-                )
-            )
-        run_args = argparse.Namespace(
-            inputs=[Path(tmp)],
-            out=args.out,
-            model=args.model,
-            runtime=args.runtime,
-            no_progress=False,
-            verbose=False,
-        )
-        return cmd_run(run_args)
+            _write_phantom(Path(tmp) / modality, modality, args.slices, args.size, 3, seed, "axial")
+        return run_offline([Path(tmp)], args.out, [], None, args.model, args.runtime, verbose=args.verbose)
 
 
 def cmd_bench(args) -> int:
-    from node.bench import bench
-    from node.model_repo import load_model
+    from node.model.manifest import load_model
+    from node.model.select import select_runtime
     from node.pipeline import Pipeline
-    from node.runtimes import select_runtime
+    from node.tools.bench import bench
 
     model = load_model(args.model)
     runtime, why = select_runtime(model, args.runtime, args.precision)
@@ -324,27 +339,27 @@ def cmd_bench(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from node.render import render_to_png
+    from node.tools.render import render_to_png
 
     print(f"wrote {render_to_png(args.gsps, args.images, args.out, args.sop)}")
     return EXIT_OK
 
 
 def cmd_serve(args) -> int:
-    from node.server import serve
+    from node.service.supervisor import serve
 
     return serve(args.config)
 
 
 def cmd_models(args) -> int:
     if args.models_command == "train":
-        from node.model_repo import MODELS_DIR
-        from node.reference_model import train
+        from node.model.manifest import MODELS_DIR
+        from node.tools.train_reference import train
 
         logging.getLogger("node").setLevel(logging.INFO)
         out = args.out or MODELS_DIR / "phantom-fm"
         if args.head:
-            from node.reference_model import retrain_presence
+            from node.tools.train_reference import retrain_presence
 
             retrain_presence(out)
             print(f"retrained head {args.head} in {out} (backbone untouched)")
@@ -353,11 +368,11 @@ def cmd_models(args) -> int:
         print(f"trained phantom-fm in {stats['train_seconds']} s; graphs in {out}")
         print(f"next: pacs-node models evaluate --model {out}")
         return EXIT_OK
-    from node.evaluate import evaluate_model, format_report, write_quality
-    from node.model_repo import load_model
+    from node.model.manifest import load_model
+    from node.tools.evaluate import evaluate_model, format_report, write_quality
 
     if args.models_command == "build":
-        from node.runtimes.tensorrt import build_model
+        from node.model.runtimes.tensorrt import build_model
 
         for path in build_model(load_model(args.model), tuple(args.precision)):
             print(path)

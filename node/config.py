@@ -15,12 +15,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from node.retrieve import QueryRetrieveSource
-from node.urgency import TriageRules
+from node.analysis.urgency import Category, TriageRules
+from node.identity import DEFAULT_ACCEPTS, ROUTED_MODALITIES, OutputKind, RuntimeChoice
+from node.service.retrieve import QueryRetrieveSource
 
-OUTPUT_KINDS = ("seg", "sr", "gsps")  # what a destination gets unless its ``accepts`` says otherwise
-# pmap (the lesion probability Parametric Map) is opt-in: not every PACS stores that SOP class
-OutputKind = Literal["seg", "sr", "gsps", "pmap"]
+# what a DICOM destination may accept: every DICOM output kind; pmap (the lesion probability
+# Parametric Map) is opt-in, not every PACS stores that SOP class
+DicomKind = Literal[tuple(k.value for k in OutputKind if k.is_dicom)]
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
 
 
@@ -44,7 +45,7 @@ class DicomDestination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str
-    accepts: list[OutputKind] = list(OUTPUT_KINDS)
+    accepts: list[DicomKind] = [k.value for k in DEFAULT_ACCEPTS]
     timeout_s: float = Field(default=30.0, gt=0)
 
     _check_ae = field_validator("ae_title")(_ae_title)
@@ -54,7 +55,7 @@ class DicomWebDestination(_Strict):
     name: str
     kind: Literal["dicomweb"]
     url: str
-    accepts: list[OutputKind] = list(OUTPUT_KINDS)
+    accepts: list[DicomKind] = [k.value for k in DEFAULT_ACCEPTS]
     username: str | None = None
     password: str | None = None
     timeout_s: float = Field(default=30.0, gt=0)
@@ -74,7 +75,7 @@ class WebhookDestination(_Strict):
     name: str
     kind: Literal["webhook"]
     url: str
-    min_category: Literal["routine", "priority", "urgent"] = "priority"
+    min_category: Literal[tuple(c.value for c in Category)] = "priority"
     # beyond the documented minimum (UIDs, score, category, findings summary): opt-in fields
     include: list[Literal["reasons", "discrepancies"]] = []
     headers: dict[str, str] = {}  # e.g. Authorization: "Bearer ${env:RIS_TOKEN}"
@@ -95,7 +96,7 @@ class Rule(_Strict):
     regular expression that must match the whole value (case-insensitive).
     """
 
-    modalities: list[str] = ["CT", "MR"]
+    modalities: list[str] = list(ROUTED_MODALITIES)
     tags: dict[str, str] = {}
     exclude_tags: dict[str, str] = {}
     min_instances: int = Field(default=1, ge=1)
@@ -104,7 +105,7 @@ class Rule(_Strict):
 
 
 class PriorsConfig(_Strict):
-    """Where and how far back the worker looks for a series' prior (see node/priors.py)."""
+    """Where and how far back the worker looks for a series' prior (see node/service/priors.py)."""
 
     enabled: bool = True
     lookback_days: int = Field(default=1825, ge=1)  # five years: follow-up intervals rarely exceed it
@@ -153,11 +154,13 @@ class NodeConfig(_Strict):
     allowed_aes: list[str] = []  # empty: any calling AE may store; else only these
 
     routing: list[Rule] = [Rule()]
-    triage: TriageRules = TriageRules()
-    priors: PriorsConfig = PriorsConfig()  # urgency rules; defaults and their reasons in node/urgency.py
+    triage: TriageRules = (
+        TriageRules()
+    )  # urgency rules; defaults and their reasons in node/analysis/urgency.py
+    priors: PriorsConfig = PriorsConfig()
     stable_age_s: int = Field(default=10, ge=1)
     model: str = "phantom-fm"
-    runtime: Literal["auto", "onnxruntime", "tensorrt", "torch"] = "auto"
+    runtime: RuntimeChoice = RuntimeChoice.AUTO
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     orthanc_binary: Path = Path("/usr/sbin/Orthanc")

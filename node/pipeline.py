@@ -1,8 +1,10 @@
-"""The offline pipeline for one series: volume -> inference -> findings -> SEG + SR + GSPS on disk.
+"""One series end to end, shared by ``pacs-node run``/``demo`` and the worker:
+volume (:mod:`node.ingest`) -> backbone once and every head (:mod:`node.model`) -> findings,
+comparison with the prior, report check, urgency (:mod:`node.analysis`) -> SEG, SR, GSPS and,
+when the model gives a lesion probability, a Parametric Map (:mod:`node.writers`) on disk.
 
-Outputs of a series are written into a hidden temporary folder and moved
-into place only when all three objects were written, so a failure never
-leaves half a result behind.
+A series' objects are written into a hidden temporary folder and moved into place only when
+all of them were written, so a failure never leaves half a result behind.
 """
 
 from __future__ import annotations
@@ -13,21 +15,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.errors import InputError, ModelError
-from node.findings import Findings
-from node.inference import predict
-from node.longitudinal import TimePoint, time_point, track
-from node.model_repo import ModelSpec
-from node.postprocess import to_findings
-from node.report_text import check_report
-from node.runtimes import Runtime
-from node.series import SourceSeries
+from pydicom import Dataset
+
+from node.analysis.change import TimePoint
+from node.analysis.findings import Findings
+from node.analysis.longitudinal import time_point, track
+from node.analysis.postprocess import to_findings
+from node.analysis.report_text import check_report
+from node.analysis.urgency import TriageRules, assess, tags_of
+from node.errors import ModelError
+from node.identity import OutputKind, Stage
+from node.ingest.series import SourceSeries
+from node.ingest.volume import SeriesVolume, load_volume
+from node.model.inference import predict
+from node.model.manifest import ModelSpec
+from node.model.runtimes import Runtime
 from node.timing import Stopwatch
-from node.urgency import TriageRules, assess, tags_of
-from node.volume import SeriesVolume, load_volume
-from node.writers import write_gsps, write_probability_map, write_seg, write_sr
+from node.writers.gsps import write_gsps
+from node.writers.pmap import write_probability_map
+from node.writers.seg import write_seg
+from node.writers.sr import write_sr
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Written:
+    """One object on disk: ``<out>/<series UID>/<kind>.dcm``."""
+
+    kind: OutputKind
+    path: Path
+    sop_uid: str
 
 
 @dataclass
@@ -35,7 +53,7 @@ class SeriesResult:
     series_uid: str
     modality: str = ""
     slices: int = 0
-    files: list[Path] = field(default_factory=list)
+    outputs: list[Written] = field(default_factory=list)
     findings: Findings | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     parts: dict[str, float] = field(default_factory=dict)  # inside inference: backbone, head_<name>
@@ -45,6 +63,10 @@ class SeriesResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def files(self) -> list[Path]:
+        return [w.path for w in self.outputs]
 
     def summary(self) -> str:
         """One PHI-free line: what was found."""
@@ -79,7 +101,7 @@ class Pipeline:
         self.triage = triage or TriageRules()
 
     def load(self, series: SourceSeries, clock: Stopwatch) -> SeriesVolume:
-        with clock("load"):
+        with clock(Stage.LOAD):
             return load_volume(series, self.model.modalities, model_name=self.model.name)
 
     def process(
@@ -91,49 +113,50 @@ class Pipeline:
         prior: TimePoint | None = None,
         report: str | None = None,
         prior_unavailable: str | None = None,
+        clock: Stopwatch | None = None,
     ) -> SeriesResult:
-        """Run one series end to end. User-fixable problems become ``result.error``; bugs propagate.
+        """Run one series end to end; an :class:`~node.errors.InputError` names what is wrong with the series.
 
         ``prior``: the time point to compare with; ``report``: the study's report text, checked
         against the image (contradictions are flagged in the SR, the report is never changed);
-        ``prior_unavailable``: a prior was looked for and none could be used, and why (the SR says it)."""
-        clock = Stopwatch()
+        ``prior_unavailable``: a prior was looked for and none could be used, and why (the SR says it);
+        ``clock``: times the stages (``clock.current`` names the stage an error happened in)."""
+        clock = clock or Stopwatch()
         result = SeriesResult(series.series_uid, series.modality)
-        try:
-            volume = volume or self.load(series, clock)
-        except InputError as e:
-            result.error = str(e)
-            return result
+        volume = volume or self.load(series, clock)
         result.slices = volume.volume.shape[0]
         prediction = predict(volume, self.model, self.runtime, clock, progress)
-        with clock("measure"):
+        with clock(Stage.MEASURE):
             findings = to_findings(volume, self.model, prediction, self.runtime.name)
             result.time_point = time_point(findings)
         findings.prior_unavailable = prior_unavailable
         if prior is not None:
-            with clock("compare"):
+            with clock(Stage.COMPARE):
                 result.time_point = track(findings, prior, result.time_point)
         if report:
             findings.discrepancies = check_report(report, findings)
         findings.urgency = assess(tags_of(volume.first_dataset), findings, self.triage)
-        with clock("encode_seg"):
+        with clock(Stage.ENCODE_SEG):
             seg = write_seg(findings)
-        with clock("encode_sr"):
+        with clock(Stage.ENCODE_SR):
             sr = write_sr(findings, seg)
-        with clock("encode_gsps"):
+        with clock(Stage.ENCODE_GSPS):
             gsps = write_gsps(findings)
-        objects = {"seg": seg, "sr": sr, "gsps": gsps}
+        objects = {OutputKind.SEG: seg, OutputKind.SR: sr, OutputKind.GSPS: gsps}
         if findings.lesion_probability is not None:
-            with clock("encode_pmap"):
-                objects["pmap"] = write_probability_map(findings)
-        with clock("write"):
-            result.files = _write_atomically(out_dir, series.series_uid, objects)
+            with clock(Stage.ENCODE_PMAP):
+                objects[OutputKind.PMAP] = write_probability_map(findings)
+        with clock(Stage.WRITE):
+            paths = _write_atomically(out_dir, series.series_uid, objects)
+        result.outputs = [Written(k, paths[k], str(ds.SOPInstanceUID)) for k, ds in objects.items()]
         result.findings = findings
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
 
 
-def _write_atomically(out_dir: Path, series_uid: str, objects: dict) -> list[Path]:
+def _write_atomically(
+    out_dir: Path, series_uid: str, objects: dict[OutputKind, Dataset]
+) -> dict[OutputKind, Path]:
     """Write ``out_dir/<series_uid>/<kind>.dcm`` all or nothing; a re-run replaces the old results."""
     final = out_dir / series_uid
     tmp = out_dir / f".partial-{series_uid}"
@@ -151,4 +174,4 @@ def _write_atomically(out_dir: Path, series_uid: str, objects: dict) -> list[Pat
             tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [final / f"{kind}.dcm" for kind in objects]
+    return {kind: final / f"{kind}.dcm" for kind in objects}

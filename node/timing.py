@@ -18,8 +18,10 @@ class Stopwatch:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.parts: dict[str, float] = defaultdict(float)
+        self.current: str | None = None  # the stage entered last: where an error happened
 
     def __call__(self, stage: str):
+        self.current = stage
         return _timed(self.seconds, stage)
 
     def part(self, name: str):

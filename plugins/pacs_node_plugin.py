@@ -1,7 +1,7 @@
 """pacs-node's Orthanc plugin: stable series -> routing rules -> durable job; job REST routes.
 
 Deliberately thin (stdlib + Orthanc's ``orthanc`` module + the stdlib-only
-``node.jobqueue``): it runs inside Orthanc's process, so it must never load a
+``node.service.queue``): it runs inside Orthanc's process, so it must never load a
 model or do heavy work; the worker process does that. Its settings come from
 the ``PacsNode`` section that ``pacs-node serve`` writes into Orthanc's config.
 """
@@ -18,16 +18,18 @@ _CFG = json.loads(orthanc.GetConfiguration()).get("PacsNode", {})
 if _CFG.get("Src") and _CFG["Src"] not in sys.path:
     sys.path.insert(0, _CFG["Src"])
 
-from node.jobqueue import JobQueue, to_json  # noqa: E402  (the path above makes it importable)
-from node.urgency import TriageRules, request_points  # noqa: E402
+# the path above makes these importable
+from node.analysis.urgency import TriageRules, request_points  # noqa: E402
+from node.identity import NODE_NAME, ROUTED_MODALITIES, JobState, SkipRule  # noqa: E402
+from node.service.queue import JobQueue, to_json  # noqa: E402
 
 # Never processed, whatever the rules say: non-images and the node's own outputs (no loops).
 NEVER_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "OT"}
-OUR_MANUFACTURER = "pacs-node"
 
 log = logging.getLogger("pacs_node_plugin")
+JOB_STATES = {s.value for s in JobState}
 _queue = JobQueue(_CFG["Queue"])
-_rules = _CFG.get("Routing") or [{"modalities": ["CT", "MR"]}]
+_rules = _CFG.get("Routing") or [{"modalities": list(ROUTED_MODALITIES)}]
 _max_attempts = int(_CFG.get("MaxAttempts", 3))
 _triage = TriageRules.from_dict(_CFG.get("Triage") or {})
 
@@ -45,7 +47,7 @@ def _get(uri):
 
 
 def _rule_matches(rule, tags, modality, n_instances):
-    if modality not in [m.upper() for m in rule.get("modalities", ["CT", "MR"])]:
+    if modality not in [m.upper() for m in rule.get("modalities", ROUTED_MODALITIES)]:
         return False
     if n_instances < int(rule.get("min_instances", 1)):
         return False
@@ -62,15 +64,6 @@ def _rule_matches(rule, tags, modality, n_instances):
     )
 
 
-# Why a stable series got no job: the ``rule`` label of pacs_node_jobs_total{outcome="skipped"}
-SKIP_EXCLUDED_MODALITY = "excluded_modality"
-SKIP_OWN_OUTPUT = "own_output"
-SKIP_NOT_IMAGE = "not_an_image"
-SKIP_NO_INSTANCES = "no_instances"
-SKIP_NO_RULE = "no_routing_rule_matched"
-SKIP_PRIOR = "retrieved_prior"
-
-
 def _modality_label(modality):
     """A bounded, PHI-free label: a DICOM Modality (CS, <= 16 chars) or 'other'."""
     return modality if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality or "") else "other"
@@ -84,24 +77,24 @@ def decide(series_id):
     tags = dict(series.get("MainDicomTags", {}))
     modality = str(tags.get("Modality", "")).upper()
     if modality in NEVER_MODALITIES:
-        return False, SKIP_EXCLUDED_MODALITY, f"{modality} series is never processed", series
+        return False, SkipRule.EXCLUDED_MODALITY, f"{modality} series is never processed", series
     if not instances:
-        return False, SKIP_NO_INSTANCES, "no instances", series
-    if _queue.was_retrieved(str(tags.get("SeriesInstanceUID", ""))):
-        return False, SKIP_PRIOR, "a prior the worker retrieved for comparison", series
+        return False, SkipRule.NO_INSTANCES, "no instances", series
+    if str(tags.get("SeriesInstanceUID", "")) in _queue.retrieved:
+        return False, SkipRule.RETRIEVED_PRIOR, "a prior the worker retrieved for comparison", series
     # SOP class and manufacturer are instance-level: read one instance's header
     first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
         tags.setdefault(key, first.get(key, ""))
     series["Priority"] = request_points(first, _triage)[0]  # the request's urgency orders the queue
-    if str(first.get("Manufacturer", "")).strip() == OUR_MANUFACTURER:
-        return False, SKIP_OWN_OUTPUT, "output of pacs-node", series
+    if str(first.get("Manufacturer", "")).strip() == NODE_NAME:
+        return False, SkipRule.OWN_OUTPUT, "output of pacs-node", series
     if "Rows" not in first:
-        return False, SKIP_NOT_IMAGE, "not an image", series
+        return False, SkipRule.NOT_AN_IMAGE, "not an image", series
     for rule in _rules:
         if _rule_matches(rule, tags, modality, len(instances)):
             return True, None, "eligible", series
-    return False, SKIP_NO_RULE, "%s series matches no routing rule" % (modality or "unknown"), series
+    return False, SkipRule.NO_RULE, "%s series matches no routing rule" % (modality or "unknown"), series
 
 
 def on_change(change_type, level, resource_id):
@@ -110,13 +103,13 @@ def on_change(change_type, level, resource_id):
     try:
         eligible, skipped_by, reason, series = decide(resource_id)
         modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
-        _queue.record_series(_modality_label(modality), skipped_by)
+        _queue.counters.record_series(_modality_label(modality), skipped_by)
         if not eligible:
             _info(f"series {resource_id} skipped: {reason}")
             return
         instances = sorted(series.get("Instances", []))
         fingerprint = hashlib.sha1("\n".join(instances).encode()).hexdigest()
-        submitted = _queue.submit(
+        submitted = _queue.jobs.submit(
             resource_id,
             study_id=series.get("ParentStudy", ""),
             modality=series["MainDicomTags"].get("Modality", ""),
@@ -147,8 +140,11 @@ def rest_jobs(output, uri, **request):
         return
     args = request.get("get", {})
     state = args.get("state") or None
+    if state is not None and state not in JOB_STATES:
+        _answer(output, {"error": f"unknown state {state!r}", "states": sorted(JOB_STATES)}, 400)
+        return
     limit = int(args.get("limit", "100")) if str(args.get("limit", "100")).isdigit() else 100
-    jobs = [j.__dict__ for j in _queue.jobs(state, limit)]
+    jobs = [j.__dict__ for j in _queue.jobs.recent(state, limit)]
     _answer(output, jobs)
 
 
@@ -156,7 +152,7 @@ def rest_job(output, uri, **request):
     if request["method"] != "GET":
         output.SendMethodNotAllowed("GET")
         return
-    job = _queue.describe(int(request["groups"][0]))
+    job = _queue.jobs.describe(int(request["groups"][0]))
     if job is None:
         _answer(output, {"error": "no such job"}, 404)
     else:
@@ -169,7 +165,7 @@ def rest_retry(output, uri, **request):
         return
     job_id = int(request["groups"][0])
     try:
-        state = _queue.retry(job_id)
+        state = _queue.jobs.retry(job_id)
     except KeyError:
         _answer(output, {"error": "no such job"}, 404)
         return
@@ -184,7 +180,7 @@ def rest_destinations(output, uri, **request):
     if request["method"] != "GET":
         output.SendMethodNotAllowed("GET")
         return
-    _answer(output, _queue.destination_status())
+    _answer(output, _queue.outbox.status())
 
 
 orthanc.RegisterOnChangeCallback(on_change)

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from pydicom import Dataset, dcmread
 
-from node.orthanc import OrthancClient
+from node.service.orthanc import OrthancClient
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 

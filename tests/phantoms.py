@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.phantom import Phantom
-from node.phantom_dicom import Patient, WrittenSeries, write_variant
+from node.synthetic.dicom import Patient, WrittenSeries, write_variant
+from node.synthetic.phantom import Phantom
 
 
 def confident_lesion_ct(out: Path, patient: Patient | None = None) -> WrittenSeries:

@@ -23,8 +23,8 @@ from seg_readback import read_segments
 
 import conformance
 from node.config import NodeConfig
-from node.phantom import Phantom
-from node.phantom_dicom import Patient, write_axial_series, write_variant
+from node.synthetic.dicom import Patient, write_axial_series, write_variant
+from node.synthetic.phantom import Phantom
 
 KINDS = ("seg", "sr", "gsps", "pmap")
 needs_orthanc = pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")
@@ -34,9 +34,9 @@ needs_dciodvfy = pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3
 # --- offline outputs (the pipeline the worker runs) --------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline():
-    from node.model_repo import load_model
+    from node.model.manifest import load_model
+    from node.model.select import select_runtime
     from node.pipeline import Pipeline
-    from node.runtimes import select_runtime
 
     model = load_model("phantom-fm")
     return Pipeline(model, select_runtime(model, "auto")[0])
@@ -44,7 +44,7 @@ def pipeline():
 
 def run(pipeline, folder: Path, out: Path, **context):
     """Process the one series in ``folder``; ``context``: prior, report (as Pipeline.process takes)."""
-    from node.series import find_series
+    from node.ingest.series import find_series
 
     series, errors = find_series([folder])
     assert not errors and len(series) == 1
@@ -137,7 +137,7 @@ def _codes(items, out: set) -> set:
 
 
 def test_sr_codes_are_the_statements(outputs) -> None:
-    from node.model_repo import load_model
+    from node.model.manifest import load_model
 
     def rows(name):
         return {(r["Code value"], r["Scheme"], r["Meaning"]) for r in conformance.table(name)}
@@ -233,7 +233,7 @@ def test_processed_enhanced_sop_classes(pipeline, tmp_path: Path, variant: str) 
 
 # --- the statement against what the code declares ------------------------------------------------
 def test_scp_tables_match_the_server_config() -> None:
-    from node.server import SCP_TRANSFER_SYNTAXES, orthanc_config
+    from node.service.supervisor import SCP_TRANSFER_SYNTAXES, orthanc_config
 
     listed = [r["UID"] for r in conformance.table("scp-transfer-syntaxes")]
     assert listed == list(SCP_TRANSFER_SYNTAXES)
@@ -258,8 +258,8 @@ def test_scu_contexts_match_egress(outputs, tmp_path: Path) -> None:
     import pynetdicom
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 
-    from node import egress
     from node.config import DicomDestination
+    from node.service import egress
 
     proposed: dict[str, list[str]] = {}
     impl = []

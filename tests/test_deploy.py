@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from node.config import parse_config
-from node.metrics import NodeMetrics, exported_names
+from node.service.metrics import NodeMetrics, exported_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -15,11 +15,12 @@ import pydicom
 import pytest
 from phantoms import confident_lesion_ct
 
-from node.findings import Concept, Findings, ModelRef, Segment
-from node.longitudinal import TimePoint, TrackedLesion, classify, compare, time_point, track
-from node.measure import measure
-from node.phantom import Lesion, Phantom
-from node.phantom_dicom import Patient, axial_affine, write_axial_series, write_grid
+from node.analysis.change import TimePoint, TrackedLesion, classify
+from node.analysis.findings import Concept, Findings, ModelRef, Segment
+from node.analysis.longitudinal import compare, time_point, track
+from node.analysis.measure import measure
+from node.synthetic.dicom import Patient, axial_affine, write_axial_series, write_grid
+from node.synthetic.phantom import Lesion, Phantom
 
 ORGAN = Concept("123037004", "SCT", "Anatomical Structure")
 LIVER = Concept("10200004", "SCT", "Liver")
@@ -33,6 +34,8 @@ LESION = Concept("52988006", "SCT", "Lesion")
         (10.0, 12.0, "stable"),  # +20 % but only +2 mm
         (20.0, 25.0, "increased"),  # +25 % and +5 mm
         (30.0, 34.0, "stable"),  # +4 mm, +13 %
+        (10.0, 14.0, "stable"),  # +40 % but only +4 mm: the +5 mm rule
+        (10.0, 15.0, "increased"),  # +50 % and +5 mm
         (20.0, 14.0, "decreased"),  # -30 %
         (20.0, 15.0, "stable"),  # -25 %
     ],
@@ -119,10 +122,10 @@ def lesion_in(phantom: Phantom, host: int, offset, radius: float) -> Lesion:
 
 
 def test_registration_recovers_a_prior_in_another_frame_of_reference(tmp_path: Path):
-    from node.phantom_dicom import axial_affine
-    from node.registration import register_rigid
-    from node.series import find_series
-    from node.volume import load_volume
+    from node.analysis.registration import register_rigid
+    from node.ingest.series import find_series
+    from node.ingest.volume import load_volume
+    from node.synthetic.dicom import axial_affine
 
     ph = Phantom.random(5, n_lesions=0)
     shape = (60, 160, 160)
@@ -211,9 +214,9 @@ def test_run_with_a_prior_tracks_lesions_and_labels_the_change(tmp_path: Path):
 def _truth_findings(series_dir: Path, truth, phantom: Phantom) -> Findings:
     """Findings from the phantom's ground truth (not the model): the liver, and lesion k is truth
     label k, each placed in its organ as the pipeline does."""
-    from node.postprocess import locate
-    from node.series import find_series
-    from node.volume import load_volume
+    from node.analysis.postprocess import locate
+    from node.ingest.series import find_series
+    from node.ingest.volume import load_volume
 
     sv = load_volume(find_series([series_dir])[0][0])
     assert np.array_equal(sv.volume.array, truth.image)  # masks below are on the loaded grid
@@ -253,7 +256,9 @@ def test_new_grown_stable_resolved_are_categorised_and_coded_across_frames_of_re
     another frame of reference (rotated and shifted). Registration must bring them together, each
     lesion must get its category, the SRs must carry it coded with the prior values, the lesion keeps
     its Tracking UID, and every object stays dciodvfy-clean."""
-    from node.writers import write_gsps, write_seg, write_sr
+    from node.writers.gsps import write_gsps
+    from node.writers.seg import write_seg
+    from node.writers.sr import write_sr
 
     ph = Phantom.random(5, n_lesions=0)
     stable, grows = lesion_in(ph, 1, (-25, 5, 0), 9.0), lesion_in(ph, 1, (20, -5, 10), 6.0)
@@ -349,7 +354,7 @@ def liver_lesion(tmp_path_factory) -> Findings:
     ],
 )
 def test_report_statements_the_image_contradicts_are_flagged(liver_lesion: Findings, report, flagged):
-    from node.report_text import check_report
+    from node.analysis.report_text import check_report
 
     assert liver_lesion.lesions[0].site == "Liver"
     found = check_report(report, liver_lesion)
@@ -358,9 +363,9 @@ def test_report_statements_the_image_contradicts_are_flagged(liver_lesion: Findi
 
 
 def test_discrepancy_is_a_coded_finding_in_the_sr(liver_lesion: Findings, tmp_path: Path):
-    from node.report_text import check_report
-    from node.writers import write_seg, write_sr
-    from node.writers.seg import tracking_uid
+    from node.analysis.report_text import check_report
+    from node.writers.seg import write_seg
+    from node.writers.sr import write_sr
 
     f = dataclasses.replace(liver_lesion, discrepancies=check_report("No liver lesion.", liver_lesion))
     seg = write_seg(f)
@@ -371,7 +376,7 @@ def test_discrepancy_is_a_coded_finding_in_the_sr(liver_lesion: Findings, tmp_pa
     text = subprocess.run(["dsrdump", "+Pl", str(tmp_path / "sr.dcm")], capture_output=True, text=True).stdout
     assert '"Disagreement with prior findings")=(52988006,SCT,"Lesion")' in text
     assert "report statement: No liver lesion" in text
-    assert tracking_uid(f, f.lesions[0]) in text.split("Report discrepancy 1")[1]  # points at its evidence
+    assert f.tracking_uid(f.lesions[0]) in text.split("Report discrepancy 1")[1]  # points at its evidence
 
 
 def test_run_with_a_report_flags_what_the_image_contradicts(tmp_path: Path):

@@ -1,4 +1,4 @@
-"""node.measure on synthetic volumes with exactly known answers."""
+"""node.analysis.measure on synthetic volumes with exactly known answers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
-from node.findings import Concept, Segment
-from node.measure import longest_diameter, measure
-from node.volume import SeriesVolume, SourceFrame
+from node.analysis.findings import Concept, Segment
+from node.analysis.measure import longest_diameter, measure
+from node.ingest.volume import SeriesVolume, SourceFrame
 
 TYPE = Concept("52988006", "SCT", "Lesion")
 CATEGORY = Concept("49755003", "SCT", "Morphologically Altered Structure")

@@ -18,10 +18,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from test_deploy import ORTHANC_METRICS_USED
 
-from node.jobqueue import JobQueue, Output
-from node.metrics import MetricsServer, ModelInfo, NodeMetrics, exported_names
-from node.phantom import Phantom
-from node.phantom_dicom import Patient, write_axial_series
+from node.service.metrics import MetricsServer, ModelInfo, NodeMetrics, exported_names
+from node.service.queue import JobQueue, Output, Route
+from node.synthetic.dicom import Patient, write_axial_series
+from node.synthetic.phantom import Phantom
 
 SECRETS = Patient(name="SECRET^METRICS^PATIENT", id="SECRETPID4711", accession="SECRETACC4711")
 
@@ -50,19 +50,22 @@ def get(url: str) -> tuple[int, bytes]:
 def test_queue_counters_and_gauges(tmp_path: Path) -> None:
     clock = [1000.0]
     q = JobQueue(tmp_path / "q.sqlite", clock=lambda: clock[0])
-    q.record_series("CT")
-    q.record_series("CR", skipped_by="no_routing_rule_matched")
-    j = q.submit("s1", modality="CT", instances=3, fingerprint="a").job_id
-    q.submit("s1", modality="CT", instances=3, fingerprint="a")  # the same: deduplicated
-    q.submit("s2", modality="MR", instances=3, fingerprint="b")
-    job = q.lease("w", 60)
+    q.counters.record_series("CT")
+    q.counters.record_series("CR", skipped_by="no_routing_rule_matched")
+    j = q.jobs.submit("s1", modality="CT", instances=3, fingerprint="a").job_id
+    q.jobs.submit("s1", modality="CT", instances=3, fingerprint="a")  # the same: deduplicated
+    q.jobs.submit("s2", modality="MR", instances=3, fingerprint="b")
+    job = q.jobs.lease("w", 60)
     assert job.id == j
-    q.complete(
-        j, "w", [Output("seg", "1.2", "o1"), Output("sr", "1.3", "o2")], [("pacs", "seg"), ("pacs", "sr")]
+    q.jobs.complete(
+        j,
+        "w",
+        [Output("seg", "1.2", "o1"), Output("sr", "1.3", "o2")],
+        [Route("pacs", "seg"), Route("pacs", "sr")],
     )
-    d1, d2 = q.due_deliveries()
-    q.delivered(d1.id)
-    q.delivery_failed(d2.id, "down", 1, 10, 5)
+    d1, d2 = q.outbox.due()
+    q.outbox.delivered(d1.id)
+    q.outbox.failed(d2.id, "down", 1, 10, 5)
     clock[0] = 1030.0
 
     m = NodeMetrics(tmp_path / "q.sqlite", ["pacs", "archive"], restarts=2, clock=lambda: clock[0])

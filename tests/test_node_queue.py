@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from node.analysis.urgency import Urgency
 from node.config import ConfigError, load_config, parse_config
-from node.jobqueue import JobQueue, Output
+from node.service.queue import JobQueue, Output, Route
 
 
 class Clock:
@@ -30,7 +31,7 @@ def q(tmp_path: Path, clock: Clock) -> JobQueue:
 
 
 OUTS = [Output("seg", "1.2.3.1", "o1"), Output("sr", "1.2.3.2", "o2"), Output("gsps", "1.2.3.3", "o3")]
-ROUTES = [("pacs", "seg"), ("pacs", "sr"), ("pacs", "gsps"), ("archive", "sr")]
+ROUTES = [Route("pacs", "seg"), Route("pacs", "sr"), Route("pacs", "gsps"), Route("archive", "sr")]
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -95,110 +96,110 @@ def test_config_bad_yaml(tmp_path: Path) -> None:
 
 # --- queue ----------------------------------------------------------------------------------------
 def test_submit_lease_complete_deliver(q: JobQueue) -> None:
-    s = q.submit("ser1", modality="CT", instances=24, fingerprint="f1")
+    s = q.jobs.submit("ser1", modality="CT", instances=24, fingerprint="f1")
     assert s.job_id == 1
-    job = q.lease("w1", 10)
+    job = q.jobs.lease("w1", 10)
     assert job and job.id == 1 and job.state == "running" and job.attempts == 1
-    assert q.lease("w2", 10) is None
-    assert q.complete(1, "w1", OUTS, ROUTES) == "delivering"
-    due = q.due_deliveries()
-    assert {(d.destination, d.kind) for d in due} == set(ROUTES)
+    assert q.jobs.lease("w2", 10) is None
+    assert q.jobs.complete(1, "w1", OUTS, ROUTES) == "delivering"
+    due = q.outbox.due()
+    assert {Route(d.destination, d.kind) for d in due} == set(ROUTES)
     for d in due:
-        q.delivered(d.id)
-    assert q.job(1).state == "done"
-    assert [h["event"] for h in q.history(1)][-1] == "delivered"
+        q.outbox.delivered(d.id)
+    assert q.jobs.get(1).state == "done"
+    assert [h.event for h in q.jobs.history(1)][-1] == "delivered"
 
 
 def test_resubmit_same_instances_makes_no_job(q: JobQueue) -> None:
-    q.submit("ser1", fingerprint="f1")
-    assert q.submit("ser1", fingerprint="f1").job_id is None
-    q.lease("w", 10)
-    q.complete(1, "w", OUTS, [])
-    assert q.job(1).state == "done"
-    assert q.submit("ser1", fingerprint="f1").job_id is None
-    assert len(q.jobs()) == 1
+    q.jobs.submit("ser1", fingerprint="f1")
+    assert q.jobs.submit("ser1", fingerprint="f1").job_id is None
+    q.jobs.lease("w", 10)
+    q.jobs.complete(1, "w", OUTS, [])
+    assert q.jobs.get(1).state == "done"
+    assert q.jobs.submit("ser1", fingerprint="f1").job_id is None
+    assert len(q.jobs.recent()) == 1
 
 
 def test_late_instances_supersede(q: JobQueue) -> None:
-    q.submit("ser1", instances=24, fingerprint="f1")
-    q.lease("w", 10)
-    q.complete(1, "w", OUTS, ROUTES)
-    s = q.submit("ser1", instances=25, fingerprint="f2")
+    q.jobs.submit("ser1", instances=24, fingerprint="f1")
+    q.jobs.lease("w", 10)
+    q.jobs.complete(1, "w", OUTS, ROUTES)
+    s = q.jobs.submit("ser1", instances=25, fingerprint="f2")
     assert s.job_id == 2 and "late instances: 24 -> 25" in s.reason
-    old = q.describe(1)
+    old = q.jobs.describe(1)
     assert old["state"] == "superseded" and old["superseded_by"] == 2
     assert {d["state"] for d in old["deliveries"]} == {"cancelled"}
-    assert q.job(2).supersedes == 1
-    assert not q.due_deliveries()
+    assert q.jobs.get(2).supersedes == 1
+    assert not q.outbox.due()
 
 
 def test_superseded_while_running_delivers_nothing(q: JobQueue) -> None:
-    q.submit("ser1", instances=24, fingerprint="f1")
-    q.lease("w", 10)
-    q.submit("ser1", instances=25, fingerprint="f2")
-    assert q.complete(1, "w", OUTS, ROUTES) == "superseded"
-    assert not q.due_deliveries()
-    assert q.lease("w", 10).id == 2
+    q.jobs.submit("ser1", instances=24, fingerprint="f1")
+    q.jobs.lease("w", 10)
+    q.jobs.submit("ser1", instances=25, fingerprint="f2")
+    assert q.jobs.complete(1, "w", OUTS, ROUTES) == "superseded"
+    assert not q.outbox.due()
+    assert q.jobs.lease("w", 10).id == 2
 
 
 def test_expired_lease_is_taken_again_then_fails(q: JobQueue, clock: Clock) -> None:
-    q.submit("ser1", fingerprint="f1", max_attempts=2)
-    assert q.lease("dead1", 5).attempts == 1
+    q.jobs.submit("ser1", fingerprint="f1", max_attempts=2)
+    assert q.jobs.lease("dead1", 5).attempts == 1
     clock.now += 6
-    job = q.lease("w2", 5)
+    job = q.jobs.lease("w2", 5)
     assert job.id == 1 and job.attempts == 2 and job.lease_owner == "w2"
-    assert not q.heartbeat(1, "dead1", 5)  # the old owner lost it
-    assert q.complete(1, "dead1", OUTS, ROUTES) == "running"  # and cannot complete it
+    assert not q.jobs.heartbeat(1, "dead1", 5)  # the old owner lost it
+    assert q.jobs.complete(1, "dead1", OUTS, ROUTES) == "running"  # and cannot complete it
     clock.now += 6
-    assert q.lease("w3", 5) is None
-    j = q.job(1)
+    assert q.jobs.lease("w3", 5) is None
+    j = q.jobs.get(1)
     assert j.state == "failed" and "lease expired" in j.error
 
 
 def test_fail_retry_and_operator_retry(q: JobQueue) -> None:
-    q.submit("ser1", fingerprint="f1", max_attempts=2)
-    q.lease("w", 10)
-    assert q.fail(1, "w", "orthanc unreachable", retry=True) == "queued"
-    q.lease("w", 10)
-    assert q.fail(1, "w", "series 1.2: no CT or MR image", retry=False) == "failed"
-    assert q.job(1).error == "series 1.2: no CT or MR image"
-    q.submit("ser2", fingerprint="f2")
+    q.jobs.submit("ser1", fingerprint="f1", max_attempts=2)
+    q.jobs.lease("w", 10)
+    assert q.jobs.fail(1, "w", "orthanc unreachable", retry=True) == "queued"
+    q.jobs.lease("w", 10)
+    assert q.jobs.fail(1, "w", "series 1.2: no CT or MR image", retry=False) == "failed"
+    assert q.jobs.get(1).error == "series 1.2: no CT or MR image"
+    q.jobs.submit("ser2", fingerprint="f2")
     with pytest.raises(ValueError, match="only a failed job"):
-        q.retry(2)
+        q.jobs.retry(2)
     with pytest.raises(KeyError):
-        q.retry(999)
-    assert q.retry(1) == "queued"
-    assert q.lease("w", 10).id == 1
+        q.jobs.retry(999)
+    assert q.jobs.retry(1) == "queued"
+    assert q.jobs.lease("w", 10).id == 1
 
 
 def test_delivery_backoff_and_give_up(q: JobQueue, clock: Clock) -> None:
-    q.submit("ser1", fingerprint="f1")
-    q.lease("w", 10)
-    q.complete(1, "w", OUTS, [("pacs", "seg")])
-    (d,) = q.due_deliveries()
-    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "pending"
-    assert not q.due_deliveries()
+    q.jobs.submit("ser1", fingerprint="f1")
+    q.jobs.lease("w", 10)
+    q.jobs.complete(1, "w", OUTS, [Route("pacs", "seg")])
+    (d,) = q.outbox.due()
+    assert q.outbox.failed(d.id, "connection refused", 2, 5, 4) == "pending"
+    assert not q.outbox.due()
     clock.now += 2
-    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "pending"
+    assert q.outbox.failed(d.id, "connection refused", 2, 5, 4) == "pending"
     clock.now += 3.9
-    assert not q.due_deliveries()  # 4 s backoff
+    assert not q.outbox.due()  # 4 s backoff
     clock.now += 0.1
-    q.delivery_failed(d.id, "connection refused", 2, 5, 4)
+    q.outbox.failed(d.id, "connection refused", 2, 5, 4)
     clock.now += 5  # capped at 5
-    assert q.delivery_failed(d.id, "connection refused", 2, 5, 4) == "failed"
-    job = q.job(1)
+    assert q.outbox.failed(d.id, "connection refused", 2, 5, 4) == "failed"
+    job = q.jobs.get(1)
     assert job.state == "failed" and job.error == "delivery to pacs failed: connection refused"
-    assert q.destination_status() == {"pacs": {"failed": 1}}
-    assert q.retry(1) == "delivering"
-    (d,) = q.due_deliveries()
-    q.delivered(d.id)
-    assert q.job(1).state == "done"
+    assert q.outbox.status() == {"pacs": {"failed": 1}}
+    assert q.jobs.retry(1) == "delivering"
+    (d,) = q.outbox.due()
+    q.outbox.delivered(d.id)
+    assert q.jobs.get(1).state == "done"
 
 
 def _lease_many(path: str, owner: str, out) -> None:
     q = JobQueue(path)
     got = []
-    while (job := q.lease(owner, 60)) is not None:
+    while (job := q.jobs.lease(owner, 60)) is not None:
         got.append(job.id)
     out.put(got)
 
@@ -207,7 +208,7 @@ def test_two_processes_never_lease_the_same_job(tmp_path: Path) -> None:
     path = tmp_path / "q.sqlite"
     q = JobQueue(path)
     for i in range(60):
-        q.submit(f"s{i}", fingerprint=str(i))
+        q.jobs.submit(f"s{i}", fingerprint=str(i))
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_lease_many, args=(str(path), f"w{i}", out)) for i in range(3)]
@@ -222,7 +223,7 @@ def test_two_processes_never_lease_the_same_job(tmp_path: Path) -> None:
 
 # --- what serve writes for Orthanc ------------------------------------------------------------------
 def test_orthanc_config_security_defaults(tmp_path: Path) -> None:
-    from node.server import PLUGIN, orthanc_config
+    from node.service.supervisor import PLUGIN, orthanc_config
 
     oc = orthanc_config(parse_config({"data_dir": str(tmp_path)}))
     assert oc["RemoteAccessAllowed"] is False and oc["AuthenticationEnabled"] is False
@@ -259,19 +260,19 @@ def test_urgent_job_is_leased_before_older_routine_ones_and_delivered_first(
     q: JobQueue, clock: Clock
 ) -> None:
     for k in (1, 2):
-        q.submit(f"routine{k}", modality="CT", fingerprint=f"r{k}")
+        q.jobs.submit(f"routine{k}", modality="CT", fingerprint=f"r{k}")
         clock.now += 1
-    q.submit("stroke", modality="CT", fingerprint="s", priority=70)
+    q.jobs.submit("stroke", modality="CT", fingerprint="s", priority=70)
     order = []
-    while job := q.lease("w1", 10):
+    while job := q.jobs.lease("w1", 10):
         order.append(job.series_id)
-        urgency = ("urgent", 80) if job.series_id == "stroke" else ("routine", 0)
-        q.complete(job.id, "w1", OUTS, [("pacs", "seg")], urgency=urgency, discrepancies=0)
+        urgency = Urgency(80, "urgent") if job.series_id == "stroke" else Urgency(0, "routine")
+        q.jobs.complete(job.id, "w1", OUTS, [Route("pacs", "seg")], urgency=urgency, discrepancies=0)
     assert order == ["stroke", "routine1", "routine2"]
     # deliveries go out in order of urgency too, whatever order they were queued in
-    assert [q.job(d.job_id).series_id for d in q.due_deliveries()][0] == "stroke"
-    assert q.job(3).urgency == "urgent" and q.job(3).urgency_score == 80
-    assert q.stats().counters[("urgency", "urgent", "")] == 1
+    assert [q.jobs.get(d.job_id).series_id for d in q.outbox.due()][0] == "stroke"
+    assert q.jobs.get(3).urgency == "urgent" and q.jobs.get(3).urgency_score == 80
+    assert q.counters.stats().counters[("urgency", "urgent", "")] == 1
 
 
 def test_queue_written_by_an_older_node_gains_the_new_columns(tmp_path: Path) -> None:
@@ -289,13 +290,16 @@ def test_queue_written_by_an_older_node_gains_the_new_columns(tmp_path: Path) ->
     )
     db.close()
     q = JobQueue(path)
-    job = q.lease("w1", 10)
+    job = q.jobs.lease("w1", 10)
     assert job.series_id == "old" and job.priority == 0 and job.urgency is None
     hook = Output("triage", "", "", payload='{"category": "urgent"}')
-    assert q.complete(job.id, "w1", [*OUTS, hook], [("ris", "triage")], ("urgent", 75)) == "delivering"
-    (d,) = q.due_deliveries()
+    assert (
+        q.jobs.complete(job.id, "w1", [*OUTS, hook], [Route("ris", "triage")], Urgency(75, "urgent"))
+        == "delivering"
+    )
+    (d,) = q.outbox.due()
     assert d.payload == '{"category": "urgent"}'
-    assert set(q.outputs(job.id)) == set(OUTS)  # a notification is no stored output
+    assert set(q.jobs.outputs(job.id)) == set(OUTS)  # a notification is no stored output
 
 
 def test_config_webhook_and_triage_rules() -> None:

@@ -21,8 +21,8 @@ from phantoms import confident_lesion_ct
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from node.phantom import Phantom
-from node.phantom_dicom import Patient, write_axial_series
+from node.synthetic.dicom import Patient, write_axial_series
+from node.synthetic.phantom import Phantom
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(orthanc_missing()), reason=orthanc_missing() or "ok")]
 

@@ -17,12 +17,12 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from node.model_repo import load_model
-from node.phantom import ORGANS, Phantom
-from node.phantom_dicom import Patient, write_variant
+from node.ingest.series import find_series
+from node.model.manifest import load_model
+from node.model.select import select_runtime
 from node.pipeline import Pipeline
-from node.runtimes import select_runtime
-from node.series import find_series
+from node.synthetic.dicom import Patient, write_variant
+from node.synthetic.phantom import ORGANS, Phantom
 from tests.seg_readback import read_segments
 
 SHAPE = (24, 112, 112)
@@ -175,6 +175,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=300
     )
+
+
+def test_demo_writes_a_ct_and_an_mr_result(tmp_path):
+    """``pacs-node demo`` (``make demo``): phantoms through the same entry as ``run``, every object."""
+    proc = _cli("demo", "--out", str(tmp_path), "--slices", "16", "--size", "96")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 2
+    makers = set()
+    for folder in folders:
+        assert {f.name for f in folder.glob("*.dcm")} >= {"seg.dcm", "sr.dcm", "gsps.dcm"}
+        seg = pydicom.dcmread(folder / "seg.dcm")
+        assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == folder.name
+        makers.add(pydicom.dcmread(folder / "sr.dcm").Manufacturer)
+    assert makers == {"pacs-node"}
+    assert "CT" in proc.stdout and "MR" in proc.stdout
 
 
 def _write(tmp: Path, name: str, **kw) -> Path:

@@ -1,4 +1,4 @@
-"""node.render: the node's GSPS drawn over its source slice as a viewer would, from a real pipeline run.
+"""node.tools.render: the node's GSPS drawn over its source slice as a viewer would, from a real pipeline run.
 
 `pacs-node run` on a small CT phantom gives a real gsps.dcm; renders are checked against the
 standard's rules: PIXEL coordinates put pixel centres at +0.5, the GSPS window wins, outlines in
@@ -20,9 +20,9 @@ from pydicom import Dataset
 
 from node.cli import main
 from node.errors import InputError
-from node.phantom import Phantom
-from node.phantom_dicom import write_variant
-from node.render import annotated_images, render, render_to_png
+from node.synthetic.dicom import write_variant
+from node.synthetic.phantom import Phantom
+from node.tools.render import annotated_images, render, render_to_png
 
 pytestmark = pytest.mark.slow  # runs the reference model (a few seconds per series)
 

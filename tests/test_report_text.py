@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.report_text import Discrepancy, LesionEvidence, Statement, discrepancies, statements
+from node.analysis.report_text import Discrepancy, LesionEvidence, Statement, discrepancies, statements
 
 
 def lesion(site: str | None, status: str | None = None, p: float = 0.93, mm: float = 18.0, n: int = 2):
@@ -154,7 +154,7 @@ def test_check_report_reads_a_lesion_status_not_a_resolved_namesake():
     """The prior's Lesion 1 resolved and a new Lesion 1 appeared: "unchanged" is contradicted."""
     from types import SimpleNamespace
 
-    from node.report_text import check_report
+    from node.analysis.report_text import check_report
 
     new = SimpleNamespace(label="Lesion 1", status="new")
     gone = SimpleNamespace(label="Lesion 1", status="resolved")  # the prior's label

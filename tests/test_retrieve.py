@@ -15,9 +15,15 @@ import requests
 from orthanc_fixture import ORTHANC, Pacs, QrScp, free_port, orthanc_missing, wait_for
 from pydicom import dcmread
 
-from node.phantom import Phantom
-from node.phantom_dicom import Patient, WrittenSeries, write_axial_series
-from node.retrieve import PriorCandidate, QueryRetrieveSource, RetrieveError, find_series, retrieve_series
+from node.service.retrieve import (
+    PriorCandidate,
+    QueryRetrieveSource,
+    RetrieveError,
+    find_series,
+    retrieve_series,
+)
+from node.synthetic.dicom import Patient, WrittenSeries, write_axial_series
+from node.synthetic.phantom import Phantom
 
 CALLING = "PACSNODE"
 
@@ -92,7 +98,7 @@ def _source(port: int, **kw) -> QueryRetrieveSource:
 
 
 def test_find_returns_the_patients_series_of_that_modality(qr: QrScp, archive, caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="node.retrieve")
+    caplog.set_level(logging.DEBUG, logger="node.service.retrieve")
     ct, mr = archive["ct"], archive["mr"]
     found = find_series(_source(qr.port), CALLING, "PAT1", "CT")
     assert found == [
@@ -110,7 +116,7 @@ def test_find_returns_the_patients_series_of_that_modality(qr: QrScp, archive, c
     assert [c.series_uid for c in find_series(_source(qr.port), CALLING, "PAT1", "MR")] == [mr.series_uid]
     assert find_series(_source(qr.port), CALLING, "PAT1", "US") == []
     assert find_series(_source(qr.port), CALLING, "NOBODY", "CT") == []
-    ours = [r.getMessage() for r in caplog.records if r.name == "node.retrieve"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "node.service.retrieve"]
     assert ours and not [m for m in ours if "PAT1" in m]
 
 

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from node.engine_cache import EngineCache, EngineKey, Profile
 from node.errors import ModelError
-from node.model_repo import MODELS_DIR, load_model
-from node.preprocess import PlaneMap, _lerp
-from node.runtimes import BatchOutput, Runtime, select_runtime
-from node.runtimes import tensorrt as trt_backend
+from node.model.engine_cache import EngineCache, EngineKey, Profile
+from node.model.manifest import MODELS_DIR, load_model
+from node.model.preprocess import PlaneMap, _lerp
+from node.model.runtimes import BatchOutput, Runtime
+from node.model.runtimes import tensorrt as trt_backend
+from node.model.select import select_runtime
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 TRT_MISSING = trt_backend.unavailable()
@@ -81,7 +82,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """A Curia-shaped ViT at toy size (random weights), via the same one-command export."""
     if not HAS_TORCH or importlib.util.find_spec("onnx") is None:
         pytest.skip("needs the train extra (torch, onnx)")
-    from node.curia import ViTConfig, export
+    from node.tools.curia_shaped import ViTConfig, export
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-vit"
     export(out, ViTConfig(size=64, patch=16, dim=32, depth=2, heads=2, mlp=64, batch=4), name="tiny-vit")
@@ -89,8 +90,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_curia_export_is_a_complete_model_and_flops_match_the_graph(tiny_model):
-    from node.bench import graph_flops
-    from node.curia import CURIA, ViTConfig, vit_flops
+    from node.tools.bench import graph_flops
+    from node.tools.curia_shaped import CURIA, ViTConfig, vit_flops
 
     model = load_model(tiny_model)
     assert model.input.size == 64 and model.backbone.batch == 4
@@ -166,7 +167,7 @@ def test_engine_key_and_profile_validate():
 
 @pytest.mark.skipif(TRT_MISSING is not None, reason=f"TensorRT not usable here: {TRT_MISSING}")
 def test_tensorrt_builds_caches_and_matches_onnxruntime(tmp_path):  # pragma: no cover - GPU only
-    from node.engine_cache import EngineCache as Cache
+    from node.model.engine_cache import EngineCache as Cache
 
     model = load_model("phantom-fm")
     rt = trt_backend.TensorRTRuntime(model, precision="fp32", cache=Cache(tmp_path))
@@ -210,7 +211,7 @@ class Noisy(Runtime):
 
 
 def test_gate_passes_an_identical_runtime_and_refuses_a_drifting_one():
-    from node.gate import GateError, check, require
+    from node.model.gate import GateError, check, require
 
     model = load_model("phantom-fm")
     ref, _ = select_runtime(model, "onnxruntime")
@@ -226,7 +227,7 @@ def test_gate_passes_an_identical_runtime_and_refuses_a_drifting_one():
 
 
 def test_gate_verdict_is_cached(tmp_path):
-    from node.gate import check_cached
+    from node.model.gate import check_cached
 
     model = load_model("phantom-fm")
     ref, _ = select_runtime(model, "onnxruntime")
@@ -238,10 +239,10 @@ def test_gate_verdict_is_cached(tmp_path):
 
 def test_requested_reduced_precision_goes_through_the_gate(tiny_model, tmp_path, monkeypatch):
     """torch bf16 on the CPU: the gate decides; a refusal is one GateError line, never silent use."""
-    import node.gate
-    from node.gate import GateError
+    import node.model.gate
+    from node.model.gate import GateError
 
-    monkeypatch.setattr(node.gate, "DEFAULT_ROOT", tmp_path)
+    monkeypatch.setattr(node.model.gate, "DEFAULT_ROOT", tmp_path)
     model = load_model(tiny_model)
     try:
         rt, _ = select_runtime(model, "torch", "bf16")
@@ -311,6 +312,9 @@ def test_bench_command_writes_throughput_peak_and_stages(tmp_path, capsys):
     assert "backbone alone" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(
+    not HAS_TORCH, reason="without torch the torch runtime is refused before its files are read"
+)
 def test_model_copy_without_torch_export_is_not_picked_by_torch(tmp_path):
     dst = tmp_path / "m"
     shutil.copytree(MODELS_DIR / "phantom-fm", dst)
@@ -321,8 +325,8 @@ def test_model_copy_without_torch_export_is_not_picked_by_torch(tmp_path):
 
 def test_prefetch_overlap_gives_the_same_prediction():
     """GPU runtimes prepare the next batch while one runs; the result must not change."""
-    from node.gate import held_out
-    from node.inference import predict
+    from node.model.gate import held_out
+    from node.model.inference import predict
     from node.timing import Stopwatch
 
     model = load_model("phantom-fm")
@@ -340,7 +344,7 @@ def test_models_build_without_tensorrt_is_one_line():
     import subprocess
     import sys
 
-    from node.runtimes.tensorrt import unavailable
+    from node.model.runtimes.tensorrt import unavailable
 
     if not unavailable():
         pytest.skip("TensorRT is installed here: the build itself is a GPU test")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from node.urgency import TriageRules, age_years, assess
+from node.analysis.urgency import TriageRules, age_years, assess
 
 RULES = TriageRules()
 

@@ -19,10 +19,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from node.errors import InputError
-from node.phantom import Phantom
-from node.phantom_dicom import VARIANTS, WrittenSeries, write_variant
-from node.series import SourceSeries, find_series, scan
-from node.volume import SeriesVolume, load_volume
+from node.ingest.series import SourceSeries, find_series, scan
+from node.ingest.volume import SeriesVolume, load_volume
+from node.synthetic.dicom import VARIANTS, WrittenSeries, write_variant
+from node.synthetic.phantom import Phantom
 
 MR_VARIANTS = ("axial", "bottom_up", "rescale", "sagittal", "oblique", "multiframe", "jpegls")
 CASES = [("CT", v) for v in VARIANTS] + [("MR", v) for v in MR_VARIANTS]
@@ -176,12 +176,23 @@ def test_variant_files_pass_dciodvfy(written, modality, variant):
 
 def test_compressed_series_decoded_in_worker_processes(written, monkeypatch):
     """The process-pool path for compressed data gives the same volume as the in-process path."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    pools = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def __init__(self, processes, **kw):
+            pools.append(processes)
+            super().__init__(processes, **kw)
+
     ws = written("CT", "rle")
     series, _ = find_series([ws.files[0].parent])
     ref = load_volume(series[0], workers=1)
-    monkeypatch.setattr("node.volume._MIN_PROCESSES", 2)
-    monkeypatch.setattr("node.volume.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("node.ingest.volume._MIN_PROCESSES", 2)
+    monkeypatch.setattr("node.ingest.volume.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("node.ingest.volume.ProcessPoolExecutor", RecordingPool)
     vol = load_volume(series[0], workers=2)
+    assert pools == [2], "the compressed frames were not decoded in worker processes"
     np.testing.assert_array_equal(vol.volume.array, ref.volume.array)
     np.testing.assert_array_equal(vol.volume.array, lookup_truth(vol, ws))
 

@@ -13,11 +13,11 @@ import pydicom
 import pytest
 from pydicom import Dataset
 
-from node.findings import Classification, Concept, Findings, ModelRef, Segment
-from node.measure import measure
-from node.phantom import Lesion, Phantom
-from node.phantom_dicom import write_axial_series
-from node.volume import SeriesVolume, SourceFrame
+from node.analysis.findings import Classification, Concept, Findings, ModelRef, Segment
+from node.analysis.measure import measure
+from node.ingest.volume import SeriesVolume, SourceFrame
+from node.synthetic.dicom import write_axial_series
+from node.synthetic.phantom import Lesion, Phantom
 from node.writers import uids
 from node.writers.gsps import write_gsps
 from node.writers.seg import write_seg
@@ -520,3 +520,18 @@ def test_gsps_window_explanation_is_one_value(ct, mr):
     for case, explanation in ((ct, "SOFT TISSUE"), (mr, "P1-P99")):
         voi = pydicom.dcmread(case[1]["gsps"]).SoftcopyVOILUTSequence[0]
         assert voi.WindowCenterWidthExplanation == explanation
+
+
+def test_uid_recipe_is_pinned():
+    """Released UIDs: a changed recipe would make every re-run duplicate its objects in a PACS."""
+    from node.identity import OutputKind
+
+    root = "1.2.826.0.1.3680043.8.498."
+    assert uids.output_uid("1.2.3.4", "phantom-fm", "1.0", f"{OutputKind.SEG}-instance") == (
+        root + "88997640099499565421213010343821682654"
+    )
+    assert (
+        uids.tracking_uid("1.2.3.4", "phantom-fm", "1.0", 3)
+        == root + "75275804463636406956283185101839899507"
+    )
+    assert uids.device_uid() == root + "11562223126079392950233619306303314404"

@@ -1,8 +1,8 @@
-"""Grayscale Softcopy Presentation State with lesion outlines of a :class:`~node.findings.Findings`.
+"""Grayscale Softcopy Presentation State with lesion outlines of a :class:`~node.analysis.findings.Findings`.
 
 One graphic layer ``AI_LESIONS``; per lesion and acquired slice it crosses, its
 closed outline (POLYLINE, PIXEL units, the mask's 0.5 iso-contour as in
-:mod:`node.measure`), and on the slice of its longest diameter the diameter
+:mod:`node.analysis.measure`), and on the slice of its longest diameter the diameter
 line and a label "Lesion 1, 23 mm". Graphic objects carry the lesion's
 Tracking ID/UID (the SEG segment's), so outline, segment and SR group can be
 matched. Every source image of the series is referenced; annotations on a
@@ -16,10 +16,10 @@ from collections import defaultdict
 import highdicom as hd
 import numpy as np
 
-from node.findings import Findings, Segment
-from node.measure import outline
+from node.analysis.findings import Findings, Segment
+from node.analysis.measure import outline
 from node.writers import uids
-from node.writers.seg import SliceSource, slice_sources, tracking_uid
+from node.writers.seg import SliceSource, slice_sources
 
 LAYER = "AI_LESIONS"
 CT_WINDOW = (40.0, 400.0)  # soft tissue (center, width) in HU
@@ -42,7 +42,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
     groups = []
     for k, lesion in enumerate(findings.lesions, start=1):
         group = hd.pr.GraphicGroup(graphic_group_id=k, label=lesion.label[:64], description="AI lesion")
-        tracking = {"tracking_id": lesion.label[:64], "tracking_uid": tracking_uid(findings, lesion)}
+        tracking = {"tracking_id": lesion.label[:64], "tracking_uid": findings.tracking_uid(lesion)}
         drawn = False
         for src in sources:
             plane = np.asarray(lesion.mask[src.index], bool)
@@ -165,7 +165,7 @@ def label_text(lesion: Segment, findings: Findings) -> str:
     if lesion.longest_diameter_mm is not None:
         text += f", {lesion.longest_diameter_mm:.0f} mm"
     if findings.comparison is not None:
-        change = findings.comparison.by_uid().get(tracking_uid(findings, lesion))
+        change = findings.comparison.by_uid().get(findings.tracking_uid(lesion))
         if change is not None:
             text += f" {change.tag()}"
     return text[:64]

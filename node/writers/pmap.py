@@ -18,7 +18,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.uid import RLELossless
 
-from node.findings import Findings
+from node.analysis.findings import Findings
 from node.writers import uids
 from node.writers.seg import slice_sources
 

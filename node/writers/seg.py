@@ -1,4 +1,4 @@
-"""DICOM Segmentation (BINARY) of a :class:`~node.findings.Findings`.
+"""DICOM Segmentation (BINARY) of a :class:`~node.analysis.findings.Findings`.
 
 Every SEG frame is a source frame: its plane position, orientation and pixel
 measures are copied from the source instance (highdicom does this when the
@@ -17,8 +17,9 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from node.findings import Findings, ModelRef, Segment
-from node.volume import SeriesVolume
+from node.analysis.findings import Findings, ModelRef
+from node.identity import NODE_NAME
+from node.ingest.volume import SeriesVolume
 from node.writers import uids
 
 # Tolerances for "this volume slice is that source frame": a fraction of a pixel in-plane,
@@ -142,22 +143,13 @@ def algorithm_identification(model: ModelRef) -> hd.AlgorithmIdentificationSeque
         name=model.name,
         family=codes.DCM.ArtificialIntelligence,
         version=model.version,
-        source=uids.NODE_NAME,
+        source=NODE_NAME,
         parameters={"runtime": model.runtime},
     )
 
 
-def tracking_uid(findings: Findings, segment: Segment) -> str:
-    """Shared by the SEG segment, its SR group and GSPS outlines; a lesion matched to a prior keeps
-    the prior's UID (``segment.tracking_uid``), so it is the same in every report of the patient."""
-    if segment.tracking_uid:
-        return segment.tracking_uid
-    m = findings.model
-    return uids.output_uid(findings.series.series_uid, m.name, m.version, f"tracking-{segment.number}")
-
-
 def write_seg(findings: Findings) -> hd.seg.Segmentation:
-    """One BINARY SEG instance with a segment per :class:`~node.findings.Segment`."""
+    """One BINARY SEG instance with a segment per :class:`~node.analysis.findings.Segment`."""
     series, model = findings.series, findings.model
     _check_segments(findings)
     sources = slice_sources(series)
@@ -205,7 +197,7 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
             segmented_property_type=seg.type.coded(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            tracking_uid=tracking_uid(findings, seg),
+            tracking_uid=findings.tracking_uid(seg),
             tracking_id=seg.label[:64],
         )
         for seg in segments

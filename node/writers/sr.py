@@ -1,4 +1,4 @@
-"""Comprehensive 3D SR, TID 1500 Measurement Report, of a :class:`~node.findings.Findings`.
+"""Comprehensive 3D SR, TID 1500 Measurement Report, of a :class:`~node.analysis.findings.Findings`.
 
 Content tree (codes in :data:`CODES`):
 
@@ -13,7 +13,7 @@ Content tree (codes in :data:`CODES`):
 - per lesion, a TID 1501 group with the long axis again as a NUM that is
   INFERRED FROM an SCOORD POLYLINE (the two end points on the source image),
   so viewers that draw only SCOORDs (OHIF) show the diameter as a length.
-- one TID 1501 group per :class:`~node.findings.Classification`: a qualitative
+- one TID 1501 group per :class:`~node.analysis.findings.Classification`: a qualitative
   evaluation (name = value) and its probability as a NUM.
 - ``Findings.notes`` as TEXT items (DCM 121106 "Comment") in every group:
   they qualify every measurement (e.g. interpolated slices).
@@ -26,12 +26,13 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from node.findings import Classification, Findings, Segment
-from node.longitudinal import Comparison, LesionChange
-from node.report_text import Discrepancy
-from node.urgency import Urgency
+from node.analysis.change import Comparison, LesionChange
+from node.analysis.findings import Classification, Findings, Segment
+from node.analysis.report_text import Discrepancy
+from node.analysis.urgency import Urgency
+from node.identity import NODE_NAME
 from node.writers import uids
-from node.writers.seg import SliceSource, slice_sources, tracking_uid
+from node.writers.seg import SliceSource, slice_sources
 
 CODES = {
     "volume": codes.SCT.Volume,  # 118565006
@@ -135,8 +136,8 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=uids.device_uid(),
-            name=uids.NODE_NAME,
-            manufacturer_name=uids.NODE_NAME,
+            name=NODE_NAME,
+            manufacturer_name=NODE_NAME,
             model_name=f"{model.name} {model.version}"[:64],
         ),
     )
@@ -194,7 +195,7 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
             hd.sr.Measurement(name=CODES["long_axis"], value=segment.longest_diameter_mm, unit=UNITS["mm"])
         )
     evaluations = []
-    change = findings.comparison and findings.comparison.by_uid().get(tracking_uid(findings, segment))
+    change = findings.comparison and findings.comparison.by_uid().get(findings.tracking_uid(segment))
     if change:
         evaluations, more = _change_items(change, findings.comparison.interval_days)
         measurements += more
@@ -334,7 +335,7 @@ def _discrepancy_group(d: Discrepancy, k: int, findings: Findings, algorithm, ui
         *(
             hd.sr.UIDRefContentItem(
                 name=codes.DCM.TrackingUniqueIdentifier,
-                value=tracking_uid(findings, by_label[label]),
+                value=findings.tracking_uid(by_label[label]),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
             for label in d.lesions
@@ -366,7 +367,7 @@ def _comment(text: str) -> hd.sr.TextContentItem:
 
 
 def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=tracking_uid(findings, segment), identifier=segment.label[:64])
+    return hd.sr.TrackingIdentifier(uid=findings.tracking_uid(segment), identifier=segment.label[:64])
 
 
 def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid):

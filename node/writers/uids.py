@@ -11,16 +11,15 @@ from __future__ import annotations
 from pydicom.uid import generate_uid
 
 import node
-
-NODE_NAME = "pacs-node"
+from node.identity import NODE_NAME, OutputKind
 
 # Offsets added to (source SeriesNumber x 100) so that the outputs sort next to their source series.
-_SERIES_NUMBER_OFFSET = {"seg": 91, "sr": 92, "gsps": 93, "pmap": 94}
+_SERIES_NUMBER_OFFSET = {OutputKind.SEG: 91, OutputKind.SR: 92, OutputKind.GSPS: 93, OutputKind.PMAP: 94}
 _SERIES_TITLE = {
-    "seg": "AI segmentation",
-    "sr": "AI measurements",
-    "gsps": "AI annotations",
-    "pmap": "AI lesion probability",
+    OutputKind.SEG: "AI segmentation",
+    OutputKind.SR: "AI measurements",
+    OutputKind.GSPS: "AI annotations",
+    OutputKind.PMAP: "AI lesion probability",
 }
 
 
@@ -44,6 +43,12 @@ def output_uid(source_series_uid: str, model_name: str, model_version: str, kind
     ]
     # the prefix text keeps our UIDs apart from other users of generate_uid's entropy mode
     return generate_uid(entropy_srcs=[NODE_NAME, "output", *parts])
+
+
+def tracking_uid(source_series_uid: str, model_name: str, model_version: str, segment_number: int) -> str:
+    """The Tracking Unique Identifier a lesion gets in the series where it is first seen; shared by
+    its SEG segment, SR group and GSPS outline, and kept by the same lesion in later series."""
+    return output_uid(source_series_uid, model_name, model_version, f"tracking-{segment_number}")
 
 
 def device_uid() -> str:

@@ -1,0 +1,104 @@
+"""Typed objects passed from inference to the DICOM writers.
+
+The writers (:mod:`node.writers`) read only these objects and the source
+series; they never see model tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+
+from node.analysis.change import Comparison
+from node.analysis.report_text import Discrepancy
+from node.analysis.urgency import Urgency
+from node.ingest.volume import SeriesVolume
+from node.writers import uids
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A coded concept (value, scheme, meaning), e.g. ('10200004', 'SCT', 'Liver')."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def coded(self) -> hd.sr.CodedConcept:
+        return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
+
+
+@dataclass
+class Segment:
+    """One SEG segment on the source grid, with its measurements."""
+
+    number: int  # 1-based segment number in the SEG
+    label: str  # e.g. "Liver", "Lesion 2"
+    kind: Literal["organ", "lesion"]
+    category: Concept  # SNOMED CT segmented property category
+    type: Concept  # SNOMED CT segmented property type
+    mask: np.ndarray  # bool (slices, rows, cols) on SeriesVolume.volume's grid
+    probability: float | None = None  # mean model confidence inside the mask
+    volume_ml: float = 0.0
+    mean: float = 0.0  # modality units (HU for CT)
+    maximum: float = 0.0
+    # lesions only: longest in-plane diameter and where it lies (for SR and GSPS)
+    longest_diameter_mm: float | None = None
+    diameter_slice: int | None = None  # index along the volume's slice axis
+    diameter_endpoints: tuple[tuple[float, float], tuple[float, float]] | None = None  # (row, col) pairs
+    tracking_uid: str | None = None  # set when matched to a prior lesion: that lesion's UID
+    site: str | None = None  # lesions: the label of the organ segment it lies in ("Liver")
+
+    @property
+    def slices(self) -> list[int]:
+        """Indices of the volume slices this segment crosses."""
+        return [int(i) for i in np.flatnonzero(self.mask.any(axis=(1, 2)))]
+
+
+@dataclass
+class Classification:
+    """A study/series-level classification head's result."""
+
+    head: str
+    name: Concept  # what is evaluated, e.g. ('52988006','SCT','Lesion') presence
+    value: Concept  # the coded answer, e.g. Present / Absent
+    probability: float  # of the positive class
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    runtime: str = "onnxruntime-cpu"
+
+
+@dataclass
+class Findings:
+    """Everything the writers need for one source series."""
+
+    series: SeriesVolume
+    model: ModelRef
+    segments: list[Segment]
+    classifications: list[Classification] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was done to unusual input, for the SR
+    comparison: Comparison | None = None  # against the most relevant prior, when there is one
+    prior_unavailable: str | None = None  # a prior was looked for and none could be used: why
+    urgency: Urgency | None = None  # triage of the series: request context and findings
+    discrepancies: list[Discrepancy] = field(default_factory=list)  # report statements the image contradicts
+    # P(lesion) x 255 on the volume grid (uint8), the evidence behind every lesion: a Parametric Map
+    lesion_probability: np.ndarray | None = None
+
+    @property
+    def lesions(self) -> list[Segment]:
+        return [s for s in self.segments if s.kind == "lesion"]
+
+    def tracking_uid(self, segment: Segment) -> str:
+        """Shared by the SEG segment, its SR group and GSPS outlines; a lesion matched to a prior keeps
+        the prior's UID (``segment.tracking_uid``), so it is the same in every report of the patient."""
+        if segment.tracking_uid:
+            return segment.tracking_uid
+        m = self.model
+        return uids.tracking_uid(self.series.series_uid, m.name, m.version, segment.number)

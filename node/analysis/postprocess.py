@@ -1,0 +1,106 @@
+"""Model label maps -> coded, measured segments and classifications (:class:`~node.analysis.findings.Findings`)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from node.analysis.findings import Classification, Concept, Findings, ModelRef, Segment
+from node.analysis.measure import measure
+from node.ingest.volume import SeriesVolume
+from node.model.inference import Prediction
+from node.model.manifest import Code, ModelSpec
+
+MIN_LESION_MM3 = 15.0  # smaller components are noise at the reference model's resolution (~3 mm pixels)
+
+
+def _concept(c: Code) -> Concept:
+    return Concept(c.value, c.scheme, c.meaning)
+
+
+def _offset(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A box inside a crop, in the coordinates of the whole volume."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
+
+
+def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, runtime: str) -> Findings:
+    segments: list[Segment] = []
+    voxel_mm3 = float(np.prod(series.volume.spacing))
+    for head in model.heads:
+        if head.kind != "segmentation" or "seg" not in head.outputs:
+            continue
+        labels, conf = prediction.labels[head.name], prediction.confidence[head.name]
+        boxes = ndimage.find_objects(labels)  # one bounding box per class: work on crops, not whole volumes
+        for label in head.labels:
+            box = boxes[label.index - 1] if label.index <= len(boxes) else None
+            if box is None:
+                continue
+            crop = labels[box] == label.index
+            if label.instances:
+                # one segment per connected lesion, largest first, so "Lesion 1" is the biggest
+                comps, n = ndimage.label(crop)
+                sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+                sub = ndimage.find_objects(comps)
+                keep = [
+                    i for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
+                ]
+                parts = [
+                    (f"{label.name} {k}", _offset(box, sub[i]), comps[sub[i]] == i + 1)
+                    for k, i in enumerate(keep, start=1)
+                ]
+            else:
+                parts = [(label.name, box, crop)]
+            for name, where, m in parts:
+                mask = np.zeros(labels.shape, bool)
+                mask[where] = m
+                seg = Segment(
+                    number=len(segments) + 1,
+                    label=name,
+                    kind=label.kind,
+                    category=_concept(label.category),
+                    type=_concept(label.type),
+                    mask=mask,
+                    probability=round(float(conf[where][m].mean()) / 255, 3),
+                )
+                measure(seg, series)
+                segments.append(seg)
+    locate(segments)
+    lesion_heads = [
+        h for h in model.heads if h.kind == "segmentation" and any(lab.kind == "lesion" for lab in h.labels)
+    ]
+    probability = None
+    if lesion_heads:  # two classes (background, lesion): P(lesion) is the confidence or its complement
+        h = lesion_heads[0].name
+        conf = prediction.confidence[h]
+        probability = np.where(prediction.labels[h] > 0, conf, 255 - conf).astype(np.uint8)
+    classifications = [
+        Classification(
+            head=h.name,
+            name=_concept(h.finding),
+            value=_concept(h.positive if prediction.probabilities[h.name] >= h.threshold else h.negative),
+            probability=round(prediction.probabilities[h.name], 4),
+        )
+        for h in model.heads
+        if h.kind == "classification"
+    ]
+    return Findings(
+        series=series,
+        model=ModelRef(model.name, model.version, runtime),
+        segments=segments,
+        classifications=classifications,
+        notes=[*series.notes, *prediction.notes],
+        lesion_probability=probability,
+    )
+
+
+def locate(segments: list[Segment]) -> None:
+    """Set each lesion's ``site``: the organ segment that most of the lesion and its rim (2 voxels)
+    lies in. The rim counts because an organ head may leave the lesion itself out of the organ."""
+    organs = [s for s in segments if s.kind == "organ"]
+    for lesion in (s for s in segments if s.kind == "lesion"):
+        box = ndimage.find_objects(lesion.mask.astype(np.uint8))[0]
+        box = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
+        near = ndimage.binary_dilation(lesion.mask[box], iterations=2)
+        overlap = {o.label: int(np.count_nonzero(o.mask[box] & near)) for o in organs}
+        best = max(overlap, key=overlap.get, default=None)
+        lesion.site = best if best and overlap[best] else None

@@ -1,0 +1,117 @@
+"""Who the node is and the words its parts share: the plugin, the queue, the writers and the metrics.
+
+Stdlib only: the Orthanc plugin imports it inside Orthanc's interpreter. Each enum's values are
+what is stored in the queue file, written in labels of the metrics and shown in the REST routes,
+so they never change once released (add, never rename).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+# Manufacturer and model name of every object the node writes; the plugin never processes them
+NODE_NAME = "pacs-node"
+# what the default routing rule sends to inference
+ROUTED_MODALITIES = ("CT", "MR")
+
+
+class StrEnum(str, Enum):
+    """An enum whose members are their values wherever a string is needed (SQL, JSON, f-strings)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+    __hash__ = str.__hash__  # Enum hashes the name: a member and its value must be the same dict key
+
+
+class OutputKind(StrEnum):
+    """What a job produces; the file name of an offline output is ``<kind>.dcm``."""
+
+    SEG = "seg"
+    SR = "sr"
+    GSPS = "gsps"
+    PMAP = "pmap"  # the lesion probability Parametric Map: opt-in per destination
+    TRIAGE = "triage"  # the webhook notification: a JSON body, nothing stored in Orthanc
+
+    @property
+    def is_dicom(self) -> bool:
+        return self is not OutputKind.TRIAGE
+
+
+# what a DICOM destination receives unless its ``accepts`` says otherwise
+DEFAULT_ACCEPTS = (OutputKind.SEG, OutputKind.SR, OutputKind.GSPS)
+
+
+class Stage(StrEnum):
+    """A step of one job, timed in ``pacs_node_stage_duration_seconds{stage}`` and named in errors."""
+
+    FETCH = "fetch"  # series from Orthanc to the worker's disk
+    CONTEXT = "context"  # prior lookup and the study's report
+    LOAD = "load"  # files -> volume with geometry
+    PREPROCESS = "preprocess"
+    INFERENCE = "inference"
+    POSTPROCESS = "postprocess"
+    MEASURE = "measure"
+    COMPARE = "compare"  # against the prior
+    ENCODE_SEG = "encode_seg"
+    ENCODE_SR = "encode_sr"
+    ENCODE_GSPS = "encode_gsps"
+    ENCODE_PMAP = "encode_pmap"
+    WRITE = "write"  # the objects to disk, all or nothing
+    STORE = "store"  # the objects into Orthanc
+    DELIVER = "deliver"  # to a destination (the delivery thread)
+
+
+class JobState(StrEnum):
+    """``queued`` -> ``running`` -> ``delivering`` -> ``done``; ``failed`` after the last attempt;
+    ``superseded`` when late instances of the series started a newer job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # gave up after the last attempt
+    CANCELLED = "cancelled"  # a newer job of the series delivers the same UIDs
+
+
+class JobEvent(StrEnum):
+    """What happened to jobs, counted durably: ``pacs_node_jobs_total{outcome}``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"  # leased by a worker
+    PROCESSED = "processed"
+    DONE = "done"
+    FAILED = "failed"
+    RETRIED = "retried"
+    LEASE_EXPIRED = "lease_expired"
+    SUPERSEDED = "superseded"
+    DEDUPLICATED = "deduplicated"
+    SKIPPED = "skipped"  # no job: a routing rule (the ``rule`` label) kept the series out
+
+
+class SkipRule(StrEnum):
+    """Why a stable series got no job: the ``rule`` label of ``pacs_node_jobs_total{outcome="skipped"}``."""
+
+    EXCLUDED_MODALITY = "excluded_modality"
+    OWN_OUTPUT = "own_output"
+    NOT_AN_IMAGE = "not_an_image"
+    NO_INSTANCES = "no_instances"
+    NO_RULE = "no_routing_rule_matched"
+    RETRIEVED_PRIOR = "retrieved_prior"
+
+
+class RuntimeChoice(StrEnum):
+    """What ``--runtime`` and the config's ``runtime`` accept (``node.model.select`` picks)."""
+
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+    TORCH = "torch"

@@ -1,0 +1,85 @@
+"""Inference runtimes behind one small interface.
+
+A runtime loads a model's graphs once and, per slice batch, runs the
+backbone **once** and every per-slice head on its features
+(:meth:`Runtime.infer`); series-level heads then consume the pooled
+features (:meth:`Runtime.classify`). Backends keep features wherever is
+cheapest for them (a GPU backend keeps them on the device).
+
+One backend per module (``onnxruntime``, ``tensorrt``, ``torch``); :mod:`node.model.select`
+picks one and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from node.identity import RuntimeChoice
+from node.model.manifest import HeadSpec, ModelSpec
+from node.timing import Stopwatch
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = tuple(r.value for r in RuntimeChoice)  # what --runtime and the config accept
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass
+class BatchOutput:
+    """One slice batch: every per-slice head's output and the pooled features for series heads."""
+
+    heads: dict[str, np.ndarray]  # head name -> (N, C, S, S) probabilities
+    features: dict[str, np.ndarray]  # backbone outputs the series-level heads need, e.g. tokens (N, T, D)
+
+
+@dataclass
+class Selection:
+    """What ``select_runtime`` picked, and why each candidate before it was not taken."""
+
+    picked: str
+    why: str
+    skipped: dict[str, str] = field(default_factory=dict)  # candidate -> reason it was not taken
+
+    def line(self) -> str:
+        skipped = "; ".join(f"{k}: {v}" for k, v in self.skipped.items())
+        return f"{self.why}" + (f" (not taken: {skipped})" if skipped else "")
+
+
+class Runtime(ABC):
+    name: str  # e.g. "onnxruntime-cpu"
+    device: str  # e.g. "cpu", "cuda:0"
+    precision: str = "fp32"
+    overlap: bool = False  # True when preprocessing the next batch can overlap with inference (GPU)
+    selection: Selection | None = None
+    gate = None  # node.model.gate.GateReport when a reduced precision was checked
+
+    def __init__(self, model: ModelSpec):
+        self.model = model
+        self.slice_heads = [h for h in model.heads if h.kind != "classification"]
+        self.series_heads = [h for h in model.heads if h.kind == "classification"]
+        self.series_inputs = sorted({i for h in self.series_heads for i in h.inputs})
+
+    @abstractmethod
+    def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
+        """(N, C, S, S) normalised slices -> backbone once, then every per-slice head.
+
+        ``clock.part("backbone")`` and ``clock.part("head_<name>")`` get each one's time.
+        """
+
+    @abstractmethod
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
+        """A series-level head over all slices' features -> probability of the positive class."""
+
+    @abstractmethod
+    def encode(self, images: np.ndarray) -> None:
+        """The backbone alone, results left where the backend keeps them (benchmarks; synchronous)."""
+
+    def warmup(self, batch: int | None = None) -> None:
+        """One full batch through backbone and heads, so the first series does not pay for lazy set-up."""
+        n = batch or self.model.backbone.batch
+        size = self.model.input.size
+        self.infer(np.zeros((n, len(self.model.input.intensity.ct_windows), size, size), np.float32))

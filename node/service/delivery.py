@@ -1,0 +1,83 @@
+"""The delivery thread: send what the outbox says is due, per destination, and record each outcome.
+
+Runs beside inference in the worker process (its own queue connection), so a slow or absent
+destination never holds back inference and vice versa. Retries, backoff and the job's final state
+are the outbox's (:mod:`node.service.queue.outbox`); how to send is egress's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+
+from node.config import NodeConfig
+from node.identity import Stage
+from node.service import egress
+from node.service.metrics import NodeMetrics
+from node.service.orthanc import OrthancClient, OrthancError
+from node.service.queue import Delivery, JobQueue
+
+log = logging.getLogger(__name__)
+
+
+class Deliverer:
+    def __init__(self, cfg: NodeConfig, orthanc: OrthancClient, metrics: NodeMetrics):
+        self.cfg, self.orthanc, self.metrics = cfg, orthanc, metrics
+
+    def loop(self, stop: threading.Event) -> None:
+        """Until ``stop``: deliver what is due, then wait (at most a second) for more."""
+        queue = JobQueue(self.cfg.queue_path)  # sqlite3 connections are not for concurrent use
+        while not stop.is_set():
+            try:
+                n = self.deliver_due(queue)
+            except Exception:
+                log.exception("delivery loop error")
+                self.metrics.errors.labels("delivery").inc()
+                n = 0
+            if not n:
+                stop.wait(min(self.cfg.worker.poll_s, 1.0))
+
+    def deliver_due(self, queue: JobQueue) -> int:
+        """Try every due delivery once, grouped per destination; return how many were tried."""
+        due = queue.outbox.due()
+        by_dest: dict[str, list[Delivery]] = defaultdict(list)
+        for d in due:
+            by_dest[d.destination].append(d)
+        for name, deliveries in by_dest.items():
+            self._send(queue, name, deliveries)
+        return len(due)
+
+    def _send(self, queue: JobQueue, name: str, deliveries: list[Delivery]) -> None:
+        retry = self.cfg.delivery
+        try:
+            dest = self.cfg.destination(name)
+        except KeyError:  # removed from the config since: nothing will ever deliver it
+            for d in deliveries:
+                queue.outbox.failed(d.id, f"destination {name!r} is no longer configured", 1, 1, 1)
+            return
+        items = []
+        for d in deliveries:
+            if not d.kind.is_dicom:  # a notification: its body is in the queue, nothing in Orthanc
+                items.append(egress.Item(d.id, d.payload.encode()))
+                continue
+            try:
+                items.append(egress.Item(d.id, self.orthanc.instance_file(d.orthanc_id)))
+            except OrthancError as e:
+                queue.outbox.failed(d.id, str(e), retry.backoff_s, retry.backoff_max_s, retry.max_attempts)
+        t_send = time.monotonic()
+        outcomes = egress.send(dest, items, self.cfg.ae_title)
+        if items:
+            self.metrics.observe_stage(Stage.DELIVER, time.monotonic() - t_send)
+        ok = 0
+        for o in outcomes:
+            if o.error is None:
+                ok += 1
+                queue.outbox.delivered(o.key)
+            else:
+                state = queue.outbox.failed(
+                    o.key, o.error, retry.backoff_s, retry.backoff_max_s, retry.max_attempts
+                )
+                log.warning("delivery %d to %s: %s (%s)", o.key, name, o.error, state)
+        log.info("delivered to %s: %d of %d", name, ok, len(deliveries))

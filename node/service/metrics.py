@@ -1,0 +1,392 @@
+"""The worker's Prometheus metrics and health endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Two sources, one registry:
+
+- the durable queue (read at every scrape): jobs by outcome (including series the plugin skipped,
+  with the routing rule as a label), queue depth and age, deliveries by destination and outcome,
+  retries, pending deliveries. Those counters live in the queue file, so they survive restarts of
+  Orthanc and the worker and count what the plugin (another process) did;
+- the worker itself: job and per-stage duration histograms (labelled by model and runtime),
+  model/runtime info, worker up/restarts, and GPU memory/utilisation when nvidia-ml-py finds a GPU.
+
+No patient data ever reaches a name or a label: labels are stage names, model/runtime names, bounded
+enums (outcome, state, rule, modality) and operator-chosen destination names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from node.analysis.urgency import CATEGORIES
+from node.identity import DeliveryState, JobEvent, JobState, Stage
+from node.service.queue import JobQueue
+from node.service.queue.counters import Counter as Tally
+
+log = logging.getLogger(__name__)
+
+PREFIX = "pacs_node"
+RESTARTS_ENV = "PACS_NODE_WORKER_RESTARTS"  # set by `pacs-node serve` for each worker start
+
+# seconds: a stage of a small series takes milliseconds, a 600-slice CT on a CPU minutes
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+# every state and outcome is always exported (0 when none), so alerts and dashboards never see a
+# series vanish
+JOB_STATES = tuple(JobState)
+DELIVERY_STATES = tuple(DeliveryState)
+JOB_OUTCOMES = tuple(JobEvent)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    version: str
+    runtime: str  # e.g. onnxruntime-cpu, tensorrt
+    device: str  # cpu, cuda:0
+    precision: str  # fp32, fp16, int8
+
+
+class QueueCollector:
+    """Reads the durable queue at each scrape (its own connection: the HTTP server's thread)."""
+
+    def __init__(self, queue: JobQueue, destinations: Iterable[str] = ()):
+        self.queue = queue
+        self.destinations = tuple(destinations)  # configured ones are exported even before a delivery
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def _families(self) -> tuple:
+        p = PREFIX
+        return (
+            CounterMetricFamily(
+                f"{p}_series_received", "Stable series seen by the Orthanc plugin.", labels=["modality"]
+            ),
+            CounterMetricFamily(
+                f"{p}_jobs",
+                f"Jobs by outcome ({', '.join(JOB_OUTCOMES)}; running = leased, skipped = no job by"
+                " routing, the rule label says which).",
+                labels=["outcome", "rule"],
+            ),
+            GaugeMetricFamily(f"{p}_jobs_in_state", "Jobs now in each state.", labels=["state"]),
+            GaugeMetricFamily(f"{p}_queue_depth", "Jobs waiting for a worker (state queued)."),
+            GaugeMetricFamily(
+                f"{p}_queue_oldest_job_age_seconds", "Age of the oldest queued job (0 when none)."
+            ),
+            CounterMetricFamily(
+                f"{p}_deliveries",
+                "Delivery attempts by destination and outcome (delivered; error = will retry;"
+                " failed = gave up after the last attempt).",
+                labels=["destination", "outcome"],
+            ),
+            CounterMetricFamily(
+                f"{p}_delivery_retries",
+                "Failed delivery attempts that will be retried.",
+                labels=["destination"],
+            ),
+            GaugeMetricFamily(
+                f"{p}_deliveries_in_state", "Deliveries now in each state.", labels=["destination", "state"]
+            ),
+            GaugeMetricFamily(
+                f"{p}_deliveries_pending", "Deliveries waiting to be (re)tried.", labels=["destination"]
+            ),
+            GaugeMetricFamily(
+                f"{p}_delivery_oldest_pending_age_seconds",
+                "Age of the oldest pending delivery (0 when none).",
+                labels=["destination"],
+            ),
+            CounterMetricFamily(
+                f"{p}_series_urgency",
+                "Processed series by triage category (routine, priority, urgent).",
+                labels=["category"],
+            ),
+            CounterMetricFamily(
+                f"{p}_report_discrepancies",
+                "Report statements the image contradicts (flagged in the SR, never changed).",
+            ),
+        )
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        (received, jobs, in_state, depth, oldest, deliveries, retries, d_state, pending, d_oldest) = families[
+            :10
+        ]
+        urgency, discrepancies = families[10:]
+        try:
+            s = self.queue.counters.stats()
+        except Exception:  # a locked or missing file must not break the scrape: report nothing from it
+            log.exception("metrics: cannot read the queue")
+            return
+        seen_jobs = set()
+        for (name, label, sub), value in sorted(s.counters.items()):
+            if name == Tally.SERIES_RECEIVED:
+                received.add_metric([label], value)
+            elif name == Tally.JOBS:
+                jobs.add_metric([label, sub], value)
+                seen_jobs.add(label)
+            elif name == Tally.DELIVERIES:
+                deliveries.add_metric([label, sub], value)
+            elif name == Tally.DELIVERY_RETRIES:
+                retries.add_metric([label], value)
+            elif name == Tally.URGENCY:
+                urgency.add_metric([label], value)
+            elif name == Tally.DISCREPANCIES:
+                discrepancies.add_metric([], value)
+        for outcome in JOB_OUTCOMES:
+            if outcome not in seen_jobs and outcome is not JobEvent.SKIPPED:
+                jobs.add_metric([outcome, ""], 0)
+        for state in JOB_STATES:
+            in_state.add_metric([state], s.jobs_by_state.get(state, 0))
+        depth.add_metric([], s.jobs_by_state.get(JobState.QUEUED, 0))
+        oldest.add_metric([], s.oldest_queued_age_s)
+        destinations = sorted({d for d, _ in s.deliveries} | set(self.destinations))
+        for d in destinations:
+            for state in DELIVERY_STATES:
+                d_state.add_metric([d, state], s.deliveries.get((d, state), 0))
+            pending.add_metric([d], s.deliveries.get((d, DeliveryState.PENDING), 0))
+            d_oldest.add_metric([d], s.oldest_pending_age_s.get(d, 0.0))
+        for category in CATEGORIES:
+            if (Tally.URGENCY, category, "") not in s.counters:
+                urgency.add_metric([category], 0)
+        if (Tally.DISCREPANCIES, "", "") not in s.counters:
+            discrepancies.add_metric([], 0)
+        yield from families
+
+
+class GpuCollector:
+    """GPU memory and utilisation through nvidia-ml-py (``pynvml``); exports nothing without a GPU."""
+
+    def __init__(self) -> None:
+        self.nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.count = pynvml.nvmlDeviceGetCount()
+            self.nvml = pynvml
+        except Exception:  # not installed, no driver, no GPU: the CPU node has no GPU metrics
+            self.count = 0
+
+    @staticmethod
+    def _families() -> tuple:
+        p = PREFIX
+        return (
+            GaugeMetricFamily(f"{p}_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]),
+            GaugeMetricFamily(f"{p}_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"]),
+            GaugeMetricFamily(
+                f"{p}_gpu_utilization_ratio", "GPU busy fraction over the last sample period.", labels=["gpu"]
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        if not self.nvml or not self.count:
+            return
+        used, total, util = self._families()
+        for i in range(self.count):
+            try:
+                h = self.nvml.nvmlDeviceGetHandleByIndex(i)
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
+                rates = self.nvml.nvmlDeviceGetUtilizationRates(h)
+            except Exception:
+                log.debug("nvml: GPU %d unreadable", i, exc_info=True)
+                continue
+            used.add_metric([str(i)], float(mem.used))
+            total.add_metric([str(i)], float(mem.total))
+            util.add_metric([str(i)], rates.gpu / 100.0)
+        yield from (used, total, util)
+
+
+class RestartsCollector:
+    """Worker restarts by the supervisor: a count the supervisor hands to each new worker."""
+
+    def __init__(self, restarts: int):
+        self.restarts = restarts
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(f"{PREFIX}_worker_restarts", "Worker restarts by pacs-node serve.")]
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            f"{PREFIX}_worker_restarts", "Worker restarts by pacs-node serve.", value=self.restarts
+        )
+
+
+class NodeMetrics:
+    """The worker's registry; the worker calls :meth:`observe_job`, :meth:`observe_stages`..."""
+
+    def __init__(
+        self,
+        queue_path=None,
+        destinations: Iterable[str] = (),
+        restarts: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.registry = CollectorRegistry()
+        p = PREFIX
+        r = self.registry
+        self.job_seconds = Histogram(
+            f"{p}_job_duration_seconds",
+            "Wall time of one job in the worker (fetch to stored), by outcome.",
+            ["model", "runtime", "outcome"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            f"{p}_stage_duration_seconds",
+            f"Wall time per stage ({', '.join(Stage)}) and, inside inference, of the backbone and each"
+            " head (backbone, head_<name>).",
+            ["stage", "model", "runtime"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            f"{p}_model_info",
+            "The loaded model and runtime (value 1).",
+            ["model", "version", "runtime", "device", "precision"],
+            registry=r,
+        )
+        self.up = Gauge(f"{p}_worker_up", "1 while the worker process runs.", registry=r)
+        self.ready = Gauge(f"{p}_worker_ready", "1 when /readyz passes (Orthanc, model, queue).", registry=r)
+        self.started = Gauge(f"{p}_worker_start_time_seconds", "Unix time the worker started.", registry=r)
+        self.errors = Counter(
+            f"{p}_worker_errors", "Internal errors in the worker loops.", ["loop"], registry=r
+        )
+        self.up.set(1)
+        self.started.set(time.time())
+        if restarts is None:
+            restarts = int(os.environ.get(RESTARTS_ENV, "0") or 0)
+        r.register(RestartsCollector(restarts))
+        self.queue_collector = None
+        if queue_path is not None:
+            self.queue_collector = QueueCollector(JobQueue(queue_path, clock=clock), destinations)
+            r.register(self.queue_collector)
+        r.register(GpuCollector())
+        self.model: ModelInfo | None = None
+
+    # --- recording ---------------------------------------------------------------------------
+    def set_model(self, info: ModelInfo) -> None:
+        self.model = info
+        self.model_info.clear()
+        self.model_info.labels(info.model, info.version, info.runtime, info.device, info.precision).set(1)
+
+    def _labels(self) -> tuple[str, str]:
+        return (self.model.model, self.model.runtime) if self.model else ("", "")
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage, *self._labels()).observe(seconds)
+
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        for stage, s in seconds.items():
+            self.observe_stage(stage, s)
+
+    def observe_job(self, outcome: str, seconds: float) -> None:
+        self.job_seconds.labels(*self._labels(), outcome).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    """Every sample name the registry can export (described families, with their type suffixes)."""
+    names: set[str] = set()
+    collectors = list(registry._collector_to_names)  # noqa: SLF001 (prometheus_client has no public list)
+    for c in collectors:
+        families = c.describe() if hasattr(c, "describe") else c.collect()
+        for fam in families:
+            if fam.type == "counter":
+                names |= {f"{fam.name}_total", f"{fam.name}_created"}
+            elif fam.type == "histogram":
+                names |= {f"{fam.name}_bucket", f"{fam.name}_count", f"{fam.name}_sum", f"{fam.name}_created"}
+            elif fam.type == "info":
+                names.add(f"{fam.name}_info")
+            else:
+                names.add(fam.name)
+    return names
+
+
+# --- the HTTP endpoint -----------------------------------------------------------------------------
+Check = Callable[[], str | None]  # None: fine; else one line saying what is wrong
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            try:
+                body = self.server.metrics.exposition()
+            except Exception as e:
+                log.exception("metrics: exposition failed")
+                self._send(500, f"{type(e).__name__}\n".encode(), "text/plain")
+                return
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._json(200, {"status": "ok", "pid": os.getpid()})
+        elif path == "/readyz":
+            checks = self.server.run_checks()
+            ok = all(v == "ok" for v in checks.values())
+            self.server.metrics.ready.set(1 if ok else 0)
+            problems = [f"{k}: {v}" for k, v in checks.items() if v != "ok"]
+            self._json(200 if ok else 503, {"ready": ok, "checks": checks, "problems": problems})
+        else:
+            self._json(404, {"error": "not found", "endpoints": ["/metrics", "/healthz", "/readyz"]})
+
+    def _json(self, code: int, obj: dict) -> None:
+        self._send(code, (json.dumps(obj) + "\n").encode(), "application/json")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args) -> None:  # scrapes every 15 s: not worth a log line each
+        log.debug("metrics http: " + fmt, *args)
+
+
+class MetricsServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, port: int, metrics: NodeMetrics, checks: dict[str, Check]):
+        super().__init__((host, port), _Handler)
+        self.metrics = metrics
+        self.checks = checks
+        self._thread: threading.Thread | None = None
+
+    def run_checks(self) -> dict[str, str]:
+        out = {}
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as e:
+                problem = f"{type(e).__name__}: {e}"
+            out[name] = problem or "ok"
+        return out
+
+    def start(self) -> MetricsServer:
+        self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        log.info("metrics on http://%s:%d/metrics", *self.server_address[:2])
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,59 @@
+"""The durable queue shared by the Orthanc plugin (producer) and the worker (consumer).
+
+One SQLite file (:mod:`.store`) and a class per responsibility, all on the same connection:
+:class:`~.jobs.Jobs` (the job state machine), :class:`~.outbox.Outbox` (deliveries, exactly once),
+:class:`~.counters.Counters` (durable counts for the metrics), :class:`~.retrieved.RetrievedPriors`
+(priors that must not become jobs). What each processed series showed is kept by
+:class:`node.service.queue.time_points.TimePoints`, which the plugin never imports (numpy).
+Stdlib only: the plugin runs inside Orthanc's embedded Python.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node.service.queue.counters import Counter, Counters, QueueStats
+from node.service.queue.jobs import Job, Jobs, Submitted
+from node.service.queue.outbox import Delivery, Outbox, Output, Route
+from node.service.queue.retrieved import RetrievedPriors
+from node.service.queue.store import Store
+
+__all__ = [
+    "Counter",
+    "Delivery",
+    "Job",
+    "JobQueue",
+    "Output",
+    "QueueStats",
+    "Route",
+    "Submitted",
+    "to_json",
+]
+
+
+class JobQueue:
+    """One connection to the queue file and its parts; safe to share between threads of one process."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time):
+        self.store = Store(path, clock)
+        self.outbox = Outbox(self.store)
+        self.jobs = Jobs(self.store, self.outbox)
+        self.counters = Counters(self.store)
+        self.retrieved = RetrievedPriors(self.store)
+
+    @property
+    def path(self) -> str:
+        return self.store.path
+
+    def writable(self) -> str | None:
+        return self.store.writable()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def to_json(obj) -> str:
+    return json.dumps(obj, indent=1, default=str)

@@ -1,0 +1,361 @@
+"""The worker process: lease a job -> fetch the series from Orthanc -> context -> pipeline -> store.
+
+Runs outside Orthanc (``python -m node.service.worker --config node.json``, started by
+``pacs-node serve``). Inference runs in the main thread, holding its job's lease by a heartbeat;
+deliveries run in a second thread (:mod:`node.service.delivery`) so that a slow or absent
+destination never holds back inference and vice versa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.analysis.urgency import Category
+from node.config import ConfigError, NodeConfig, WebhookDestination, load_config, read_resolved
+from node.errors import InputError, ModelError
+from node.identity import JobState, OutputKind, Stage
+from node.ingest.series import SourceSeries, find_series
+from node.model.manifest import load_model
+from node.model.select import select_runtime
+from node.pipeline import Pipeline, SeriesResult
+from node.service.delivery import Deliverer
+from node.service.egress import TriageNotice
+from node.service.metrics import MetricsServer, ModelInfo, NodeMetrics
+from node.service.orthanc import OrthancClient, OrthancError
+from node.service.priors import PriorLookup, Priors, study_report
+from node.service.queue import Job, JobQueue, Output, Route
+from node.service.queue.time_points import TimePoints
+from node.timing import Stopwatch
+
+log = logging.getLogger("node.service.worker")
+
+
+class Stopping(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT: give the job back and exit."""
+
+
+@dataclass
+class JobOutcome:
+    state: JobState | None
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class JobRun:
+    """One leased job on its way through the steps, and where it is (so an error says where it happened)."""
+
+    job: Job
+    folder: Path  # the job's scratch folder: fetched series, prior, outputs; removed afterwards
+    step: Stage | None = Stage.FETCH  # the worker's own step; None while the pipeline runs
+    clock: Stopwatch = field(default_factory=Stopwatch)  # the pipeline's stages
+
+    @property
+    def stage(self) -> str:
+        return str(self.step or self.clock.current or Stage.LOAD)
+
+
+class Worker:
+    def __init__(self, cfg: NodeConfig, pipeline=None):
+        self.cfg = cfg
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.queue = JobQueue(cfg.queue_path)
+        self.time_points = TimePoints(self.queue.store)
+        self.orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
+        p = cfg.priors
+        self.priors = (
+            Priors(
+                self.queue.retrieved,
+                self.time_points,
+                self.orthanc,
+                p.sources,
+                cfg.ae_title,
+                p.move_destination or cfg.ae_title,
+                p.lookback_days,
+            )
+            if p.enabled
+            else None
+        )
+        self.work_dir = cfg.data_dir / "work"
+        self._pipeline = pipeline
+        self._stop = threading.Event()
+        self.metrics = NodeMetrics(cfg.queue_path, [d.name for d in cfg.destinations])
+        self.metrics_server: MetricsServer | None = None
+        self.deliverer = Deliverer(cfg, self.orthanc, self.metrics)
+        if pipeline is not None:
+            self._model_info(pipeline)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:  # loaded once, lazily: a config-only start stays fast
+            model = load_model(self.cfg.model)
+            runtime, why = select_runtime(model, self.cfg.runtime)
+            log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
+            self._pipeline = Pipeline(model, runtime, self.cfg.triage)
+            self._model_info(self._pipeline)
+        return self._pipeline
+
+    def _model_info(self, pipeline: Pipeline) -> None:
+        model, runtime = pipeline.model, pipeline.runtime
+        self.metrics.set_model(
+            ModelInfo(model.name, model.version, runtime.name, runtime.device, runtime.precision or "fp32")
+        )
+
+    # --- health ----------------------------------------------------------------------------------
+    def start_metrics(self) -> MetricsServer | None:
+        """Serve /metrics, /healthz and /readyz on ``metrics_port`` (0: not at all)."""
+        if not self.cfg.metrics_port:
+            return None
+        checks = {
+            "orthanc": lambda: (
+                None if self.orthanc.ready() else f"Orthanc at {self.orthanc.url} not reachable"
+            ),
+            "model": lambda: (
+                None if self._pipeline is not None else f"model {self.cfg.model} not loaded (yet)"
+            ),
+            "queue": self.metrics.queue_collector.queue.writable,
+        }
+        try:
+            self.metrics_server = MetricsServer(
+                self.cfg.metrics_host, self.cfg.metrics_port, self.metrics, checks
+            ).start()
+        except OSError as e:  # the port is taken: run without metrics rather than not at all
+            log.error("metrics_port %d: cannot listen (%s): no metrics endpoint", self.cfg.metrics_port, e)
+        return self.metrics_server
+
+    # --- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        deliverer = threading.Thread(
+            target=self.deliverer.loop, args=(self._stop,), name="delivery", daemon=True
+        )
+        deliverer.start()
+        if self.metrics_server is None:
+            self.start_metrics()  # before the model loads: /healthz answers, /readyz says "loading"
+        self.pipeline  # noqa: B018  (load the model before taking a job)
+        log.info("worker %s ready", self.owner)
+        try:
+            while not self._stop.is_set():
+                job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
+                if job is None:
+                    self._stop.wait(self.cfg.worker.poll_s)
+                    continue
+                self.process(job)
+        except Stopping:
+            log.info("worker stopping")
+        finally:
+            self._stop.set()
+            deliverer.join(timeout=5)
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def process(self, job: Job) -> JobOutcome:
+        """Run one leased job to a recorded outcome (done/delivering, queued again, or failed)."""
+        t0 = time.monotonic()
+        beat = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(job.id, beat), daemon=True).start()
+        run = JobRun(job, self.work_dir / f"job-{job.id}")
+        try:
+            state = self._run(run)
+            seconds = time.monotonic() - t0
+            self.metrics.observe_job("processed", seconds)
+            log.info("job %d (series %s): %s in %.1f s", job.id, job.series_id, state, seconds)
+            return JobOutcome(state, seconds)
+        except InputError as e:  # the series itself is unusable: no point retrying
+            return self._failed(run, str(e), False, t0)
+        except (OrthancError, OSError) as e:  # transient: Orthanc restarting, disk full...
+            return self._failed(run, f"{run.stage}: {e}", True, t0)
+        except Stopping:
+            self.queue.jobs.fail(job.id, self.owner, "worker stopped during the job", retry=True)
+            raise
+        except Exception as e:  # a bug of ours: keep the traceback in the log, a line in the job
+            log.exception("job %d: internal error in %s", job.id, run.stage)
+            self.metrics.errors.labels("job").inc()
+            return self._failed(run, f"internal error in {run.stage}: {type(e).__name__}: {e}", True, t0)
+        finally:
+            beat.set()
+            shutil.rmtree(run.folder, ignore_errors=True)
+
+    def _failed(self, run: JobRun, error: str, retry: bool, t0: float) -> JobOutcome:
+        state = self.queue.jobs.fail(run.job.id, self.owner, error, retry=retry)
+        outcome = "failed" if state is JobState.FAILED else "error"
+        self.metrics.observe_job(outcome, time.monotonic() - t0)
+        log.warning("job %d (series %s): %s: %s", run.job.id, run.job.series_id, state, error)
+        return JobOutcome(state, time.monotonic() - t0, error)
+
+    # --- the steps of one job ------------------------------------------------------------------
+    def _run(self, run: JobRun) -> JobState | None:
+        """fetch -> context (prior, report) -> pipeline -> store -> outbox."""
+        shutil.rmtree(run.folder, ignore_errors=True)
+        series = self._fetch(run)
+        prior, report = self._context(run, series)
+        run.step = None  # the pipeline's clock says where it is
+        result = self.pipeline.process(
+            series,
+            run.folder / "out",
+            prior=prior.time_point,
+            report=report,
+            prior_unavailable=prior.why_not,
+            clock=run.clock,
+        )
+        self.time_points.save(self._model_key, result.time_point)
+        self.metrics.observe_stages(result.seconds | result.parts)
+        outputs = self._store(run, result)
+        f = result.findings
+        log.info(
+            "job %d: %s; stages %s",
+            run.job.id,
+            result.summary(),
+            ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
+        )
+        return self.queue.jobs.complete(
+            run.job.id,
+            self.owner,
+            outputs + self._notifications(result),
+            self._routes(f.urgency.category),
+            f.urgency,
+            len(f.discrepancies),
+        )
+
+    @contextmanager
+    def _stage(self, run: JobRun, stage: Stage) -> Iterator[None]:
+        run.step = stage
+        t0 = time.monotonic()
+        yield
+        self.metrics.observe_stage(stage, time.monotonic() - t0)
+
+    def _fetch(self, run: JobRun) -> SourceSeries:
+        with self._stage(run, Stage.FETCH):
+            files = self.orthanc.fetch_series(
+                run.job.series_id, run.folder / "in", self.cfg.worker.fetch_threads
+            )
+            series, errors = find_series([run.folder / "in"])
+        log.info("job %d: fetched %d instances", run.job.id, len(files))
+        if errors:
+            raise errors[0]
+        if len(series) != 1:
+            raise InputError(f"Orthanc series {run.job.series_id}: no CT or MR image series in it")
+        return series[0]
+
+    def _context(self, run: JobRun, series: SourceSeries) -> tuple[PriorLookup, str | None]:
+        """The prior to compare with (or why there is none) and the study's report text."""
+        with self._stage(run, Stage.CONTEXT):
+            prior = (
+                self.priors.lookup(series.datasets[0], self._model_key, run.folder, self.pipeline)
+                if self.priors
+                else PriorLookup(None)
+            )
+            report = study_report(self.orthanc, run.job.study_id) if run.job.study_id else None
+        if prior.time_point is not None:
+            log.info("job %d: prior found (%s)", run.job.id, prior.how)
+        elif prior.why_not:
+            log.info("job %d: no prior available: %s", run.job.id, prior.why_not)
+        return prior, report
+
+    def _store(self, run: JobRun, result: SeriesResult) -> list[Output]:
+        """Every written object into Orthanc (a re-run replaces: same UIDs, OverwriteInstances)."""
+        with self._stage(run, Stage.STORE):
+            return [
+                Output(w.kind, w.sop_uid, self.orthanc.store(w.path.read_bytes()).orthanc_id)
+                for w in result.outputs
+            ]
+
+    @property
+    def _model_key(self) -> str:
+        return f"{self.pipeline.model.name} {self.pipeline.model.version}"
+
+    def _routes(self, category: str) -> list[Route]:
+        """Every DICOM destination's accepted kinds, and the webhooks whose ``min_category`` this
+        series' urgency reaches."""
+        routes = []
+        for d in self.cfg.destinations:
+            if not isinstance(d, WebhookDestination):
+                routes += [Route(d.name, OutputKind(kind)) for kind in d.accepts]
+            elif Category(category).reaches(d.min_category):
+                routes.append(Route(d.name, OutputKind.TRIAGE))
+        return routes
+
+    def _notifications(self, result: SeriesResult) -> list[Output]:
+        """The webhook notice: everything a destination may be sent (egress keeps what it may see)."""
+        if not any(isinstance(d, WebhookDestination) for d in self.cfg.destinations):
+            return []
+        f = result.findings
+        notice = TriageNotice(
+            study_instance_uid=str(f.series.first_dataset.StudyInstanceUID),
+            series_instance_uid=f.series.series_uid,
+            score=f.urgency.score,
+            category=f.urgency.category,
+            summary=result.summary(),
+            reasons=tuple(f.urgency.reasons),
+            discrepancies=tuple(d.reason for d in f.discrepancies),
+        )
+        return [Output(OutputKind.TRIAGE, "", "", payload=notice.to_json())]
+
+    def _heartbeat(self, job_id: int, done: threading.Event) -> None:
+        while not done.wait(self.cfg.worker.heartbeat_s):
+            try:
+                if not self.queue.jobs.heartbeat(job_id, self.owner, self.cfg.worker.lease_s):
+                    log.warning("job %d: lease lost (another worker may run it)", job_id)
+                    return
+            except Exception:
+                log.exception("job %d: heartbeat failed", job_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pacs-node-worker")
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="resolved node config (JSON, written by serve), or the node's YAML config (a worker on its own,"
+        " e.g. in compose)",
+    )
+    args = p.parse_args(argv)
+    try:
+        if args.config.suffix in (".yaml", ".yml"):
+            cfg = load_config(args.config)
+        else:
+            cfg = read_resolved(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "highdicom"):  # a line per PDU / per copied module otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def on_signal(signum, frame):
+        raise Stopping()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker = Worker(cfg)
+        worker.run()
+    except Stopping:
+        pass
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,6 +129,32 @@ class WorkerConfig(_Strict):
     fetch_threads: int = Field(default=8, ge=1, le=64)
 
 
+class DiskConfig(_Strict):
+    """Watermarks on the data folder's file system (percent used). Above ``refuse_above_percent`` new
+    instances are refused (C-STORE status A700 Out of Resources, STOW-RS 403) while running jobs and
+    deliveries go on; acceptance resumes below ``resume_below_percent``."""
+
+    refuse_above_percent: float = Field(default=90.0, gt=0, le=100)
+    resume_below_percent: float = Field(default=85.0, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiskConfig:
+        if self.resume_below_percent > self.refuse_above_percent:
+            raise ValueError("resume_below_percent: must not exceed refuse_above_percent")
+        return self
+
+
+class RestartConfig(_Strict):
+    """How ``pacs-node serve`` restarts Orthanc and the worker when they die: after 1, 2, 4 ... s up to
+    ``backoff_max_s``; a process that dies within ``quick_exit_s`` of its start ``give_up_after`` times
+    in a row is not restarted again (a broken model or config: /readyz and the metrics say why)."""
+
+    backoff_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+    quick_exit_s: float = Field(default=30.0, gt=0)
+    give_up_after: int = Field(default=5, ge=1)
+
+
 class DeliveryConfig(_Strict):
     backoff_s: float = Field(default=5.0, gt=0)  # first retry; doubles each time up to backoff_max_s
     backoff_max_s: float = Field(default=300.0, gt=0)
@@ -151,7 +177,8 @@ class NodeConfig(_Strict):
     # security: REST on loopback unless remote access is asked for, and then only with users
     http_remote_access: bool = False
     http_users: dict[str, str] = {}
-    allowed_aes: list[str] = []  # empty: any calling AE may store; else only these
+    allowed_aes: list[str] = []  # empty: any calling AE may associate; else only these (others rejected)
+    check_called_ae: bool = True  # reject an association whose called AE title is not ae_title
 
     routing: list[Rule] = [Rule()]
     triage: TriageRules = (
@@ -163,6 +190,8 @@ class NodeConfig(_Strict):
     runtime: RuntimeChoice = RuntimeChoice.AUTO
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    disk: DiskConfig = DiskConfig()
+    restart: RestartConfig = RestartConfig()
     orthanc_binary: Path = Path("/usr/sbin/Orthanc")
     orthanc_plugins_dir: Path = Path("/usr/share/orthanc/plugins")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

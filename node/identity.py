@@ -92,6 +92,7 @@ class JobEvent(StrEnum):
     FAILED = "failed"
     RETRIED = "retried"
     LEASE_EXPIRED = "lease_expired"
+    RELEASED = "released"  # its worker died: given back at once
     SUPERSEDED = "superseded"
     DEDUPLICATED = "deduplicated"
     SKIPPED = "skipped"  # no job: a routing rule (the ``rule`` label) kept the series out

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import sys
 
 import orthanc
@@ -69,61 +70,179 @@ def _modality_label(modality):
     return modality if re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality or "") else "other"
 
 
-def decide(series_id):
-    """Return (eligible, skip rule or None, reason, series info) for one stable series; the series
-    info gains ``Priority``, the request's urgency points."""
-    series = _get(f"/series/{series_id}")
+def decide(series):
+    """Return (eligible, skip rule or None, reason) for one stable series (Orthanc's /series/{id});
+    the series gains ``Priority``, the request's urgency points."""
     instances = sorted(series.get("Instances", []))
     tags = dict(series.get("MainDicomTags", {}))
     modality = str(tags.get("Modality", "")).upper()
     if modality in NEVER_MODALITIES:
-        return False, SkipRule.EXCLUDED_MODALITY, f"{modality} series is never processed", series
+        return False, SkipRule.EXCLUDED_MODALITY, f"{modality} series is never processed"
     if not instances:
-        return False, SkipRule.NO_INSTANCES, "no instances", series
+        return False, SkipRule.NO_INSTANCES, "no instances"
     if str(tags.get("SeriesInstanceUID", "")) in _queue.retrieved:
-        return False, SkipRule.RETRIEVED_PRIOR, "a prior the worker retrieved for comparison", series
+        return False, SkipRule.RETRIEVED_PRIOR, "a prior the worker retrieved for comparison"
     # SOP class and manufacturer are instance-level: read one instance's header
     first = _get(f"/instances/{instances[0]}/simplified-tags")
     for key in ("SOPClassUID", "Manufacturer", "BodyPartExamined", "ImageType", "ProtocolName"):
         tags.setdefault(key, first.get(key, ""))
     series["Priority"] = request_points(first, _triage)[0]  # the request's urgency orders the queue
     if str(first.get("Manufacturer", "")).strip() == NODE_NAME:
-        return False, SkipRule.OWN_OUTPUT, "output of pacs-node", series
+        return False, SkipRule.OWN_OUTPUT, "output of pacs-node"
     if "Rows" not in first:
-        return False, SkipRule.NOT_AN_IMAGE, "not an image", series
+        return False, SkipRule.NOT_AN_IMAGE, "not an image"
     for rule in _rules:
         if _rule_matches(rule, tags, modality, len(instances)):
-            return True, None, "eligible", series
-    return False, SkipRule.NO_RULE, "%s series matches no routing rule" % (modality or "unknown"), series
+            return True, None, "eligible"
+    return False, SkipRule.NO_RULE, "%s series matches no routing rule" % (modality or "unknown")
+
+
+def handle(series_id, picked_up=False):
+    """One stable series -> a job, or a skip with its rule (one transaction, counted with it).
+
+    ``picked_up``: found by the pick-up at start rather than by its stable event; a series already
+    decided for exactly these instances, or still receiving, is left alone."""
+    try:
+        series = _get(f"/series/{series_id}")
+    except Exception:  # deleted meanwhile
+        return
+    instances = sorted(series.get("Instances", []))
+    fingerprint = hashlib.sha1("\n".join(instances).encode()).hexdigest()
+    if picked_up and (not series.get("IsStable", True) or _queue.intake.decided(series_id, fingerprint)):
+        return
+    tags = series.get("MainDicomTags", {})
+    modality = str(tags.get("Modality", "")).upper()
+    eligible, skipped_by, reason = decide(series)
+    how = "picked up at start" if picked_up else "stable"
+    if not eligible:
+        _queue.intake.skip(series_id, fingerprint, _modality_label(modality), skipped_by)
+        _info(f"series {series_id} ({how}) skipped: {reason}")
+        return
+    submitted = _queue.intake.accept(
+        series_id,
+        fingerprint,
+        _modality_label(modality),
+        study_id=series.get("ParentStudy", ""),
+        modality=tags.get("Modality", ""),
+        instances=len(instances),
+        max_attempts=_max_attempts,
+        priority=int(series.get("Priority", 0)),
+    )
+    if submitted.job_id is None:
+        _info(f"series {series_id} ({how}): no new job ({submitted.reason})")
+    elif picked_up:
+        _warn(f"series {series_id} had no job (its stable event was lost): job {submitted.job_id}")
+    else:
+        _info(f"series {series_id} -> job {submitted.job_id} ({submitted.reason})")
+
+
+def pick_up():
+    """At every start: every series Orthanc received since the last pick-up, from its change log
+    (durable in its index), that has neither a job nor a skip for its instances gets one now."""
+    since = _queue.intake.change_seq()
+    touched = {}  # series ID -> None, in order of first change
+    while True:
+        page = _get(f"/changes?since={since}&limit=1000")
+        for change in page["Changes"]:
+            kind = change["ChangeType"]
+            if kind in ("NewSeries", "StableSeries"):
+                touched[change["ID"]] = None
+            elif kind == "NewInstance":  # late instances of a series decided before
+                try:
+                    touched[_get(f"/instances/{change['ID']}")["ParentSeries"]] = None
+                except Exception:  # deleted meanwhile
+                    continue
+        since = page["Last"]
+        if page["Done"] or not page["Changes"]:
+            break
+    failed = 0
+    for series_id in touched:
+        try:
+            handle(series_id, picked_up=True)
+        except Exception as e:  # one bad series must not stop the others
+            failed += 1
+            orthanc.LogError(f"pacs-node: pick-up of series {series_id}: {type(e).__name__}: {e}")
+    if not failed:  # else the next start reads the same changes again (decided series are left alone)
+        _queue.intake.set_change_seq(since)
+    _info(f"pick-up at start: {len(touched)} series in the change log up to {since}, {failed} failed")
 
 
 def on_change(change_type, level, resource_id):
-    if change_type != orthanc.ChangeType.STABLE_SERIES:
-        return
     try:
-        eligible, skipped_by, reason, series = decide(resource_id)
-        modality = str(series.get("MainDicomTags", {}).get("Modality", "")).upper()
-        _queue.counters.record_series(_modality_label(modality), skipped_by)
-        if not eligible:
-            _info(f"series {resource_id} skipped: {reason}")
-            return
-        instances = sorted(series.get("Instances", []))
-        fingerprint = hashlib.sha1("\n".join(instances).encode()).hexdigest()
-        submitted = _queue.jobs.submit(
-            resource_id,
-            study_id=series.get("ParentStudy", ""),
-            modality=series["MainDicomTags"].get("Modality", ""),
-            instances=len(instances),
-            fingerprint=fingerprint,
-            max_attempts=_max_attempts,
-            priority=int(series.get("Priority", 0)),
-        )
-        if submitted.job_id is None:
-            _info(f"series {resource_id}: no new job ({submitted.reason})")
-        else:
-            _info(f"series {resource_id} -> job {submitted.job_id} ({submitted.reason})")
+        if change_type == orthanc.ChangeType.STABLE_SERIES:
+            handle(resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            pick_up()  # in Orthanc's change thread: the receiver is already up, stable events wait
     except Exception as e:  # never let a plugin error disturb the DICOM receiver
         orthanc.LogError(f"pacs-node: series {resource_id}: could not queue: {type(e).__name__}: {e}")
+
+
+class Watermarks:
+    """Refuse new instances while the data folder's file system is fuller than ``high`` percent;
+    accept again below ``low`` (hysteresis, so intake does not flap at the edge)."""
+
+    def __init__(self, cfg):
+        self.path = cfg.get("Path") or "."
+        self.high = float(cfg.get("High", 90))
+        self.low = float(cfg.get("Low", 85))
+        self.accepting = True
+        self.reason = ""
+        self.refused = 0
+        self.used = 0.0
+
+    def check(self):
+        usage = shutil.disk_usage(self.path)
+        self.used = 100.0 * (usage.total - usage.free) / usage.total
+        if self.accepting and self.used >= self.high:
+            self.accepting = False
+            self.reason = f"data folder's file system {self.used:.1f}% full (high watermark {self.high:g}%)"
+            _warn(f"refusing new instances: {self.reason}")
+        elif not self.accepting and self.used < self.low:
+            self.accepting = True
+            _warn(f"accepting instances again: {self.used:.1f}% full (low watermark {self.low:g}%)")
+            self.reason = ""
+        return self.accepting
+
+    def state(self):
+        self.check()
+        return {
+            "accepting": self.accepting,
+            "reason": self.reason,
+            "used_percent": round(self.used, 2),
+            "high_watermark_percent": self.high,
+            "low_watermark_percent": self.low,
+            "refused_since_start": self.refused,
+        }
+
+
+_watermarks = Watermarks(_CFG.get("Watermarks") or {})
+OUT_OF_RESOURCES = 0xA700  # C-STORE "Refused: Out of Resources"
+
+
+def filter_cstore(received):
+    """Before Orthanc stores a C-STORE instance: refuse it, with a status, above the watermark."""
+    try:
+        if _watermarks.check():
+            return 0
+    except Exception as e:  # a failing check must not refuse (or crash) the receiver
+        orthanc.LogError(f"pacs-node: disk check failed: {type(e).__name__}: {e}")
+        return 0
+    _watermarks.refused += 1
+    return OUT_OF_RESOURCES
+
+
+def filter_http(uri, **request):
+    """STOW-RS is refused (403) above the watermark like C-STORE; everything else passes (the worker
+    stores its results through the REST API, and deliveries go on)."""
+    if not uri.startswith("/dicom-web/studies") or str(request.get("method")) not in ("POST", "2"):
+        return True
+    try:
+        if _watermarks.check():
+            return True
+    except Exception:
+        return True
+    _watermarks.refused += 1
+    return False
 
 
 def _answer(output, obj, status=200):
@@ -131,7 +250,7 @@ def _answer(output, obj, status=200):
     if status == 200:
         output.AnswerBuffer(body, "application/json")
     else:
-        output.SendHttpStatus(status, body)
+        output.SendHttpStatus(status, body, len(body))
 
 
 def rest_jobs(output, uri, **request):
@@ -176,6 +295,13 @@ def rest_retry(output, uri, **request):
     _answer(output, {"id": job_id, "state": state})
 
 
+def rest_intake(output, uri, **request):
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    _answer(output, _watermarks.state())
+
+
 def rest_destinations(output, uri, **request):
     if request["method"] != "GET":
         output.SendMethodNotAllowed("GET")
@@ -188,4 +314,7 @@ orthanc.RegisterRestCallback("/inference/jobs", rest_jobs)
 orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)", rest_job)
 orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)/retry", rest_retry)
 orthanc.RegisterRestCallback("/inference/destinations", rest_destinations)
+orthanc.RegisterRestCallback("/inference/intake", rest_intake)
+orthanc.RegisterIncomingCStoreInstanceFilter(filter_cstore)
+orthanc.RegisterIncomingHttpRequestFilter(filter_http)
 _info(f"plugin ready (queue {_CFG['Queue']}, {len(_rules)} routing rules)")

@@ -128,16 +128,20 @@ class Node:
     folder: Path
     config: dict
     proc: subprocess.Popen | None = None
+    auth: tuple[str, str] | None = None  # Orthanc's REST user when the config sets http_users
 
     @property
     def client(self) -> OrthancClient:
-        return OrthancClient(f"http://127.0.0.1:{self.config['http_port']}")
+        return OrthancClient(f"http://127.0.0.1:{self.config['http_port']}", self.auth)
 
     @property
     def log(self) -> Path:
         return self.folder / "serve.log"
 
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 90, wait_worker: bool = True) -> None:
+        # a shared test machine's disk may be fuller than production's default watermark allows; the
+        # watermark test sets its own on a small file system
+        self.config.setdefault("disk", {"refuse_above_percent": 99.9, "resume_below_percent": 99.8})
         self.folder.mkdir(parents=True, exist_ok=True)
         cfg = self.folder / "node.yaml"
         cfg.write_text(yaml.safe_dump(self.config))
@@ -153,9 +157,29 @@ class Node:
                 raise AssertionError(
                     f"pacs-node serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
                 )
+            if not wait_worker:
+                return client.ready()
             return client.ready() and re.search(r"worker \S+ ready", self.log.read_text())
 
         wait_for(up, timeout, "the node to start")
+
+    def orthanc_pid(self) -> int:
+        """The running Orthanc's process ID (the supervisor's child)."""
+        found = re.findall(r"orthanc started \(pid (\d+)\)", self.log.read_text())
+        return int(found[-1])
+
+    def get(self, path: str) -> tuple[int, str]:
+        """GET on the node's health endpoint (metrics_port): status and body."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.config['metrics_port']}{path}", timeout=10
+            ) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
 
     def stop(self) -> int:
         if self.proc is None or self.proc.poll() is not None:

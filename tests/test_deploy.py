@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from node.config import parse_config
-from node.service.metrics import NodeMetrics, exported_names
+from node.service.metrics import NodeMetrics, SupervisorMetrics, exported_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -49,8 +49,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported() -> set[str]:
-    return exported_names(NodeMetrics().registry) | exported_names(
-        NodeMetrics(queue_path=":memory:").registry
+    """What the worker and pacs-node serve's supervisor export (the supervisor's endpoint has both)."""
+    supervisor = SupervisorMetrics(":memory:", [], list, lambda: None, ".", "http://127.0.0.1:9")
+    return (
+        exported_names(NodeMetrics().registry)
+        | exported_names(NodeMetrics(queue_path=":memory:").registry)
+        | exported_names(supervisor.registry)
     )
 
 

@@ -18,7 +18,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from test_deploy import ORTHANC_METRICS_USED
 
-from node.service.metrics import MetricsServer, ModelInfo, NodeMetrics, exported_names
+from node.service.metrics import (
+    ComponentStatus,
+    MetricsServer,
+    ModelInfo,
+    NodeMetrics,
+    SupervisorMetrics,
+    exported_names,
+)
 from node.service.queue import JobQueue, Output, Route
 from node.synthetic.dicom import Patient, write_axial_series
 from node.synthetic.phantom import Phantom
@@ -50,9 +57,8 @@ def get(url: str) -> tuple[int, bytes]:
 def test_queue_counters_and_gauges(tmp_path: Path) -> None:
     clock = [1000.0]
     q = JobQueue(tmp_path / "q.sqlite", clock=lambda: clock[0])
-    q.counters.record_series("CT")
-    q.counters.record_series("CR", skipped_by="no_routing_rule_matched")
-    j = q.jobs.submit("s1", modality="CT", instances=3, fingerprint="a").job_id
+    j = q.intake.accept("s1", "a", "CT", modality="CT", instances=3).job_id
+    q.intake.skip("s0", "z", "CR", "no_routing_rule_matched")
     q.jobs.submit("s1", modality="CT", instances=3, fingerprint="a")  # the same: deduplicated
     q.jobs.submit("s2", modality="MR", instances=3, fingerprint="b")
     job = q.jobs.lease("w", 60)
@@ -68,7 +74,7 @@ def test_queue_counters_and_gauges(tmp_path: Path) -> None:
     q.outbox.failed(d2.id, "down", 1, 10, 5)
     clock[0] = 1030.0
 
-    m = NodeMetrics(tmp_path / "q.sqlite", ["pacs", "archive"], restarts=2, clock=lambda: clock[0])
+    m = NodeMetrics(tmp_path / "q.sqlite", ["pacs", "archive"], clock=lambda: clock[0])
     m.set_model(ModelInfo("phantom-fm", "1.0", "onnxruntime-cpu", "cpu", "fp32"))
     m.observe_stages({"load": 0.1, "inference": 0.5})
     m.observe_job("processed", 1.2)
@@ -90,7 +96,6 @@ def test_queue_counters_and_gauges(tmp_path: Path) -> None:
     assert value(text, "pacs_node_delivery_oldest_pending_age_seconds", destination="pacs") == pytest.approx(
         30.0
     )
-    assert value(text, "pacs_node_worker_restarts_total") == 2
     assert value(text, "pacs_node_worker_up") == 1
     info = dict(model="phantom-fm", version="1.0", runtime="onnxruntime-cpu", device="cpu", precision="fp32")
     assert value(text, "pacs_node_model_info", **info) == 1
@@ -101,6 +106,35 @@ def test_queue_counters_and_gauges(tmp_path: Path) -> None:
     names = exported_names(m.registry)
     assert {n for n, _ in samples(text)} <= names
     assert {"pacs_node_gpu_memory_used_bytes", "pacs_node_gpu_utilization_ratio"} <= names
+
+
+def test_supervisor_metrics_add_processes_disk_intake_and_the_workers(tmp_path: Path) -> None:
+    worker = NodeMetrics()
+    worker_port = free_port()
+    server = MetricsServer("127.0.0.1", worker_port, worker, {}).start()
+    status = [
+        ComponentStatus("orthanc", True, 1, False, None),
+        ComponentStatus(
+            "worker", False, 5, True, "not restarted after dying at once 5 times: exited (code 2)"
+        ),
+    ]
+    intake = {"accepting": False, "reason": "disk 93% full"}
+    m = SupervisorMetrics(tmp_path / "q.sqlite", ["pacs"], lambda: status, lambda: intake, tmp_path, "")
+    try:
+        m.worker_url = f"http://127.0.0.1:{worker_port}"
+        text = m.exposition().decode()
+    finally:
+        server.stop()
+    assert value(text, "pacs_node_component_up", component="worker") == 0
+    assert value(text, "pacs_node_component_gave_up", component="worker") == 1
+    assert value(text, "pacs_node_component_restarts_total", component="orthanc") == 1
+    assert value(text, "pacs_node_worker_restarts_total") == 5
+    assert value(text, "pacs_node_intake_accepting") == 0
+    assert 0 < value(text, "pacs_node_disk_used_ratio") <= 1
+    assert value(text, "pacs_node_queue_depth") == 0  # the queue's families come from the supervisor
+    assert value(text, "pacs_node_worker_up") == 1  # and the worker's from its own endpoint
+    m.worker_url = "http://127.0.0.1:9"  # the worker is down: the supervisor's families still answer
+    assert value(m.exposition().decode(), "pacs_node_component_up", component="orthanc") == 1
 
 
 def test_health_endpoints_say_what_is_wrong(tmp_path: Path) -> None:

@@ -157,3 +157,10 @@ def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
     rt = OnnxRuntime(model)
     out = rt.infer(np.zeros((2, 2, 128, 128), np.float32))
     assert 0.0 <= rt.classify(model.heads[2], out.features) <= 1.0
+
+
+def test_model_yaml_error_is_one_line(tmp_path):
+    (tmp_path / "model.yaml").write_text("name: x\nversion: [1\nfoo: : :\n")
+    with pytest.raises(ModelError) as e:
+        load_model(tmp_path)
+    assert "\n" not in str(e.value) and "model.yaml: line 3: not valid YAML" in str(e.value)

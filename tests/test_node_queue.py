@@ -321,3 +321,35 @@ def test_config_webhook_and_triage_rules() -> None:
     ):
         with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace("[", r"\[")):
             parse_config(bad)
+
+
+# --- intake: what the plugin decided, and the pick-up at start ------------------------------------
+def test_intake_remembers_every_decision_and_counts_it_once(q: JobQueue) -> None:
+    assert not q.intake.decided("s1", "f1")
+    job = q.intake.accept("s1", "f1", "CT", modality="CT", instances=3).job_id
+    q.intake.skip("s2", "f2", "SR", "excluded_modality")
+    assert q.intake.decided("s1", "f1") and q.intake.decided("s2", "f2")
+    assert not q.intake.decided("s1", "f1-late")  # late instances: a new decision is due
+    assert q.jobs.get(job).fingerprint == "f1"
+    c = q.counters.stats().counters
+    assert c[("series_received", "CT", "")] == 1 and c[("series_received", "SR", "")] == 1
+    assert c[("jobs", "skipped", "excluded_modality")] == 1 and c[("jobs", "queued", "")] == 1
+    assert q.intake.change_seq() == 0
+    q.intake.set_change_seq(42)
+    assert JobQueue(q.path).intake.change_seq() == 42  # durable
+
+
+def test_dead_workers_job_is_released_at_once(q: JobQueue, clock: Clock) -> None:
+    q.jobs.submit("s1", fingerprint="a", max_attempts=2)
+    q.jobs.submit("s2", fingerprint="b", max_attempts=2)
+    j1 = q.jobs.lease("host:1", 120)
+    j2 = q.jobs.lease("host:2", 120)
+    assert q.jobs.release("host:1", "worker killed by SIGKILL") == [j1.id]
+    assert q.jobs.get(j1.id).state == "queued" and q.jobs.get(j2.id).state == "running"
+    assert q.jobs.history(j1.id)[-1].event == "released"
+    again = q.jobs.lease("host:3", 120)  # at once: no lease had to expire (the clock did not move)
+    assert again.id == j1.id and again.attempts == 2
+    assert q.jobs.release("host:3", "worker exited (code 1)") == [j1.id]  # the last attempt
+    job = q.jobs.get(j1.id)
+    assert job.state == "failed" and "worker exited (code 1) during the job 2 times" in job.error
+    assert q.counters.stats().counters[("jobs", "released", "")] == 1

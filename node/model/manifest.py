@@ -105,8 +105,16 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
         raise ModelError(f"model {name_or_path}: no model.yaml in {folder}")
     try:
         raw = yaml.safe_load(manifest.read_text())
+    except yaml.YAMLError as e:  # its str() is several lines with a caret: say where, on one line
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ModelError(f"{manifest}:{where}: not valid YAML ({problem})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{manifest}: not a valid manifest (a mapping of keys to values is expected)")
+    try:
         spec = ModelSpec(**raw, path=folder)
-    except (yaml.YAMLError, TypeError) as e:
+    except TypeError as e:
         raise ModelError(f"{manifest}: not a valid manifest ({e})") from None
     except ValidationError as e:
         first = e.errors()[0]

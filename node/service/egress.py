@@ -113,7 +113,12 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
         ae.add_requested_context(sop_class, [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
+        if assoc.is_rejected:
+            why = "association rejected (A-ASSOCIATE-RJ): does it know our AE title and host?"
+        elif assoc.is_aborted:
+            why = "association aborted by the destination (A-ABORT)"
+        else:
+            why = "no association: not reachable (connection refused or timed out)"
         return [Outcome(it.key, f"{dest.host}:{dest.port} {dest.ae_title}: {why}") for it in items]
     out = []
     try:

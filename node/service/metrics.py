@@ -1,13 +1,16 @@
-"""The worker's Prometheus metrics and health endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+"""Prometheus metrics and health endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
 
-Two sources, one registry:
+Under ``pacs-node serve`` the supervisor serves them on ``metrics_port`` (:class:`SupervisorMetrics`:
+the queue, its processes and the disk, then the worker's families); a worker on its own (compose)
+serves the queue's and its own. The sources:
 
 - the durable queue (read at every scrape): jobs by outcome (including series the plugin skipped,
   with the routing rule as a label), queue depth and age, deliveries by destination and outcome,
   retries, pending deliveries. Those counters live in the queue file, so they survive restarts of
   Orthanc and the worker and count what the plugin (another process) did;
 - the worker itself: job and per-stage duration histograms (labelled by model and runtime),
-  model/runtime info, worker up/restarts, and GPU memory/utilisation when nvidia-ml-py finds a GPU.
+  model/runtime info, worker up, and GPU memory/utilisation when nvidia-ml-py finds a GPU;
+- the supervisor: each process up, its restarts and whether restarts stopped; disk use; intake.
 
 No patient data ever reaches a name or a label: labels are stage names, model/runtime names, bounded
 enums (outcome, state, rule, modality) and operator-chosen destination names.
@@ -18,12 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import requests
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -36,7 +41,10 @@ from node.service.queue.counters import Counter as Tally
 log = logging.getLogger(__name__)
 
 PREFIX = "pacs_node"
-RESTARTS_ENV = "PACS_NODE_WORKER_RESTARTS"  # set by `pacs-node serve` for each worker start
+# set by `pacs-node serve` for the worker: where it serves its own metrics (the supervisor, on
+# metrics_port, adds the queue's and its own), and where it writes why it could not start
+WORKER_METRICS_ENV = "PACS_NODE_WORKER_METRICS"
+WORKER_EXIT_ENV = "PACS_NODE_WORKER_EXIT_FILE"
 
 # seconds: a stage of a small series takes milliseconds, a 600-slice CT on a CPU minutes
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -211,19 +219,100 @@ class GpuCollector:
         yield from (used, total, util)
 
 
-class RestartsCollector:
-    """Worker restarts by the supervisor: a count the supervisor hands to each new worker."""
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One supervised process (Orthanc, the worker) as ``pacs-node serve`` sees it."""
 
-    def __init__(self, restarts: int):
-        self.restarts = restarts
+    component: str
+    up: bool
+    restarts: int  # restarts after the first start
+    gave_up: bool  # it kept dying at once: not restarted again
+    problem: str | None  # None when fine; else one line (why it is down, or not ready)
+
+
+class SupervisorCollector:
+    """What only the supervisor knows: its processes, their restarts, and the data folder's disk."""
+
+    def __init__(
+        self, status: Callable[[], list[ComponentStatus]], intake: Callable[[], dict | None], data_dir
+    ):
+        self.status, self.intake, self.data_dir = status, intake, data_dir
+
+    @staticmethod
+    def _families() -> tuple:
+        p = PREFIX
+        return (
+            GaugeMetricFamily(
+                f"{p}_component_up", "1 while the process runs (orthanc, worker).", labels=["component"]
+            ),
+            CounterMetricFamily(
+                f"{p}_component_restarts",
+                "Restarts by pacs-node serve after a process died.",
+                labels=["component"],
+            ),
+            GaugeMetricFamily(
+                f"{p}_component_gave_up",
+                "1 when a process kept dying at once and is no longer restarted (see /readyz for why).",
+                labels=["component"],
+            ),
+            CounterMetricFamily(f"{p}_worker_restarts", "Worker restarts by pacs-node serve."),
+            GaugeMetricFamily(f"{p}_disk_used_ratio", "Used fraction of the data folder's file system."),
+            GaugeMetricFamily(
+                f"{p}_intake_accepting",
+                "1 while new instances are accepted; 0 above the disk's high watermark (C-STORE refused).",
+            ),
+        )
 
     def describe(self) -> Iterable[Metric]:
-        return [CounterMetricFamily(f"{PREFIX}_worker_restarts", "Worker restarts by pacs-node serve.")]
+        return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(
-            f"{PREFIX}_worker_restarts", "Worker restarts by pacs-node serve.", value=self.restarts
-        )
+        up, restarts, gave_up, worker_restarts, disk, accepting = self._families()
+        for c in self.status():
+            up.add_metric([c.component], 1 if c.up else 0)
+            restarts.add_metric([c.component], c.restarts)
+            gave_up.add_metric([c.component], 1 if c.gave_up else 0)
+            if c.component == "worker":
+                worker_restarts.add_metric([], c.restarts)
+        try:
+            usage = shutil.disk_usage(self.data_dir)
+            disk.add_metric([], (usage.total - usage.free) / usage.total)
+        except OSError:
+            pass
+        state = self.intake()
+        if state is not None:
+            accepting.add_metric([], 1 if state.get("accepting") else 0)
+        yield from (up, restarts, gave_up, worker_restarts, disk, accepting)
+
+
+class SupervisorMetrics:
+    """``pacs-node serve``'s endpoint on ``metrics_port``: its own families (queue, processes, disk),
+    followed by the worker's (read from the worker's internal endpoint while it runs), so one scrape
+    sees everything and ``/readyz`` answers even when the worker is down."""
+
+    def __init__(
+        self,
+        queue_path,
+        destinations: Iterable[str],
+        status: Callable[[], list[ComponentStatus]],
+        intake: Callable[[], dict | None],
+        data_dir,
+        worker_url: str,
+    ):
+        self.registry = CollectorRegistry()
+        self.registry.register(QueueCollector(JobQueue(queue_path), destinations))
+        self.registry.register(SupervisorCollector(status, intake, data_dir))
+        self.ready = Gauge(f"{PREFIX}_ready", "1 when the node's /readyz passes.", registry=self.registry)
+        self.worker_url = worker_url
+
+    def exposition(self) -> bytes:
+        own = generate_latest(self.registry)
+        try:
+            r = requests.get(f"{self.worker_url}/metrics", timeout=2)
+            r.raise_for_status()
+            return own + r.content
+        except requests.RequestException:  # the worker is down or starting: its families are absent
+            return own
 
 
 class NodeMetrics:
@@ -233,7 +322,6 @@ class NodeMetrics:
         self,
         queue_path=None,
         destinations: Iterable[str] = (),
-        restarts: int | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.registry = CollectorRegistry()
@@ -268,10 +356,7 @@ class NodeMetrics:
         )
         self.up.set(1)
         self.started.set(time.time())
-        if restarts is None:
-            restarts = int(os.environ.get(RESTARTS_ENV, "0") or 0)
-        r.register(RestartsCollector(restarts))
-        self.queue_collector = None
+        self.queue_collector = None  # under pacs-node serve the supervisor exports the queue
         if queue_path is not None:
             self.queue_collector = QueueCollector(JobQueue(queue_path, clock=clock), destinations)
             r.register(self.queue_collector)

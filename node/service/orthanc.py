@@ -33,7 +33,7 @@ class OrthancClient:
 
     def _request(self, method: str, path: str, **kw) -> requests.Response:
         try:
-            r = self.session.request(method, self.url + path, timeout=self.timeout, **kw)
+            r = self.session.request(method, self.url + path, **{"timeout": self.timeout, **kw})
         except requests.RequestException as e:
             raise OrthancError(f"Orthanc {method} {path}: {type(e).__name__}") from e
         if r.status_code >= 400:

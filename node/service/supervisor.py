@@ -1,9 +1,12 @@
 """``pacs-node serve``: Orthanc (with our plugin) and the worker, as supervised child processes.
 
-Orthanc receives and stores; the worker infers in its own process so that a
-model crash or an out-of-memory never stops the DICOM receiver. This process
-only writes the configuration, starts both, restarts a worker that died,
-forwards Ctrl-C/SIGTERM and stops everything cleanly.
+Orthanc receives and stores; the worker infers in its own process so that a model crash or an
+out-of-memory never stops the DICOM receiver. This process writes the configuration (credentials
+in files only its user can read), starts both, and keeps them up: a process that dies is restarted
+after 1, 2, 4 ... s; one that dies at once every time (a broken model, a broken config) is not
+restarted again and ``/readyz`` says why. A dead worker's job is given back at once, not after its
+lease. It serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_port`` itself, so they
+answer while the worker is down, and stops everything cleanly on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,16 +14,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+import yaml
+
 import node
-from node.config import ConfigError, NodeConfig, dump_config, load_config
-from node.service.metrics import RESTARTS_ENV
+from node.config import ConfigError, NodeConfig, RestartConfig, load_config
+from node.identity import StrEnum
+from node.service.metrics import (
+    WORKER_EXIT_ENV,
+    WORKER_METRICS_ENV,
+    Check,
+    ComponentStatus,
+    MetricsServer,
+    SupervisorMetrics,
+)
 from node.service.orthanc import OrthancClient, OrthancError
 from node.service.queue import JobQueue
 
@@ -50,8 +66,9 @@ SCP_TRANSFER_SYNTAXES = (
 )
 
 
-def orthanc_config(cfg: NodeConfig) -> dict:
-    """Orthanc's JSON configuration for this node."""
+def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
+    """Orthanc's JSON configuration for this node. A password the node's config gave as
+    ``${env:NAME}`` (``raw_users``, as written) stays a reference: Orthanc reads ``${NAME}`` itself."""
     data = cfg.data_dir
     plugins = [
         str(cfg.orthanc_plugins_dir / p) for p in ORTHANC_PLUGINS if (cfg.orthanc_plugins_dir / p).exists()
@@ -63,7 +80,10 @@ def orthanc_config(cfg: NodeConfig) -> dict:
         "HttpPort": cfg.http_port,
         "RemoteAccessAllowed": cfg.http_remote_access,
         "AuthenticationEnabled": bool(cfg.http_users),
-        "RegisteredUsers": dict(cfg.http_users),
+        "RegisteredUsers": {
+            user: _env_reference((raw_users or {}).get(user)) or password
+            for user, password in cfg.http_users.items()
+        },
         "StorageDirectory": str(data / "orthanc-storage"),
         "IndexDirectory": str(data / "orthanc-index"),
         "Plugins": plugins,
@@ -77,9 +97,12 @@ def orthanc_config(cfg: NodeConfig) -> dict:
         "RestApiWriteToFileSystemEnabled": False,
         "AcceptedTransferSyntaxes": list(SCP_TRANSFER_SYNTAXES),
         "UnknownSopClassAccepted": False,
-        "DicomAlwaysAllowEcho": True,
+        # with an allow-list, any other calling AE is rejected at association (A-ASSOCIATE-RJ, calling
+        # AE title not recognized): Orthanc admits every caller as soon as one "always allow" is on
+        "DicomAlwaysAllowEcho": not cfg.allowed_aes,
         "DicomAlwaysAllowStore": not cfg.allowed_aes,
         "DicomCheckModalityHost": False,
+        "DicomCheckCalledAet": cfg.check_called_ae,
         "DicomModalities": {
             ae: {
                 "AET": ae,
@@ -100,40 +123,115 @@ def orthanc_config(cfg: NodeConfig) -> dict:
             "Routing": [r.model_dump(mode="json") for r in cfg.routing],
             "MaxAttempts": cfg.worker.max_attempts,
             "Triage": cfg.model_dump(mode="json")["triage"],
+            "Watermarks": {
+                "Path": str(data),
+                "High": cfg.disk.refuse_above_percent,
+                "Low": cfg.disk.resume_below_percent,
+            },
         },
     }
     return oc
 
 
+def _env_reference(raw) -> str | None:
+    m = re.fullmatch(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}", raw or "") if isinstance(raw, str) else None
+    return f"${{{m.group(1)}}}" if m else None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only this user can read (it may hold credentials)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+
+
+class ChildState(StrEnum):
+    RUNNING = "running"
+    WAITING = "waiting"  # died; restarted when its backoff has passed
+    GAVE_UP = "gave_up"  # died at once too many times in a row: not restarted
+    STOPPED = "stopped"
+
+
 @dataclass
 class Child:
+    """One supervised process and its restart policy."""
+
     name: str
     argv: list[str]
+    policy: RestartConfig
     log_path: Path | None = None  # None: inherit our stderr
+    env: dict[str, str] = field(default_factory=dict)
+    exit_file: Path | None = None  # where the process writes why it could not start
     proc: subprocess.Popen | None = None
-    starts: list[float] = field(default_factory=list)
+    state: ChildState = ChildState.STOPPED
+    starts: int = 0
+    started_at: float = 0.0
+    quick_exits: int = 0  # consecutive deaths within policy.quick_exit_s of the start
+    next_start: float = 0.0
+    last_exit: str | None = None  # one line: how it last ended
 
     def start(self) -> None:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (owned by the child)
-        # the worker's pacs_node_worker_restarts_total: how many times it was started before this one
-        env = {**os.environ, RESTARTS_ENV: str(len(self.starts))}
+        if self.exit_file is not None:
+            self.exit_file.unlink(missing_ok=True)
         # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
         self.proc = subprocess.Popen(
             self.argv,
             stdout=out or sys.stderr,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
-            env=env,
+            env={**os.environ, **self.env},
         )
         if out:
             out.close()
-        self.starts.append(time.monotonic())
+        self.starts += 1
+        self.started_at = time.monotonic()
+        self.state = ChildState.RUNNING
         log.info("%s started (pid %d)", self.name, self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def restarts(self) -> int:
+        return max(0, self.starts - 1)
+
+    def died(self, why: str) -> None:
+        """Record the death and decide: restart after the backoff, or give up."""
+        now = time.monotonic()
+        self.last_exit = why
+        quick = now - self.started_at < self.policy.quick_exit_s
+        self.quick_exits = self.quick_exits + 1 if quick else 0
+        if self.quick_exits >= self.policy.give_up_after:
+            self.state = ChildState.GAVE_UP
+            log.error(
+                "%s is not restarted again: it died within %.0f s of its start %d times in a row; last: %s",
+                self.name,
+                self.policy.quick_exit_s,
+                self.quick_exits,
+                why,
+            )
+            return
+        delay = min(self.policy.backoff_max_s, self.policy.backoff_s * 2 ** max(0, self.quick_exits - 1))
+        self.state = ChildState.WAITING
+        self.next_start = now + delay
+        log.warning("%s %s: restarting it in %.0f s", self.name, why, delay)
+
+    def status(self) -> ComponentStatus:
+        problem = None
+        if self.state is ChildState.GAVE_UP:
+            problem = f"not restarted after dying at once {self.quick_exits} times: {self.last_exit}"
+        elif self.state is ChildState.WAITING:
+            problem = f"{self.last_exit}; restarting in {max(0.0, self.next_start - time.monotonic()):.0f} s"
+        elif self.state is ChildState.STOPPED:
+            problem = "not started"
+        return ComponentStatus(
+            self.name, self.alive(), self.restarts, self.state is ChildState.GAVE_UP, problem
+        )
+
     def stop(self, grace: float = STOP_GRACE_S) -> None:
+        self.state = ChildState.STOPPED
         if not self.alive():
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -155,13 +253,150 @@ def _check_install(cfg: NodeConfig) -> None:
             raise ConfigError(f"orthanc_plugins_dir: {p} not in {cfg.orthanc_plugins_dir}")
 
 
-def _tail(path: Path, n: int = 5) -> str:
+def _tail(path: Path, n: int = 5, errors_only: bool = False) -> str:
+    """The last ``n`` error lines of an Orthanc log (else its last lines), joined on one line."""
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
     errors = [ln for ln in lines if ln.startswith(("E", "F"))]
-    return " | ".join((errors or lines)[-n:])
+    return " | ".join((errors if errors or errors_only else lines)[-n:])
+
+
+def _raw_users(config_path: Path | None) -> dict:
+    """The config's http_users as written (before ${env:...} is resolved)."""
+    if config_path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    users = raw.get("http_users") if isinstance(raw, dict) else None
+    return users if isinstance(users, dict) else {}
+
+
+class Supervisor:
+    """Orthanc and the worker, kept up; the node's health endpoint."""
+
+    def __init__(self, cfg: NodeConfig, config_path: Path | None):
+        self.cfg = cfg
+        data = cfg.data_dir
+        self.queue = JobQueue(cfg.queue_path)  # creates the schema before either child opens it
+        self.client = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
+        orthanc_json = data / "orthanc.json"
+        write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
+        if config_path is not None:  # the worker reads the config itself: its secrets stay references
+            worker_config = config_path.resolve()
+        else:
+            worker_config = data / "node.json"
+            write_private(worker_config, json.dumps(cfg.model_dump(mode="json"), indent=2))
+        self.worker_port = _free_port()
+        self.orthanc = Child(
+            "orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.restart, data / "orthanc.log"
+        )
+        self.worker = Child(
+            "worker",
+            [sys.executable, "-m", "node.service.worker", "--config", str(worker_config)],
+            cfg.restart,
+            env={
+                WORKER_METRICS_ENV: f"127.0.0.1:{self.worker_port}",
+                WORKER_EXIT_ENV: str(data / "worker-exit.txt"),
+            },
+            exit_file=data / "worker-exit.txt",
+        )
+        self.health: MetricsServer | None = None
+
+    # --- health ---------------------------------------------------------------------------------
+    def _intake(self) -> dict | None:
+        try:
+            return self.client.get_json("/inference/intake", timeout=2)
+        except OrthancError:
+            return None
+
+    def _worker_ready(self) -> str | None:
+        try:
+            r = requests.get(f"http://127.0.0.1:{self.worker_port}/readyz", timeout=2)
+        except requests.RequestException:
+            return "starting (its endpoint does not answer yet)"
+        return (
+            None
+            if r.status_code == 200
+            else "; ".join(r.json().get("problems", [])) or f"HTTP {r.status_code}"
+        )
+
+    def checks(self) -> dict[str, Check]:
+        def orthanc() -> str | None:
+            st = self.orthanc.status()
+            if st.problem:
+                return st.problem
+            return None if self.client.ready() else f"Orthanc at {self.client.url} not reachable"
+
+        def worker() -> str | None:
+            return self.worker.status().problem or self._worker_ready()
+
+        def intake() -> str | None:
+            state = self._intake()
+            if state is None:
+                return None  # Orthanc's own check says why
+            return None if state.get("accepting") else f"refusing new instances: {state.get('reason')}"
+
+        return {"orthanc": orthanc, "worker": worker, "queue": self.queue.writable, "intake": intake}
+
+    def start_health(self) -> None:
+        if not self.cfg.metrics_port:
+            return
+        metrics = SupervisorMetrics(
+            self.cfg.queue_path,
+            [d.name for d in self.cfg.destinations],
+            lambda: [self.orthanc.status(), self.worker.status()],
+            self._intake,
+            self.cfg.data_dir,
+            f"http://127.0.0.1:{self.worker_port}",
+        )
+        try:
+            self.health = MetricsServer(
+                self.cfg.metrics_host, self.cfg.metrics_port, metrics, self.checks()
+            ).start()
+        except OSError as e:  # the port is taken: run without the endpoint rather than not at all
+            log.error("metrics_port %d: cannot listen (%s): no health endpoint", self.cfg.metrics_port, e)
+
+    # --- keeping them up ------------------------------------------------------------------------
+    def tend(self) -> None:
+        """One look at both processes: record deaths, give back a dead worker's jobs, restart."""
+        for child in (self.orthanc, self.worker):
+            if child.state is ChildState.RUNNING and not child.alive():
+                code = child.proc.returncode
+                why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited (code {code})"
+                if child.exit_file is not None and child.exit_file.exists():
+                    why += ": " + child.exit_file.read_text().strip()
+                elif child.log_path is not None and (errors := _tail(child.log_path, 2, errors_only=True)):
+                    why += f": {errors}"
+                if child is self.worker:
+                    self._release(child.proc.pid, why)
+                child.died(why)
+            if child.state is ChildState.WAITING and time.monotonic() >= child.next_start:
+                child.start()
+
+    def _release(self, pid: int, why: str) -> None:
+        try:
+            released = self.queue.jobs.release(f"{socket.gethostname()}:{pid}", f"worker {why}")
+        except Exception as e:  # the queue unwritable (a full disk): the lease expires instead
+            log.error("could not give back the dead worker's job: %s", e)
+            return
+        for job_id in released:
+            log.warning("job %d given back: the worker running it %s", job_id, why)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.orthanc.stop()
+        if self.health is not None:
+            self.health.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def serve(config_path: Path | None) -> int:
@@ -171,17 +406,11 @@ def serve(config_path: Path | None) -> int:
         cfg = load_config(config_path)
         _check_install(cfg)
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.data_dir, 0o700)  # the index, the images and the credentials files
+        sup = Supervisor(cfg, config_path)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    JobQueue(cfg.queue_path).close()  # create the schema before either side opens it
-    orthanc_json = cfg.data_dir / "orthanc.json"
-    orthanc_json.write_text(json.dumps(orthanc_config(cfg), indent=2))
-    node_json = cfg.data_dir / "node.json"
-    dump_config(cfg, node_json)
-
-    orthanc = Child("orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.data_dir / "orthanc.log")
-    worker = Child("worker", [sys.executable, "-m", "node.service.worker", "--config", str(node_json)])
 
     stop = {"signal": 0}
 
@@ -191,12 +420,11 @@ def serve(config_path: Path | None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    orthanc.start()
-    client = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
+    sup.orthanc.start()
     deadline = time.monotonic() + 60
-    while not client.ready():
-        if not orthanc.alive() or stop["signal"] or time.monotonic() > deadline:
-            orthanc.stop()
+    while not sup.client.ready():
+        if not sup.orthanc.alive() or stop["signal"] or time.monotonic() > deadline:
+            sup.orthanc.stop()
             if stop["signal"]:
                 return 0
             print(
@@ -206,10 +434,10 @@ def serve(config_path: Path | None) -> int:
             return 1
         time.sleep(0.2)
     try:
-        if client.get_json("/inference/jobs") is None:
+        if sup.client.get_json("/inference/jobs") is None:
             raise OrthancError("no answer")
     except OrthancError:
-        orthanc.stop()
+        sup.orthanc.stop()
         print(f"error: the pacs-node plugin did not load; see {cfg.data_dir}/orthanc.log", file=sys.stderr)
         return 1
     log.info(
@@ -219,29 +447,16 @@ def serve(config_path: Path | None) -> int:
         cfg.orthanc_url,
         cfg.data_dir / "orthanc.log",
     )
-    worker.start()
-    code = 0
+    sup.start_health()
+    sup.worker.start()
     try:
         while not stop["signal"]:
             time.sleep(0.2)
-            if not orthanc.alive():
-                log.error(
-                    "Orthanc exited (code %s): stopping; see %s", orthanc.proc.returncode, orthanc.log_path
-                )
-                code = 1
-                break
-            if not worker.alive():
-                # a crash of the worker must not stop the receiver: restart it, slowly if it keeps dying
-                recent = [t for t in worker.starts if time.monotonic() - t < 60]
-                delay = 1.0 if len(recent) < 3 else 10.0
-                if time.monotonic() - worker.starts[-1] >= delay:
-                    log.warning("worker exited (code %s): restarting it", worker.proc.returncode)
-                    worker.start()
+            sup.tend()
     finally:
         log.info("stopping (%s)", signal.Signals(stop["signal"]).name if stop["signal"] else "error")
-        worker.stop()
-        orthanc.stop()
-    return code
+        sup.stop()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

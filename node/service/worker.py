@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -32,7 +34,7 @@ from node.model.select import select_runtime
 from node.pipeline import Pipeline, SeriesResult
 from node.service.delivery import Deliverer
 from node.service.egress import TriageNotice
-from node.service.metrics import MetricsServer, ModelInfo, NodeMetrics
+from node.service.metrics import WORKER_EXIT_ENV, WORKER_METRICS_ENV, MetricsServer, ModelInfo, NodeMetrics
 from node.service.orthanc import OrthancClient, OrthancError
 from node.service.priors import PriorLookup, Priors, study_report
 from node.service.queue import Job, JobQueue, Output, Route
@@ -40,6 +42,7 @@ from node.service.queue.time_points import TimePoints
 from node.timing import Stopwatch
 
 log = logging.getLogger("node.service.worker")
+QUEUE_RETRY_S = 5
 
 
 class Stopping(Exception):
@@ -66,10 +69,19 @@ class JobRun:
     def stage(self) -> str:
         return str(self.step or self.clock.current or Stage.LOAD)
 
+    def public(self, message: str) -> str:
+        """``message`` with the scratch folder's file names (gone after the job) told as what they
+        were: Orthanc's instances."""
+        return re.sub(re.escape(str(self.folder / "in")) + r"/([\w-]+)\.dcm", r"Orthanc instance \1", message)
+
 
 class Worker:
-    def __init__(self, cfg: NodeConfig, pipeline=None):
+    """``metrics_at``: (host, port) of the worker's own metrics endpoint when ``pacs-node serve``
+    supervises it (the supervisor exports the queue's families); None: ``metrics_port``, everything."""
+
+    def __init__(self, cfg: NodeConfig, pipeline=None, metrics_at: tuple[str, int] | None = None):
         self.cfg = cfg
+        self.metrics_at = metrics_at
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.queue = JobQueue(cfg.queue_path)
         self.time_points = TimePoints(self.queue.store)
@@ -91,7 +103,7 @@ class Worker:
         self.work_dir = cfg.data_dir / "work"
         self._pipeline = pipeline
         self._stop = threading.Event()
-        self.metrics = NodeMetrics(cfg.queue_path, [d.name for d in cfg.destinations])
+        self.metrics = NodeMetrics(None if metrics_at else cfg.queue_path, [d.name for d in cfg.destinations])
         self.metrics_server: MetricsServer | None = None
         self.deliverer = Deliverer(cfg, self.orthanc, self.metrics)
         if pipeline is not None:
@@ -115,8 +127,10 @@ class Worker:
 
     # --- health ----------------------------------------------------------------------------------
     def start_metrics(self) -> MetricsServer | None:
-        """Serve /metrics, /healthz and /readyz on ``metrics_port`` (0: not at all)."""
-        if not self.cfg.metrics_port:
+        """Serve /metrics, /healthz and /readyz on ``metrics_port`` (0: not at all), or where the
+        supervisor said."""
+        host, port = self.metrics_at or (self.cfg.metrics_host, self.cfg.metrics_port)
+        if not port:
             return None
         checks = {
             "orthanc": lambda: (
@@ -125,14 +139,12 @@ class Worker:
             "model": lambda: (
                 None if self._pipeline is not None else f"model {self.cfg.model} not loaded (yet)"
             ),
-            "queue": self.metrics.queue_collector.queue.writable,
+            "queue": self.queue.writable,
         }
         try:
-            self.metrics_server = MetricsServer(
-                self.cfg.metrics_host, self.cfg.metrics_port, self.metrics, checks
-            ).start()
+            self.metrics_server = MetricsServer(host, port, self.metrics, checks).start()
         except OSError as e:  # the port is taken: run without metrics rather than not at all
-            log.error("metrics_port %d: cannot listen (%s): no metrics endpoint", self.cfg.metrics_port, e)
+            log.error("metrics port %d: cannot listen (%s): no metrics endpoint", port, e)
         return self.metrics_server
 
     # --- main loop ---------------------------------------------------------------------------
@@ -147,11 +159,16 @@ class Worker:
         log.info("worker %s ready", self.owner)
         try:
             while not self._stop.is_set():
-                job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
-                if job is None:
-                    self._stop.wait(self.cfg.worker.poll_s)
-                    continue
-                self.process(job)
+                try:
+                    job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
+                    if job is None:
+                        self._stop.wait(self.cfg.worker.poll_s)
+                        continue
+                    self.process(job)
+                except (sqlite3.Error, OSError) as e:  # the queue unwritable (a full disk): wait, never die
+                    log.error("queue %s: %s: waiting %d s", self.queue.path, e, QUEUE_RETRY_S)
+                    self.metrics.errors.labels("queue").inc()
+                    self._stop.wait(QUEUE_RETRY_S)
         except Stopping:
             log.info("worker stopping")
         finally:
@@ -176,7 +193,7 @@ class Worker:
             log.info("job %d (series %s): %s in %.1f s", job.id, job.series_id, state, seconds)
             return JobOutcome(state, seconds)
         except InputError as e:  # the series itself is unusable: no point retrying
-            return self._failed(run, str(e), False, t0)
+            return self._failed(run, run.public(str(e)), False, t0)
         except (OrthancError, OSError) as e:  # transient: Orthanc restarting, disk full...
             return self._failed(run, f"{run.stage}: {e}", True, t0)
         except Stopping:
@@ -321,18 +338,26 @@ def main(argv: list[str] | None = None) -> int:
         "--config",
         type=Path,
         required=True,
-        help="resolved node config (JSON, written by serve), or the node's YAML config (a worker on its own,"
-        " e.g. in compose)",
+        help="the node's YAML config, or the resolved config (JSON) that serve writes for the embedded default",
     )
     args = p.parse_args(argv)
-    try:
-        if args.config.suffix in (".yaml", ".yml"):
-            cfg = load_config(args.config)
-        else:
-            cfg = read_resolved(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    exit_file = os.environ.get(WORKER_EXIT_ENV)
+
+    def fatal(message: str) -> int:
+        """One line for the terminal, and for the supervisor (why restarting will not help)."""
+        print(f"error: {message}", file=sys.stderr)
+        if exit_file:
+            Path(exit_file).write_text(message + "\n")
         return 2
+
+    try:
+        cfg = (
+            load_config(args.config)
+            if args.config.suffix in (".yaml", ".yml")
+            else read_resolved(args.config)
+        )
+    except ConfigError as e:
+        return fatal(str(e))
     logging.basicConfig(
         level=getattr(logging, cfg.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -346,14 +371,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    internal = os.environ.get(WORKER_METRICS_ENV)  # host:port, set by pacs-node serve
+    metrics_at = (internal.rsplit(":", 1)[0], int(internal.rsplit(":", 1)[1])) if internal else None
     try:
-        worker = Worker(cfg)
-        worker.run()
+        Worker(cfg, metrics_at=metrics_at).run()
     except Stopping:
         pass
     except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fatal(str(e))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 One SQLite file (:mod:`.store`) and a class per responsibility, all on the same connection:
 :class:`~.jobs.Jobs` (the job state machine), :class:`~.outbox.Outbox` (deliveries, exactly once),
-:class:`~.counters.Counters` (durable counts for the metrics), :class:`~.retrieved.RetrievedPriors`
+:class:`~.counters.Counters` (durable counts for the metrics), :class:`~.intake.Intake` (what the plugin decided for each
+series, and the pick-up's place in Orthanc's change log), :class:`~.retrieved.RetrievedPriors`
 (priors that must not become jobs). What each processed series showed is kept by
 :class:`node.service.queue.time_points.TimePoints`, which the plugin never imports (numpy).
 Stdlib only: the plugin runs inside Orthanc's embedded Python.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from node.service.queue.counters import Counter, Counters, QueueStats
+from node.service.queue.intake import Intake
 from node.service.queue.jobs import Job, Jobs, Submitted
 from node.service.queue.outbox import Delivery, Outbox, Output, Route
 from node.service.queue.retrieved import RetrievedPriors
@@ -42,6 +44,7 @@ class JobQueue:
         self.outbox = Outbox(self.store)
         self.jobs = Jobs(self.store, self.outbox)
         self.counters = Counters(self.store)
+        self.intake = Intake(self.store, self.jobs)
         self.retrieved = RetrievedPriors(self.store)
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from node.identity import JobEvent, JobState, StrEnum
+from node.identity import JobState, StrEnum
 from node.service.queue.store import Store
 
 
@@ -50,13 +50,6 @@ class Counters:
     def count(self, name: Counter, label: str = "", sublabel: str = "", n: int = 1) -> None:
         with self.store.tx() as db:
             bump(db, name, label, sublabel, n)
-
-    def record_series(self, modality: str, skipped_by: str | None = None) -> None:
-        """The plugin saw a stable series; ``skipped_by``: the routing rule that kept it from a job."""
-        with self.store.tx() as db:
-            bump(db, Counter.SERIES_RECEIVED, modality)
-            if skipped_by:
-                bump(db, Counter.JOBS, JobEvent.SKIPPED, skipped_by)
 
     def stats(self) -> QueueStats:
         """Everything the metrics read from the queue, in one consistent read."""

@@ -74,8 +74,17 @@ class Jobs:
         return Job(**row) if row else None
 
     # --- producer (the plugin) --------------------------------------------------------------
-    def submit(
+    def submit(self, series_id: str, **kw) -> Submitted:
+        """Record that ``series_id`` is stable and eligible; decide whether it needs a (new) job.
+
+        ``priority``: the request's urgency points (:func:`node.analysis.urgency.request_points`);
+        the queue leases the highest first, then the oldest."""
+        with self.store.tx() as db:
+            return self.submit_in(db, series_id, **kw)
+
+    def submit_in(
         self,
+        db: sqlite3.Connection,
         series_id: str,
         *,
         study_id: str = "",
@@ -85,72 +94,66 @@ class Jobs:
         max_attempts: int = 3,
         priority: int = 0,
     ) -> Submitted:
-        """Record that ``series_id`` is stable and eligible; decide whether it needs a (new) job.
-
-        ``priority``: the request's urgency points (:func:`node.analysis.urgency.request_points`);
-        the queue leases the highest first, then the oldest."""
+        """:meth:`submit` inside the caller's transaction."""
         now = self.store.clock()
-        with self.store.tx() as db:
-            row = db.execute(
-                "SELECT * FROM jobs WHERE series_id = ? AND state != ? ORDER BY id DESC LIMIT 1",
-                (series_id, JobState.SUPERSEDED),
-            ).fetchone()
-            latest = Job(**row) if row else None
-            if latest and fingerprint and latest.fingerprint == fingerprint and latest.state in ACTIVE:
-                journal(db, latest.id, now, "resubmitted", "same instances as this job: no new job")
-                bump(db, Counter.JOBS, JobEvent.DEDUPLICATED)
-                return Submitted(None, f"same instances already in job {latest.id} ({latest.state})")
-            if latest and latest.state is JobState.QUEUED:
-                db.execute(
-                    "UPDATE jobs SET instances = ?, fingerprint = ?, updated = ? WHERE id = ?",
-                    (instances, fingerprint, now, latest.id),
-                )
-                journal(db, latest.id, now, "updated", f"more instances before start: {instances}")
-                return Submitted(latest.id, "queued job updated")
-            cur = db.execute(
-                "INSERT INTO jobs (series_id, study_id, modality, instances, fingerprint, state, max_attempts,"
-                " supersedes, created, updated, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    series_id,
-                    study_id,
-                    modality,
-                    instances,
-                    fingerprint,
-                    JobState.QUEUED,
-                    max_attempts,
-                    latest.id if latest else None,
-                    now,
-                    now,
-                    priority,
-                ),
-            )
-            job_id = int(cur.lastrowid)
-            bump(db, Counter.JOBS, JobEvent.QUEUED)
-            if latest is None:
-                journal(
-                    db,
-                    job_id,
-                    now,
-                    "queued",
-                    f"{modality} series, {instances} instances, priority {priority}",
-                )
-                return Submitted(job_id, "new series")
-            why = (
-                f"re-sent after job {latest.id} failed"
-                if latest.state is JobState.FAILED
-                else f"late instances: {latest.instances} -> {instances}"
-            )
-            journal(db, job_id, now, "queued", f"{why}; supersedes job {latest.id}")
+        row = db.execute(
+            "SELECT * FROM jobs WHERE series_id = ? AND state != ? ORDER BY id DESC LIMIT 1",
+            (series_id, JobState.SUPERSEDED),
+        ).fetchone()
+        latest = Job(**row) if row else None
+        if latest and fingerprint and latest.fingerprint == fingerprint and latest.state in ACTIVE:
+            journal(db, latest.id, now, "resubmitted", "same instances as this job: no new job")
+            bump(db, Counter.JOBS, JobEvent.DEDUPLICATED)
+            return Submitted(None, f"same instances already in job {latest.id} ({latest.state})")
+        if latest and latest.state is JobState.QUEUED:
             db.execute(
-                "UPDATE jobs SET superseded_by = ?, updated = ? WHERE id = ?", (job_id, now, latest.id)
+                "UPDATE jobs SET instances = ?, fingerprint = ?, updated = ? WHERE id = ?",
+                (instances, fingerprint, now, latest.id),
             )
-            if latest.state in (JobState.DELIVERING, JobState.DONE):
-                # results of the old run are replaced (same output UIDs): stop delivering them
-                db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.SUPERSEDED, latest.id))
-                bump(db, Counter.JOBS, JobEvent.SUPERSEDED)
-                self.outbox.cancel(db, latest.id, now)
-            journal(db, latest.id, now, "superseded", f"by job {job_id} ({why})")
-            return Submitted(job_id, why)
+            journal(db, latest.id, now, "updated", f"more instances before start: {instances}")
+            return Submitted(latest.id, "queued job updated")
+        cur = db.execute(
+            "INSERT INTO jobs (series_id, study_id, modality, instances, fingerprint, state, max_attempts,"
+            " supersedes, created, updated, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                series_id,
+                study_id,
+                modality,
+                instances,
+                fingerprint,
+                JobState.QUEUED,
+                max_attempts,
+                latest.id if latest else None,
+                now,
+                now,
+                priority,
+            ),
+        )
+        job_id = int(cur.lastrowid)
+        bump(db, Counter.JOBS, JobEvent.QUEUED)
+        if latest is None:
+            journal(
+                db,
+                job_id,
+                now,
+                "queued",
+                f"{modality} series, {instances} instances, priority {priority}",
+            )
+            return Submitted(job_id, "new series")
+        why = (
+            f"re-sent after job {latest.id} failed"
+            if latest.state is JobState.FAILED
+            else f"late instances: {latest.instances} -> {instances}"
+        )
+        journal(db, job_id, now, "queued", f"{why}; supersedes job {latest.id}")
+        db.execute("UPDATE jobs SET superseded_by = ?, updated = ? WHERE id = ?", (job_id, now, latest.id))
+        if latest.state in (JobState.DELIVERING, JobState.DONE):
+            # results of the old run are replaced (same output UIDs): stop delivering them
+            db.execute("UPDATE jobs SET state = ? WHERE id = ?", (JobState.SUPERSEDED, latest.id))
+            bump(db, Counter.JOBS, JobEvent.SUPERSEDED)
+            self.outbox.cancel(db, latest.id, now)
+        journal(db, latest.id, now, "superseded", f"by job {job_id} ({why})")
+        return Submitted(job_id, why)
 
     # --- consumer (the worker) --------------------------------------------------------------
     def lease(self, owner: str, lease_s: float) -> Job | None:
@@ -191,6 +194,27 @@ class Jobs:
                 )
                 journal(db, row["id"], now, "lease expired", f"{row['lease_owner']} stopped heartbeating")
                 bump(db, Counter.JOBS, JobEvent.LEASE_EXPIRED)
+
+    def release(self, owner: str, why: str) -> list[int]:
+        """Give back at once every job ``owner`` runs (its process is known to be dead), rather than
+        after its lease: queued again, or failed when that was its last attempt."""
+        now = self.store.clock()
+        with self.store.tx() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state = ? AND lease_owner = ?", (JobState.RUNNING, owner)
+            ).fetchall()
+            for row in rows:
+                last = row["attempts"] >= row["max_attempts"]
+                state = JobState.FAILED if last else JobState.QUEUED
+                error = f"{why} during the job {row['attempts']} times" if last else row["error"]
+                db.execute(
+                    "UPDATE jobs SET state = ?, error = ?, lease_owner = NULL, updated = ?, finished = ?"
+                    " WHERE id = ?",
+                    (state, error, now, now if last else None, row["id"]),
+                )
+                journal(db, row["id"], now, "failed" if last else "released", f"{owner}: {why}")
+                bump(db, Counter.JOBS, JobEvent.FAILED if last else JobEvent.RELEASED)
+            return [r["id"] for r in rows]
 
     def heartbeat(self, job_id: int, owner: str, lease_s: float) -> bool:
         """Extend the lease; False when this worker lost it (expired and taken by another)."""

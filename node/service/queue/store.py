@@ -87,6 +87,21 @@ CREATE TABLE IF NOT EXISTS retrieved (
     series_uid TEXT PRIMARY KEY,
     ts REAL NOT NULL
 );
+-- stable series the plugin decided to keep from a job (routing rules, its own outputs): with the
+-- jobs' fingerprints, every series it has decided on, so the pick-up at start handles only the others
+CREATE TABLE IF NOT EXISTS skipped (
+    series_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    rule TEXT NOT NULL,               -- node.identity.SkipRule
+    ts REAL NOT NULL,
+    PRIMARY KEY (series_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS jobs_fingerprint ON jobs(series_id, fingerprint);
+-- small durable facts: the last Orthanc change the pick-up has read (orthanc_change_seq)
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 -- monotonic counts for the metrics (durable: they survive restarts of Orthanc and the worker);
 -- labels are bounded enums or operator-chosen names (destinations), never patient data
 CREATE TABLE IF NOT EXISTS counters (

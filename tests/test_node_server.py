@@ -255,11 +255,20 @@ def test_refused_series_fails_with_one_line_error(node: Node, tmp_path: Path) ->
     node.store_scu(ct.files)
     job = node.wait_job(ct.series_uid, ("failed",))
     assert job["error"] and "\n" not in job["error"] and "ImagePositionPatient" in job["error"]
+    assert "job-" not in job["error"]  # names the Orthanc instance, not a scratch file deleted since
     assert job["attempts"] == 1  # the series itself is bad: no retry
     assert node.client.ready()  # the receiver keeps running
-    r = node.client.session.post(f"{node.client.url}/inference/jobs/{job['id']}/retry")
+    url = node.client.url
+    r = node.client.session.post(f"{url}/inference/jobs/{job['id']}/retry")
     assert r.status_code == 200 and r.json()["state"] == "queued"
     assert node.wait_job(ct.series_uid, ("failed",))["attempts"] == 1
+    # the job routes answer mistakes with a status and a reason
+    assert node.client.session.get(f"{url}/inference/jobs/999999").status_code == 404
+    r = node.client.session.get(f"{url}/inference/jobs", params={"state": "bogus"})
+    assert r.status_code == 400 and "unknown state" in r.text
+    first = min(j["id"] for j in node.jobs() if j["state"] == "done")
+    r = node.client.session.post(f"{url}/inference/jobs/{first}/retry")
+    assert r.status_code == 409 and "only a failed job can be retried" in r.text
 
 
 # --- robustness ----------------------------------------------------------------------------------------

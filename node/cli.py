@@ -124,6 +124,25 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument(
         "--precision", nargs="+", default=["bf16", "fp16", "fp32"], choices=("bf16", "fp16", "fp32")
     )
+    im = msub.add_parser(
+        "import",
+        help="import a model held in its owners' format (a Hugging Face DINOv2/ViT folder such as Curia) "
+        "into a model folder (needs the import extra)",
+    )
+    im.add_argument("src", type=Path, help="the model folder (config.json, model.safetensors, preprocessor_config.json)")
+    im.add_argument("--out", required=True, type=Path, help="the model folder to write (new or empty)")
+    im.add_argument("--format", default="auto", choices=("auto", "hf"), help="source format (auto: detect)")
+    im.add_argument(
+        "--head",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="HEAD_DIR",
+        help="a classification head folder (config.json with id2label; model.safetensors or head.pt), repeatable",
+    )
+    im.add_argument("--codes", type=Path, help="YAML: coded concepts for labels and heads' findings (SR)")
+    im.add_argument("--name", help="model name (default: the source folder's name)")
+    im.add_argument("--version", default="1.0.0", help="model version (new UIDs for a new version)")
     ev = msub.add_parser("evaluate", help="measure a model on freshly generated held-out phantoms")
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
@@ -371,6 +390,17 @@ def cmd_models(args) -> int:
     from node.model.manifest import load_model
     from node.tools.evaluate import evaluate_model, format_report, write_quality
 
+    if args.models_command == "import":
+        from node.model.importers.huggingface import import_huggingface
+
+        def warn(message: str) -> None:
+            print(f"warning: {message}", file=sys.stderr)
+
+        out = import_huggingface(args.src, args.out, args.head, args.codes, args.name, args.version, warn)
+        model = load_model(out)
+        print(f"imported {model.name} {model.version} into {out}: backbone and {len(model.heads)} head(s)")
+        print(f"next: pacs-node run SERIES --model {out} --out results/")
+        return EXIT_OK
     if args.models_command == "build":
         from node.model.runtimes.tensorrt import build_model
 

@@ -136,13 +136,15 @@ class Pipeline:
         if report:
             findings.discrepancies = check_report(report, findings)
         findings.urgency = assess(tags_of(volume.first_dataset), findings, self.triage)
-        with clock(Stage.ENCODE_SEG):
-            seg = write_seg(findings)
+        objects = {}
+        if findings.segments:  # a model of classification heads only has nothing to segment or outline
+            with clock(Stage.ENCODE_SEG):
+                objects[OutputKind.SEG] = write_seg(findings)
         with clock(Stage.ENCODE_SR):
-            sr = write_sr(findings, seg)
-        with clock(Stage.ENCODE_GSPS):
-            gsps = write_gsps(findings)
-        objects = {OutputKind.SEG: seg, OutputKind.SR: sr, OutputKind.GSPS: gsps}
+            objects[OutputKind.SR] = write_sr(findings, objects.get(OutputKind.SEG))
+        if findings.segments:
+            with clock(Stage.ENCODE_GSPS):
+                objects[OutputKind.GSPS] = write_gsps(findings)
         if findings.lesion_probability is not None:
             with clock(Stage.ENCODE_PMAP):
                 objects[OutputKind.PMAP] = write_probability_map(findings)

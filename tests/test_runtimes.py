@@ -337,7 +337,8 @@ def test_prefetch_overlap_gives_the_same_prediction():
     a, b = predict(series, model, ref, Stopwatch()), predict(series, model, overlapped, Stopwatch())
     for k in a.labels:
         assert np.array_equal(a.labels[k], b.labels[k]) and np.array_equal(a.confidence[k], b.confidence[k])
-    assert a.probabilities == b.probabilities
+    assert a.probabilities.keys() == b.probabilities.keys()
+    assert all(np.array_equal(a.probabilities[k], b.probabilities[k]) for k in a.probabilities)
 
 
 def test_models_build_without_tensorrt_is_one_line():

@@ -22,7 +22,7 @@ def findings(lesions=(), changes=None, positive=False):
         else SimpleNamespace(
             changes=[SimpleNamespace(label=f"Lesion {k}", status=s) for k, s in enumerate(changes, 1)]
         ),
-        classifications=[SimpleNamespace(name=SimpleNamespace(meaning="Lesion"), probability=0.9)]
+        classifications=[SimpleNamespace(name=SimpleNamespace(meaning="Lesion"), probability=0.9, positive=True)]
         if positive
         else [],
     )

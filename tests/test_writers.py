@@ -80,7 +80,7 @@ def _findings(sv: SeriesVolume, organs: np.ndarray, lesions: np.ndarray, version
         sv,
         ModelRef("phantom-fm", version),
         segments,
-        [Classification("lesion-presence", LESION, PRESENT, 0.97)],
+        [Classification("lesion-presence", LESION, PRESENT, 0.97, positive=True)],
         [NOTE],
     )
 

@@ -64,8 +64,10 @@ class Classification:
 
     head: str
     name: Concept  # what is evaluated, e.g. ('52988006','SCT','Lesion') presence
-    value: Concept  # the coded answer, e.g. Present / Absent
-    probability: float  # of the positive class
+    value: Concept  # the coded answer, e.g. Present / Absent, or the most probable class
+    probability: float  # of the positive class, or of the most probable class
+    positive: bool = False  # a finding a reader should see (not "absent", not a "no finding" class)
+    classes: tuple[tuple[Concept, float], ...] = ()  # multi-class heads: every class and its probability
 
 
 @dataclass(frozen=True)

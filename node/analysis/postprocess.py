@@ -7,9 +7,10 @@ from scipy import ndimage
 
 from node.analysis.findings import Classification, Concept, Findings, ModelRef, Segment
 from node.analysis.measure import measure
+from node.errors import ModelError
 from node.ingest.volume import SeriesVolume
 from node.model.inference import Prediction
-from node.model.manifest import Code, ModelSpec
+from node.model.manifest import Code, HeadSpec, ModelSpec
 
 MIN_LESION_MM3 = 15.0  # smaller components are noise at the reference model's resolution (~3 mm pixels)
 
@@ -74,14 +75,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         conf = prediction.confidence[h]
         probability = np.where(prediction.labels[h] > 0, conf, 255 - conf).astype(np.uint8)
     classifications = [
-        Classification(
-            head=h.name,
-            name=_concept(h.finding),
-            value=_concept(h.positive if prediction.probabilities[h.name] >= h.threshold else h.negative),
-            probability=round(prediction.probabilities[h.name], 4),
-        )
-        for h in model.heads
-        if h.kind == "classification"
+        classification(h, prediction.probabilities[h.name]) for h in model.heads if h.kind == "classification"
     ]
     return Findings(
         series=series,
@@ -90,6 +84,29 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         classifications=classifications,
         notes=[*series.notes, *prediction.notes],
         lesion_probability=probability,
+    )
+
+
+def classification(head: HeadSpec, probs: np.ndarray) -> Classification:
+    """A head's outputs as a coded result: P(positive) against its threshold, or every class's
+    probability with the most probable one as the answer."""
+    if not head.classes:
+        p = float(probs[0])
+        positive = p >= head.threshold
+        return Classification(
+            head.name, _concept(head.finding), _concept(head.positive if positive else head.negative), round(p, 4), positive
+        )
+    if len(probs) != len(head.classes):
+        raise ModelError(f"model head {head.name}: {len(probs)} outputs for {len(head.classes)} classes")
+    by_index = sorted(head.classes, key=lambda c: c.index)
+    best = by_index[int(np.argmax(probs))]
+    return Classification(
+        head.name,
+        _concept(head.finding),
+        _concept(best.code),
+        round(float(np.max(probs)), 4),
+        not best.negative,
+        tuple((_concept(c.code), round(float(p), 4)) for c, p in zip(by_index, probs, strict=True)),
     )
 
 

@@ -155,7 +155,7 @@ def image_points(findings, rules: TriageRules) -> tuple[int, list[str]]:
     if large and rules.large_lesion.points:
         points += rules.large_lesion.points
         reasons.append(f"lesion of {rules.large_lesion.min_mm:g} mm or more ({', '.join(large)})")
-    positive = [c.name.meaning for c in findings.classifications if c.probability >= 0.5]
+    positive = [c.name.meaning for c in findings.classifications if c.positive]
     if positive and rules.positive_finding:
         points += rules.positive_finding
         reasons.append(f"positive finding ({', '.join(positive)})")

@@ -128,10 +128,12 @@ def compare_predictions(
     for h in model.heads:
         if h.kind == "classification":
             p, q = ref.probabilities[h.name], cand.probabilities[h.name]
-            checks.append(
-                Check(h.name, "probability", abs(p - q), tol.prob_abs, abs(p - q) <= tol.prob_abs, case)
-            )
-            same = (p >= h.threshold) == (q >= h.threshold)
+            drift = float(np.max(np.abs(p - q)))
+            checks.append(Check(h.name, "probability", drift, tol.prob_abs, drift <= tol.prob_abs, case))
+            if h.classes:
+                same = bool(np.argmax(p) == np.argmax(q))
+            else:
+                same = bool((p[0] >= h.threshold) == (q[0] >= h.threshold))
             checks.append(Check(h.name, "decision", float(same), 1.0, same, case))
             continue
         a, b = ref.labels[h.name], cand.labels[h.name]

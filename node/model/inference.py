@@ -1,8 +1,9 @@
-"""Run a model over one series: canonical volume -> slice batches -> heads -> source grid.
+"""Run a model over one series: canonical volume -> slices in the model's plane -> batches ->
+heads -> source grid.
 
-The backbone runs once per slice batch (inside :meth:`Runtime.infer`); every
-per-slice head consumes those features, and series-level heads pool the
-CLS features of all slices at the end.
+The backbone runs once per slice batch (inside :meth:`Runtime.infer`); every per-slice head
+consumes those features. Series-level heads see the whole series: a head that ``reads`` a token
+keeps one vector per slice (never every patch token of a long series) and gets their mean.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import numpy as np
 
 from node.identity import Stage
 from node.ingest.volume import SeriesVolume
-from node.model.manifest import ModelSpec
+from node.model.manifest import HeadSpec, ModelSpec
 from node.model.preprocess import (
-    PlaneMap,
+    PLANES,
     air_value,
     is_axis_aligned,
     labels_to_source,
     mr_range,
     normalise,
+    plane_map,
     to_canonical,
 )
 from node.model.runtimes import Runtime
@@ -35,7 +37,8 @@ class Prediction:
 
     labels: dict[str, np.ndarray]  # segmentation head -> uint8 class map (slices, rows, cols)
     confidence: dict[str, np.ndarray]  # segmentation head -> uint8 probability of the chosen class x 255
-    probabilities: dict[str, float]  # classification head -> probability of the positive class
+    # classification head -> (1,) probability of the positive class, or (K,) one per class
+    probabilities: dict[str, np.ndarray]
     model_spacing_mm: float = 0.0  # in-plane pixel size the model saw
     notes: list[str] = field(default_factory=list)
 
@@ -50,21 +53,27 @@ def predict(
     """Infer every head on ``series``; stage times go to ``clock``; ``progress(n)`` after each batch."""
     with clock(Stage.PREPROCESS):
         canonical = to_canonical(series.volume)
-        plane = PlaneMap(canonical.shape[1:], tuple(canonical.pixel_spacing), model.input.size)
+        axes = PLANES[model.input.orientation]
+        stack = canonical.array.transpose(axes)  # slices in the model's plane along the first axis
+        spacing = np.asarray(canonical.spacing)[list(axes)]
+        plane = plane_map(stack.shape[1:], tuple(spacing[1:]), model.input)
         spec = model.input.intensity
-        scale = mr_range(canonical.array, spec) if series.modality != "CT" else None
+        scale = mr_range(stack, spec) if series.modality != "CT" and spec.kind == "windows" else None
         fill = air_value(series.modality)
-    n = canonical.shape[0]
+    n = stack.shape[0]
     seg_heads = runtime.slice_heads
-    labels = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
-    conf = {h.name: np.zeros(canonical.shape, np.uint8) for h in seg_heads}
-    pooled: dict[str, list[np.ndarray]] = {k: [] for k in runtime.series_inputs}
+    labels = {h.name: np.zeros(stack.shape, np.uint8) for h in seg_heads}
+    conf = {h.name: np.zeros(stack.shape, np.uint8) for h in seg_heads}
+    # series heads: what each needs of every slice; a head that reads a token keeps one vector per slice
+    whole = sorted({i for h in runtime.series_heads if not h.reads for i in h.inputs})
+    pooled: dict[str, list[np.ndarray]] = {k: [] for k in whole}
+    per_slice: dict[str, list[np.ndarray]] = {h.name: [] for h in runtime.series_heads if h.reads}
     batches = [slice(s, min(n, s + model.backbone.batch)) for s in range(0, n, model.backbone.batch)]
     prep_clock = Stopwatch()
 
     def prepare(sl: slice) -> np.ndarray:
         with prep_clock(Stage.PREPROCESS):
-            return normalise(plane.to_model(canonical.array[sl], fill), series.modality, spec, scale)
+            return normalise(plane.to_model(stack[sl], fill), series.modality, spec, scale)
 
     # on a GPU, the next batch is resampled on the CPU while this one runs (a prefetch of one batch);
     # on the CPU both would compete for the same cores, so it stays sequential
@@ -78,8 +87,11 @@ def predict(
             x = prepare(sl)
         with clock(Stage.INFERENCE):
             out = runtime.infer(x, clock)
-        for k, v in out.features.items():
-            pooled[k].append(v)
+        for k in whole:
+            pooled[k].append(out.features[k])
+        for h in runtime.series_heads:
+            if h.reads:
+                per_slice[h.name].append(slice_feature(h, out.features))
         with clock(Stage.POSTPROCESS):
             for h in seg_heads:  # per-class probabilities -> canonical labels, resizing only near boundaries
                 labels[h.name][sl], conf[h.name][sl] = plane.labels_to_canonical(out.heads[h.name])
@@ -87,18 +99,31 @@ def predict(
             progress(sl.stop - sl.start)
     if pool:
         pool.shutdown()
-    clock.seconds[Stage.PREPROCESS] += prep_clock.seconds[
-        Stage.PREPROCESS
-    ]  # overlapped with inference on a GPU
+    # overlapped with inference on a GPU
+    clock.seconds[Stage.PREPROCESS] += prep_clock.seconds[Stage.PREPROCESS]
     with clock(Stage.INFERENCE):
         features = {k: np.concatenate(v) for k, v in pooled.items()}
         probabilities = {}
         for h in runtime.series_heads:
             with clock.part(f"head_{h.name}"):
-                probabilities[h.name] = runtime.classify(h, features)
+                if h.reads:  # mean over the series' slices: one feature vector per series
+                    pooled_h = np.concatenate(per_slice[h.name]).mean(axis=0, keepdims=True)
+                    probabilities[h.name] = runtime.classify(h, {"features": pooled_h})
+                else:
+                    probabilities[h.name] = runtime.classify(h, features)
     with clock(Stage.POSTPROCESS):
         src = series.volume
-        labels = {k: labels_to_source(v, canonical, src) for k, v in labels.items()}
-        conf = {k: labels_to_source(v, canonical, src) for k, v in conf.items()}
+        back = np.argsort(axes)  # the model's plane back to the canonical axes
+        labels = {k: labels_to_source(v.transpose(back), canonical, src) for k, v in labels.items()}
+        conf = {k: labels_to_source(v.transpose(back), canonical, src) for k, v in conf.items()}
     notes = [] if is_axis_aligned(src) else ["oblique acquisition resampled to an axial grid for inference"]
     return Prediction(labels, conf, probabilities, plane.model_spacing, notes)
+
+
+def slice_feature(head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, F) the feature ``head`` reads of each slice of a batch: the CLS token, or the CLS token and
+    the mean patch token side by side (as transformers' ``Dinov2ForImageClassification``)."""
+    cls = np.asarray(features["cls"], np.float64)
+    if head.reads == "cls":
+        return cls
+    return np.concatenate([cls, np.asarray(features["tokens"], np.float64).mean(axis=1)], axis=1)

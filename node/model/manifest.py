@@ -40,8 +40,26 @@ class Label(_Strict):
 
 
 class IntensitySpec(_Strict):
+    """How modality values become the model's input values.
+
+    - ``windows``: CT through fixed HU windows, one channel each; MR scaled by the series' robust
+      range (``mr_percentiles``) into as many channels (phantom-fm);
+    - ``zscore``: raw values (HU, MR units), CT clipped below ``clip_below`` when set, then each slice
+      minus its mean over its standard deviation (population) plus ``eps``; one channel (Curia);
+    - ``dataset``: ``(value - mean) / std`` with the training set's statistics; one channel.
+    """
+
+    kind: Literal["windows", "zscore", "dataset"] = "windows"
     ct_windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
+    clip_below: float | None = Field(None, description="zscore, CT only: e.g. -1000 (clip below air)")
+    eps: float = Field(1e-6, gt=0)
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+
+    @property
+    def channels(self) -> int:
+        return len(self.ct_windows) if self.kind == "windows" else 1
 
 
 class InputSpec(_Strict):
@@ -49,8 +67,30 @@ class InputSpec(_Strict):
     size: int = Field(128, gt=0, description="in-plane pixels (2D) or patch edge (3D)")
     depth: int = Field(1, gt=0, description="slices per patch (3D only)")
     overlap: float = Field(0.0, ge=0, lt=1, description="sliding-window overlap (3D only)")
-    orientation: Literal["axial"] = "axial"
+    # the plane the model's slices are taken in, from the patient-oriented volume: axial slices have
+    # rows towards P and columns towards L, coronal I by L, sagittal I by P
+    orientation: Literal["axial", "coronal", "sagittal"] = "axial"
+    # fit: isotropic pixels, the field of view centred and padded, blurred then linearly resampled
+    # (phantom-fm); resize: the whole slice stretched to size x size, no resampling to a spacing (Curia)
+    geometry: Literal["fit", "resize"] = "fit"
+    interpolation: Literal["linear", "bicubic_antialias"] = "linear"
+    channels: int | None = Field(None, gt=0, description="input channels the backbone takes")
     intensity: IntensitySpec = IntensitySpec()
+
+    @model_validator(mode="after")
+    def _feedable(self) -> InputSpec:
+        pairs = {("fit", "linear"), ("resize", "bicubic_antialias")}
+        if (self.geometry, self.interpolation) not in pairs:
+            raise ValueError(
+                f"geometry {self.geometry} with interpolation {self.interpolation} is not supported "
+                "(fit+linear or resize+bicubic_antialias)"
+            )
+        if self.channels is not None and self.channels != self.intensity.channels:
+            raise ValueError(
+                f"channels: the backbone takes {self.channels} channels but intensity {self.intensity.kind} "
+                f"feeds {self.intensity.channels}"
+            )
+        return self
 
 
 class BackboneSpec(_Strict):
@@ -59,26 +99,57 @@ class BackboneSpec(_Strict):
     outputs: tuple[str, ...] = ("tokens", "cls")
 
 
+class ClassLabel(_Strict):
+    """One output of a multi-class classification head (``id2label`` of a Hugging Face head)."""
+
+    index: int = Field(ge=0)
+    name: str
+    code: Code
+    negative: bool = Field(False, description="the class means no finding (not a positive result)")
+
+
 class HeadSpec(_Strict):
     name: str
     kind: Literal["segmentation", "classification", "detection"]
     graph: str
     inputs: tuple[str, ...] = Field(description="backbone outputs and/or 'image'")
     labels: tuple[Label, ...] = ()
-    # classification: what is evaluated and the coded answers
+    # classification: what is evaluated and the coded answers: positive/negative for a one-output
+    # head (its output is P(positive)), or one coded class per output of a softmax head
     finding: Code | None = None
     positive: Code | None = None
     negative: Code | None = None
+    classes: tuple[ClassLabel, ...] = ()
     threshold: float = Field(0.5, gt=0, lt=1)
+    # which feature of each slice a classification head reads, mean-pooled over the series' slices
+    # into its one input ``features``: the CLS token, or the CLS token and the mean patch token side
+    # by side (transformers' Dinov2ForImageClassification). None: the graph takes ``inputs`` whole.
+    reads: Literal["cls", "cls_meanpatch"] | None = None
     outputs: tuple[Literal["seg", "sr", "gsps"], ...] = ("seg", "sr", "gsps")
 
     @model_validator(mode="after")
     def _check(self) -> HeadSpec:
         if self.kind == "segmentation" and not self.labels:
             raise ValueError(f"head {self.name}: a segmentation head needs labels")
-        if self.kind == "classification" and not (self.finding and self.positive and self.negative):
-            raise ValueError(f"head {self.name}: a classification head needs finding, positive and negative")
+        if self.kind == "classification":
+            binary = self.positive and self.negative
+            if not self.finding or not (binary or self.classes):
+                raise ValueError(
+                    f"head {self.name}: a classification head needs a finding and positive/negative or classes"
+                )
+            if self.classes and sorted(c.index for c in self.classes) != list(range(len(self.classes))):
+                raise ValueError(f"head {self.name}: classes must be indexed 0..{len(self.classes) - 1}")
+            if self.reads and set(self.inputs) != {"cls"} | ({"tokens"} if self.reads == "cls_meanpatch" else set()):
+                raise ValueError(f"head {self.name}: reads {self.reads} needs inputs {self._needs()}")
         return self
+
+    def _needs(self) -> list[str]:
+        return ["cls", "tokens"] if self.reads == "cls_meanpatch" else ["cls"]
+
+    @property
+    def graph_inputs(self) -> tuple[str, ...]:
+        """The head graph's inputs: the pooled ``features`` of a head that ``reads``, else ``inputs``."""
+        return ("features",) if self.reads else self.inputs
 
 
 class ModelSpec(_Strict):

@@ -26,7 +26,8 @@ import highdicom as hd
 import numpy as np
 from scipy import ndimage
 
-from node.model.manifest import IntensitySpec
+from node.model.manifest import InputSpec, IntensitySpec
+from node.model.resize import resize_bicubic_aa
 
 CANONICAL = "FPL"
 _AIR = {"CT": -1000.0, "MR": 0.0}
@@ -47,12 +48,22 @@ def normalise(
     spec: IntensitySpec | None = None,
     mr_scale: tuple[float, float] | None = None,
 ) -> np.ndarray:
-    """(S, H, W) modality values -> (S, C, H, W) float32 model input, one channel per window.
+    """(S, H, W) modality values -> (S, C, H, W) float32 model input (see :class:`IntensitySpec`).
 
-    CT uses fixed HU windows; MR is scaled by the series' robust range
-    (``mr_scale``, computed over the whole series by :func:`mr_range`).
+    ``windows``: CT through fixed HU windows, one channel each; MR scaled by the series' robust range
+    (``mr_scale``, computed over the whole series by :func:`mr_range`). ``zscore``: each slice on its
+    own (CT clipped below ``clip_below`` first). ``dataset``: the training set's mean and std.
     """
     spec = spec or IntensitySpec()
+    if spec.kind == "zscore":
+        x = np.asarray(image, np.float64)
+        if modality == "CT" and spec.clip_below is not None:
+            x = np.maximum(x, spec.clip_below)
+        mean = x.mean(axis=(-2, -1), keepdims=True)
+        std = x.std(axis=(-2, -1), keepdims=True)
+        return ((x - mean) / (std + spec.eps))[:, None].astype(np.float32)
+    if spec.kind == "dataset":
+        return ((np.asarray(image, np.float32) - spec.mean) / spec.std)[:, None].astype(np.float32)
     if modality == "CT":
         chans = [(np.clip(image, lo, hi) - (lo + hi) / 2) / ((hi - lo) / 2) for lo, hi in spec.ct_windows]
     else:
@@ -205,6 +216,39 @@ class PlaneMap:
             labels[k, i, j] = full.argmax(axis=1)
             conf[k, i, j] = full.max(axis=1)
         return labels, np.round(conf * 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ResizeMap(PlaneMap):
+    """The whole slice stretched to the model's square input (no resampling to a spacing, no
+    padding), with PyTorch's antialiased bicubic resize (:mod:`node.model.resize`); outputs go
+    back with linear interpolation."""
+
+    @property
+    def model_spacing(self) -> float:
+        return max(n * s for n, s in zip(self.shape, self.spacing, strict=True)) / self.size
+
+    def canonical_to_model(self, axis: int) -> np.ndarray:
+        r = np.arange(self.shape[axis])
+        return (r + 0.5) * self.size / self.shape[axis] - 0.5
+
+    def model_to_canonical(self, axis: int) -> np.ndarray:
+        u = np.arange(self.size)
+        return (u + 0.5) * self.shape[axis] / self.size - 0.5
+
+    def to_model(self, slices: np.ndarray, fill: float) -> np.ndarray:
+        return resize_bicubic_aa(slices, (self.size, self.size))
+
+
+def plane_map(shape: tuple[int, int], spacing: tuple[float, float], spec: InputSpec) -> PlaneMap:
+    """How a slice of ``shape`` (at ``spacing``, mm) reaches the model's input, per the manifest."""
+    cls = ResizeMap if spec.geometry == "resize" else PlaneMap
+    return cls(tuple(shape), tuple(spacing), spec.size)
+
+
+# the model's slicing plane as a permutation of the canonical FPL axes: slices along the first axis,
+# rows along the second, columns along the third (axial: P by L, coronal: I by L, sagittal: I by P)
+PLANES = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
 
 
 def _taps(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

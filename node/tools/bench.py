@@ -145,7 +145,7 @@ def _rate(fn, n: int, seconds: float) -> float:
 def throughput(runtime, model, seconds: float, batch: int | None = None) -> dict:
     b = batch or model.backbone.batch
     size = model.input.size
-    chans = len(model.input.intensity.ct_windows)
+    chans = model.input.intensity.channels
     x = np.random.default_rng(0).standard_normal((b, chans, size, size), np.float32)
     backbone = _rate(lambda: runtime.encode(x), b, seconds)
     full = _rate(lambda: runtime.infer(x), b, seconds)

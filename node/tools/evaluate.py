@@ -85,7 +85,7 @@ def evaluate_model(model: ModelSpec, cases: int = 8, seed: int = 50_000) -> Eval
             if les.diameter_mm >= 10 and voxels.sum() > 0:
                 lesions_total += 1
                 hits += bool(lesion[voxels].any())
-        p = pred.probabilities.get("lesion_presence", 0.0)
+        p = float(pred.probabilities["lesion_presence"][0]) if "lesion_presence" in pred.probabilities else 0.0
         probs.append(p)
         present.append(bool(truth.lesion.any()))
         case["lesion_probability"] = round(p, 3)

@@ -96,14 +96,18 @@ UNITS = {
 }
 
 
-def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
-    """The measurement report; ``seg`` is the SEG written by :func:`node.writers.seg.write_seg`."""
+def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR:
+    """The measurement report; ``seg`` is the SEG written by :func:`node.writers.seg.write_seg`, or
+    None for a model without segmentation heads (then there are no segments to report)."""
     series, model = findings.series, findings.model
     if series.modality not in ("CT", "MR"):
         raise ValueError(f"SeriesVolume.modality must be 'CT' or 'MR', got {series.modality!r}.")
-    if getattr(seg, "Modality", None) != "SEG" or "SegmentSequence" not in seg:
+    if seg is None:
+        if findings.segments:
+            raise ValueError("seg is None but Findings.segments is not empty.")
+    elif getattr(seg, "Modality", None) != "SEG" or "SegmentSequence" not in seg:
         raise ValueError("seg must be a DICOM Segmentation instance (Modality SEG with a SegmentSequence).")
-    described = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+    described = {int(item.SegmentNumber) for item in seg.SegmentSequence} if seg is not None else set()
     missing = [s.number for s in findings.segments if s.number not in described]
     if missing:
         raise ValueError(f"seg has no SegmentSequence item for Segment.number {missing}.")
@@ -148,7 +152,7 @@ def write_sr(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
     )
     src0 = series.first_dataset
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[seg, *series.datasets],
+        evidence=[*([seg] if seg is not None else []), *series.datasets],
         content=report[0],
         **uids.instance_identity(
             series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "sr"
@@ -410,7 +414,9 @@ def _classification_group(c: Classification, k: int, algorithm, uid):
         ),
         algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=c.name.coded(), value=c.value.coded())],
+        # one-output heads: P(positive); softmax heads: each class (the measurement's name) and its probability
         measurements=[
-            hd.sr.Measurement(name=CODES["probability"], value=float(c.probability), unit=UNITS["unity"])
-        ],
+            hd.sr.Measurement(name=concept.coded(), value=float(p), unit=UNITS["unity"]) for concept, p in c.classes
+        ]
+        or [hd.sr.Measurement(name=CODES["probability"], value=float(c.probability), unit=UNITS["unity"])],
     )

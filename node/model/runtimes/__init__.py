@@ -71,8 +71,9 @@ class Runtime(ABC):
         """
 
     @abstractmethod
-    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
-        """A series-level head over all slices' features -> probability of the positive class."""
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:
+        """A series-level head over the series' features (``head.graph_inputs``) -> its outputs: (1,)
+        the probability of the positive class, or (K,) one probability per class."""
 
     @abstractmethod
     def encode(self, images: np.ndarray) -> None:
@@ -82,4 +83,4 @@ class Runtime(ABC):
         """One full batch through backbone and heads, so the first series does not pay for lazy set-up."""
         n = batch or self.model.backbone.batch
         size = self.model.input.size
-        self.infer(np.zeros((n, len(self.model.input.intensity.ct_windows), size, size), np.float32))
+        self.infer(np.zeros((n, self.model.input.intensity.channels, size, size), np.float32))

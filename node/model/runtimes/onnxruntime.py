@@ -93,6 +93,6 @@ class OnnxRuntime(Runtime):
             bb.bind_output(name, "cuda", 0)
         self.backbone.run_with_iobinding(bb)
 
-    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
-        feeds = {k: features[k].astype(np.float32, copy=False) for k in head.inputs}
-        return float(self.heads[head.name].run(None, feeds)[0].ravel()[0])
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {k: features[k].astype(np.float32, copy=False) for k in head.graph_inputs}
+        return self.heads[head.name].run(None, feeds)[0].ravel().astype(np.float64)

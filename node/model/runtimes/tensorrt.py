@@ -300,5 +300,5 @@ class TensorRTRuntime(Runtime):  # pragma: no cover - needs a GPU with TensorRT
             heads=heads, features={k: v.astype(np.float32, copy=True) for k, v in feats.items()}
         )
 
-    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:
         return self._series.classify(head, features)

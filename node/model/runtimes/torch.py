@@ -151,14 +151,14 @@ class TorchRuntime(Runtime):
             self._features(self._upload(images))
         self._sync()
 
-    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> float:
+    def classify(self, head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode(), self._autocast():
             args = [
                 torch.from_numpy(np.ascontiguousarray(features[k], np.float32)).to(self.device)
-                for k in head.inputs
+                for k in head.graph_inputs
             ]
             m = self.heads[head.name]
             if self._compiled:  # pragma: no cover - needs a GPU; series length varies, so run it eager
                 m = getattr(m, "_orig_mod", m)
-            return float(m(*args).float().reshape(-1)[0])
+            return m(*args).float().reshape(-1).cpu().numpy().astype(np.float64)

@@ -1,0 +1,294 @@
+"""Importing a Curia-format model (Hugging Face DINOv2) and judging it against transformers itself.
+
+The checkpoint is made here, in the exact format and configuration Raidium publishes (random
+weights: nothing can be downloaded): ``Dinov2Model`` with hidden size 768, 12 layers, 12 heads,
+patch 16, image 512, one channel, saved by ``save_pretrained``; classification heads as
+``Dinov2ForImageClassification`` folders (``config.json`` with ``id2label``, classifier weights in
+``model.safetensors``) and as Curia's trainer writes them (``head.pt``).
+
+The reference is written out here from the published description, not from node's code: axial
+slices (rows P, columns L, from highdicom's volume of the series), raw HU or MR values, resized to
+512 x 512 with PyTorch's antialiased bicubic, CT clipped below -1000, a z-score per slice (eps
+1e-6), ``Dinov2Model``, the CLS token (with the mean patch token for a 2 x 768 classifier),
+mean-pooled over the series' slices, the linear classifier, softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import yaml
+from pydicom import dcmread
+
+from node.synthetic.dicom import write_axial_series, write_variant
+from node.synthetic.phantom import Phantom
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+CURIA = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    patch_size=16,
+    image_size=512,
+    num_channels=1,
+)
+TUMOR = {0: "normal", 1: "nodule", 2: "mass"}
+PRESENCE = {0: "absent", 1: "present"}
+CODES = {
+    "labels": {
+        "nodule": {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"},
+        "mass": {"value": "4147007", "scheme": "SCT", "meaning": "Mass"},
+        "absent": {"value": "2667000", "scheme": "SCT", "meaning": "Absent", "negative": True},
+        "present": {"value": "52101004", "scheme": "SCT", "meaning": "Present"},
+    },
+    "findings": {"presence": {"value": "52988006", "scheme": "SCT", "meaning": "Lesion"}},
+}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, timeout=900
+    )
+
+
+def save_backbone(folder: Path, seed: int = 0, **overrides) -> transformers.Dinov2Model:
+    torch.manual_seed(seed)
+    model = transformers.Dinov2Model(transformers.Dinov2Config(**{**CURIA, **overrides})).eval()
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "CuriaImageProcessor", "clip_below_air": True})
+    )
+    return model
+
+
+def save_head(folder: Path, id2label: dict, width: int, as_head_pt: bool = False, seed: int = 1) -> dict:
+    """A classifier of ``width`` inputs; weights scaled so that the classes' probabilities differ."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(len(id2label), width, generator=g) * 0.08
+    b = torch.randn(len(id2label), generator=g) * 0.1
+    cfg = transformers.Dinov2Config(**CURIA, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    cfg.to_json_file(folder / "config.json")
+    if as_head_pt:
+        torch.save({"classifier": {"weight": w, "bias": b}, "attention": None}, folder / "head.pt")
+    else:
+        save_file({"classifier.weight": w, "classifier.bias": b}, str(folder / "model.safetensors"))
+    return {"weight": w, "bias": b}
+
+
+@pytest.fixture(scope="module")
+def curia(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curia")
+    backbone = save_backbone(root / "curia")
+    heads = {
+        "tumor": save_head(root / "heads" / "tumor", TUMOR, 2 * CURIA["hidden_size"]),  # CLS + mean patch
+        "presence": save_head(root / "heads" / "presence", PRESENCE, CURIA["hidden_size"], as_head_pt=True),
+    }
+    (root / "codes.yaml").write_text(yaml.safe_dump(CODES))
+    out = root / "imported"
+    r = cli(
+        "models", "import", str(root / "curia"), "--out", str(out),
+        "--head", str(root / "heads" / "tumor"), "--head", str(root / "heads" / "presence"),
+        "--codes", str(root / "codes.yaml"), "--name", "curia-test",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "label 'normal' has no code" in r.stderr  # the one label without a code is said, locally coded
+    return {"root": root, "model": out, "backbone": backbone, "heads": heads}
+
+
+def reference(curia, files: list[Path], modality: str) -> dict[str, np.ndarray]:
+    """Class probabilities of every head, by transformers, from the published preprocessing."""
+    vol = hd.get_volume_from_series([dcmread(f) for f in files], dtype=np.float32)
+    axial = vol.to_patient_orientation("FPL").array  # slices head->feet, rows towards P, columns towards L
+    x = torch.from_numpy(np.ascontiguousarray(axial, np.float32))[:, None]
+    x = torch.nn.functional.interpolate(x, size=(512, 512), mode="bicubic", antialias=True, align_corners=False)
+    if modality == "CT":
+        x = x.clamp(min=-1000.0)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True, unbiased=False)
+    x = (x - mean) / (std + 1e-6)
+    with torch.no_grad():
+        h = torch.cat([curia["backbone"](pixel_values=b).last_hidden_state for b in x.split(4)])
+    cls, meanpatch = h[:, 0], h[:, 1:].mean(dim=1)
+    out = {}
+    for name, weights in curia["heads"].items():
+        feature = torch.cat([cls, meanpatch], dim=1) if weights["weight"].shape[1] == 2 * cls.shape[1] else cls
+        logits = feature.double().mean(dim=0, keepdim=True) @ weights["weight"].double().T + weights["bias"].double()
+        out[name] = torch.softmax(logits, dim=1)[0].numpy()
+    return out
+
+
+def sr_probabilities(sr_path: Path) -> dict[str, dict[str, float]]:
+    """Per classification group (its tracking identifier): each class's NUM, by its code meaning."""
+    groups: dict[str, dict[str, float]] = {}
+
+    def walk(items, group=None):
+        for it in items:
+            meaning = it.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in it else ""
+            if it.ValueType == "CONTAINER" and meaning == "Measurement Group":
+                gid = next(
+                    c.TextValue for c in it.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+                )
+                groups[gid] = {}
+                walk(it.ContentSequence, gid)
+            elif it.ValueType == "NUM" and group is not None:
+                groups[group][meaning] = float(it.MeasuredValueSequence[0].NumericValue)
+            elif "ContentSequence" in it:
+                walk(it.ContentSequence, group)
+
+    walk(dcmread(sr_path).ContentSequence)
+    return groups
+
+
+SERIES = {
+    "CT": lambda root: write_axial_series(
+        Phantom.random(21, n_lesions=2), root / "ct", modality="CT", shape=(6, 96, 96), pixel_spacing=4.0,
+        slice_spacing=20.0, seed=21,
+    ),
+    "MR": lambda root: write_axial_series(
+        Phantom.random(22, n_lesions=1), root / "mr", modality="MR", shape=(5, 80, 96), pixel_spacing=4.5,
+        slice_spacing=25.0, seed=22,
+    ),
+    # stored as sagittal slices: the model's axial slices are taken from the volume
+    "sagittal CT": lambda root: write_variant(
+        Phantom.random(23, n_lesions=1), root / "sag", "sagittal", modality="CT", shape=(5, 64, 80), seed=23
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SERIES))
+def test_imported_heads_give_what_transformers_gives(curia, case, tmp_path):
+    written = SERIES[case](tmp_path)
+    out = tmp_path / "out"
+    r = cli("run", str(written.files[0].parent), "--model", str(curia["model"]), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    folder = out / written.series_uid
+    assert sorted(p.name for p in folder.glob("*.dcm")) == ["sr.dcm"]  # classification heads: an SR only
+    got = sr_probabilities(folder / "sr.dcm")
+    modality = "CT" if "CT" in case else "MR"
+    want = reference(curia, written.files, modality)
+    tumor = got["Classification tumor"]
+    assert list(tumor) == ["normal", "Nodule", "Mass"]
+    np.testing.assert_allclose(list(tumor.values()), want["tumor"], atol=0.01)
+    presence = got["Classification presence"]
+    np.testing.assert_allclose([presence["Absent"], presence["Present"]], want["presence"], atol=0.01)
+    # the classes differ enough that a wrong feature or pooling would show beyond the tolerance
+    assert np.ptp(want["tumor"]) > 0.05
+
+
+def test_backbone_features_match_transformers(curia):
+    """ONNX Runtime's CLS and patch tokens against transformers' on the same preprocessed slices."""
+    import onnxruntime as ort
+
+    from node.model.preprocess import normalise
+    from node.model.resize import resize_bicubic_aa
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(-200, 400, (2, 150, 130)).astype(np.float32)
+    x = normalise(resize_bicubic_aa(hu, (512, 512)), "MR", yaml_intensity(curia))
+    sess = ort.InferenceSession(str(curia["model"] / "backbone.onnx"), providers=["CPUExecutionProvider"])
+    tokens, cls = sess.run(["tokens", "cls"], {"image": x})
+    with torch.no_grad():
+        h = curia["backbone"](pixel_values=torch.from_numpy(x)).last_hidden_state.numpy()
+    assert tokens.shape == (2, 1024, 768) and cls.shape == (2, 768)
+    # stated tolerance: fp32 through 12 layers, two implementations of the same arithmetic
+    np.testing.assert_allclose(cls, h[:, 0], atol=2e-3)
+    np.testing.assert_allclose(tokens, h[:, 1:], atol=2e-3)
+
+
+def yaml_intensity(curia):
+    from node.model.manifest import load_model
+
+    return load_model(curia["model"]).input.intensity
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (96, 96), (512, 400), (77, 300)])
+def test_preprocessing_matches_pytorch_resize_and_zscore(shape):
+    from node.model.manifest import IntensitySpec
+    from node.model.preprocess import normalise
+    from node.model.resize import resize_bicubic_aa
+
+    rng = np.random.default_rng(sum(shape))
+    hu = rng.normal(-300, 500, (3, *shape)).astype(np.float32)
+    spec = IntensitySpec(kind="zscore", clip_below=-1000.0)
+    ours = normalise(resize_bicubic_aa(hu, (512, 512)), "CT", spec)[:, 0]
+    x = torch.nn.functional.interpolate(
+        torch.from_numpy(hu)[:, None], size=(512, 512), mode="bicubic", antialias=True, align_corners=False
+    ).clamp(min=-1000.0)
+    x = (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True, unbiased=False) + 1e-6)
+    np.testing.assert_allclose(ours, x[:, 0].numpy(), atol=1e-4)
+
+
+# --- bad models: one clear line, nothing half-imported ----------------------------------------------
+SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
+
+
+def _refused(tmp_path: Path, src: Path, *heads: Path, match: str) -> None:
+    out = tmp_path / "out"
+    args = ["models", "import", str(src), "--out", str(out)]
+    for h in heads:
+        args += ["--head", str(h)]
+    r = cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".import-*"))
+
+
+def test_not_a_dinov2_folder(tmp_path):
+    src = tmp_path / "bert"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    (src / "model.safetensors").write_bytes(b"")
+    _refused(tmp_path, src, match="not a DINOv2/ViT model (config.json model_type 'bert')")
+
+
+def test_missing_weights(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    (tmp_path / "m" / "model.safetensors").unlink()
+    _refused(tmp_path, tmp_path / "m", match="no model.safetensors")
+
+
+def test_three_channel_backbone_cannot_be_fed(tmp_path):
+    save_backbone(tmp_path / "m", **{**SMALL, "num_channels": 3})
+    _refused(tmp_path, tmp_path / "m", match="takes 3 input channels; the manifest feeds 1")
+
+
+def test_head_width_must_match_the_backbone(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    save_head(tmp_path / "h", TUMOR, 50)
+    _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="reads 50 features; the backbone gives 32")
+
+
+def test_attention_pooled_head_is_refused(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    (tmp_path / "h").mkdir()
+    transformers.Dinov2Config(**SMALL, id2label=TUMOR).to_json_file(tmp_path / "h" / "config.json")
+    torch.save(
+        {"classifier": {"weight": torch.zeros(3, 32), "bias": torch.zeros(3)}, "attention": {"q": torch.zeros(4)}},
+        tmp_path / "h" / "head.pt",
+    )
+    _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="attention-pooled head")
+
+
+def test_a_head_folder_is_not_a_backbone(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    save_head(tmp_path / "h", TUMOR, 64)
+    (tmp_path / "h" / "config.json").write_text(
+        json.dumps({**transformers.Dinov2Config(**SMALL).to_dict(), "num_channels": 1, "model_type": "dinov2"})
+    )
+    _refused(tmp_path, tmp_path / "h", match="lacks")

@@ -8,7 +8,7 @@ DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm p
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run demo test bench train evaluate conformance viewer screenshot clean
+.PHONY: setup run demo test bench train evaluate conformance viewer screenshot gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -61,6 +61,17 @@ viewer: setup $(OHIF)/index.html
 screenshot: setup
 	$(PY) -m pip install -q playwright
 	$(PY) deploy/viewer/screenshot.py --study $(STUDY) --slice $(or $(SLICE),1) --out docs/ohif-seg-ct.png
+
+# the GPU measurement (node/tools/gpu_bench.py) on a lent GPU machine: no network there, torch and
+# transformers installed, Python 3.12; these wheels (~10 MB) are what it lacks. Then, with the device tool:
+#   run(command="python3 -m pip install -q --no-index --no-deps .cache/gpu-wheels/*.whl &&
+#       PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m node.tools.gpu_bench --out $$OUT", carry=[".cache/gpu-wheels"])
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --dest .cache/gpu-wheels
+gpu-wheels:
+	rm -rf .cache/gpu-wheels && mkdir -p .cache/gpu-wheels
+	$(PY) -m pip download -q --no-deps $(GPU_PLATFORM) pydicom highdicom pyjpegls
+	$(PY) -m pip download -q $(GPU_PLATFORM) pydantic   # with its exact pydantic-core
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .cache

@@ -292,3 +292,62 @@ def test_a_head_folder_is_not_a_backbone(tmp_path):
         json.dumps({**transformers.Dinov2Config(**SMALL).to_dict(), "num_channels": 1, "model_type": "dinov2"})
     )
     _refused(tmp_path, tmp_path / "h", match="lacks")
+
+
+def test_torch_backend_runs_the_imported_model(curia, tmp_path):
+    """The importer writes each graph's torch.export twin: the PyTorch backend (the GPU path) gives
+    what ONNX Runtime gives."""
+    from node.ingest.series import find_series
+    from node.ingest.volume import load_volume
+    from node.model.inference import predict
+    from node.model.manifest import load_model
+    from node.model.select import select_runtime
+    from node.timing import Stopwatch
+
+    model = load_model(curia["model"])
+    written = SERIES["CT"](tmp_path)
+    (series,), _ = find_series([written.files[0].parent])
+    volume = load_volume(series)
+    ort_rt, _ = select_runtime(model, "onnxruntime")
+    torch_rt, why = select_runtime(model, "torch")
+    assert torch_rt.name.startswith("torch") and why == "requested"
+    a, b = predict(volume, model, ort_rt, Stopwatch()), predict(volume, model, torch_rt, Stopwatch())
+    for head in ("tumor", "presence"):
+        np.testing.assert_allclose(b.probabilities[head], a.probabilities[head], atol=1e-3)
+
+
+def test_curia_format_benchmark_checkpoint_is_made_and_imported_by_one_command(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "node.tools.curia_checkpoint", "--out", str(tmp_path), "--layers", "1", "--size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert {k: config[k] for k in ("model_type", "hidden_size", "num_attention_heads", "patch_size", "num_channels")} == {
+        "model_type": "dinov2", "hidden_size": 768, "num_attention_heads": 12, "patch_size": 16, "num_channels": 1
+    }  # fmt: skip
+    from node.model.manifest import load_model
+
+    model = load_model(tmp_path / "model")
+    assert model.input.geometry == "resize" and [h.reads for h in model.heads] == ["cls_meanpatch"]
+
+
+def test_gpu_measurement_script_runs_dry_on_the_cpu(tmp_path):
+    """The script a lent GPU runs (node.tools.gpu_bench) is known to work before one is lent."""
+    r = subprocess.run(
+        [sys.executable, "-m", "node.tools.gpu_bench", "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    parts = json.loads((tmp_path / "gpu-bench.json").read_text())["parts"]
+    assert set(parts) == {"machine", "matmul_peak", "curia_backbone", "node_runtime_and_pipeline"}
+    assert not [k for k, v in parts.items() if "error" in v]
+    assert parts["matmul_peak"]["tflops"] > 0
+    assert {(row["mode"], row["batch"]) for row in parts["curia_backbone"]["rows"]} == {("eager", 2), ("eager", 4)}
+    run = parts["node_runtime_and_pipeline"]
+    assert run["pipeline_runtime"].startswith("torch") and run["pipeline_stages_s"]["inference"] > 0
+    assert (tmp_path / "gpu-bench.log").stat().st_size > 0

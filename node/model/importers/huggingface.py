@@ -10,7 +10,8 @@ What is written:
 
 - ``backbone.onnx``: one-channel slices (N, 1, S, S) -> ``tokens`` (N, T, D), the patch tokens,
   and ``cls`` (N, D), the CLS token (``last_hidden_state[:, 0]``); dynamic batch;
-- ``head_<name>.onnx`` per head: the series' mean feature (1, F) -> softmax over its classes.
+- ``head_<name>.onnx`` per head: the series' mean feature (1, F) -> softmax over its classes;
+- the ``torch.export`` twin (``.pt2``) of each graph, for the PyTorch backend;
   F = D reads the CLS token; F = 2 D reads the CLS token and the mean patch token side by side,
   as transformers' own ``Dinov2ForImageClassification`` does;
 - ``model.yaml`` saying how the authors' processor prepares a slice (axial, rows P and columns L;
@@ -202,7 +203,8 @@ def head_manifest(head: ImportedHead, codes: dict, warn) -> dict:
 
 
 def export_backbone(src: Path, out: Path, size: int) -> None:
-    """The transformers model -> ONNX: (N, 1, S, S) -> tokens (N, T, D), cls (N, D)."""
+    """The transformers model -> ONNX: (N, 1, S, S) -> tokens (N, T, D), cls (N, D), and its
+    ``torch.export`` twin (``.pt2``) for the PyTorch backend (CUDA, bf16/fp16 behind the gate)."""
     torch, transformers = _need_framework()
     transformers.logging.set_verbosity_error()  # its load report and progress bars are not for ops
     transformers.logging.disable_progress_bar()
@@ -230,6 +232,8 @@ def export_backbone(src: Path, out: Path, size: int) -> None:
             h = self.backbone(pixel_values=image).last_hidden_state
             return h[:, 1:], h[:, 0]
 
+    from node.model.runtimes.torch import export_program
+
     x = torch.zeros(2, 1, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks that are constant here
@@ -243,6 +247,8 @@ def export_backbone(src: Path, out: Path, size: int) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+        n = torch.export.Dim("n", min=1, max=4096)
+        export_program(Features(model), (x,), out.with_suffix(".pt2"), {"image": {0: n}})
 
 
 def export_head(head: ImportedHead, out: Path) -> None:
@@ -264,6 +270,20 @@ def export_head(head: ImportedHead, out: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
+    torch, _ = _need_framework()
+    from node.model.runtimes.torch import export_program
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(f, k)
+            self.linear.weight.data = torch.from_numpy(head.weight.copy())
+            self.linear.bias.data = torch.from_numpy(head.bias.copy())
+
+        def forward(self, features):
+            return torch.softmax(self.linear(features), dim=1)
+
+    export_program(Head(), (torch.zeros(1, f),), out.with_suffix(".pt2"))
 
 
 def _sha256(path: Path) -> str:

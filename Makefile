@@ -4,7 +4,7 @@
 # and: make demo - CT + MR phantoms through the offline pipeline into results/
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus
+DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus libpixelmed-java
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 

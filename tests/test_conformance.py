@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import time
@@ -86,6 +88,104 @@ def outputs(pipeline, tmp_path_factory):
     return got
 
 
+PIXELMED = Path("/usr/share/java/pixelmed.jar")
+needs_pixelmed = pytest.mark.skipif(
+    not (PIXELMED.exists() and shutil.which("java")), reason="pixelmed (Debian libpixelmed-java) not installed"
+)
+
+
+def _dcmqi(tool: str) -> Path | None:
+    """The dcmqi binary itself: its Python wrapper answers 0 even when the binary crashes."""
+    try:
+        import dcmqi
+    except ImportError:
+        return None
+    path = Path(dcmqi.__file__).parent / "bin" / tool
+    return path if path.exists() else None
+
+
+needs_dcmqi = pytest.mark.skipif(_dcmqi("tid1500reader") is None, reason="dcmqi (PyPI) not installed")
+
+
+def pixelmed_sr_validation(path: Path) -> list[str]:
+    """David Clunie's DicomSRValidator on one SR (JDK 17 needs its XPath limits lifted)."""
+    jars = ":".join(str(j) for j in sorted(PIXELMED.parent.glob("*.jar")))
+    limits = [f"-Djdk.xml.{k}=0" for k in ("xpathExprOpLimit", "xpathExprGrpLimit", "xpathTotalOpLimit")]
+    r = subprocess.run(
+        ["java", *limits, "-cp", jars, "com.pixelmed.validate.DicomSRValidator", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return r.stdout.splitlines()
+
+
+def measurement_groups(sr) -> list:
+    """The TID 1500 report's measurement groups (TID 1411 volumetric, TID 1501 qualitative)."""
+    imaging = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return [g for g in imaging.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+@needs_pixelmed
+@pytest.mark.parametrize(
+    "modality",
+    [
+        "CT",
+        "MR",
+        pytest.param(
+            "CT-followup",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="not fixed yet (issue 16): pixelmed reports the TID 1502 Time Point Order NUM "
+                "(HAS OBS CONTEXT) against TID 1419, and the discrepancy group's references to lesions "
+                "by Tracking Unique Identifier (CONTAINS)",
+            ),
+        ),
+    ],
+)
+def test_pixelmed_sr_validator_finds_only_its_template_guess(outputs, modality: str) -> None:
+    """No error but the validator's known guess: once a group of the report has a Referenced Segment
+    it applies TID 1411 to every group, so each TID 1501 group (classification, triage, comparison,
+    discrepancy) lacks TID 1411's three conditional rows. No code meaning differs from PS3.16's."""
+    sr_path = outputs[modality][1]["sr"]
+    lines = pixelmed_sr_validation(sr_path)
+    assert "Root Template Validation Complete" in lines, lines[-5:]
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    guess = re.compile(r"^Error: Template 1411 VolumetricROIMeasurements/.*: Missing conditional content item$")
+    assert [e for e in errors if not guess.match(e)] == []
+    qualitative = [
+        g for g in measurement_groups(dcmread(sr_path))
+        if not any(i.ConceptNameCodeSequence[0].CodeValue == "121191" for i in g.ContentSequence)
+    ]  # fmt: skip
+    assert len(errors) == 3 * len(qualitative)
+    assert [ln for ln in lines if "different code meaning" in ln] == []
+
+
+@needs_dcmqi
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_dcmqi_reads_seg_parametric_map_and_sr(outputs, modality: str, tmp_path: Path) -> None:
+    """What 3D Slicer's DICOM import uses: every segment, the map as a volume, every group of the SR."""
+    files = outputs[modality][1]
+
+    def run_tool(tool: str, *args: str) -> str:
+        r = subprocess.run([str(_dcmqi(tool)), *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{tool}: exit {r.returncode}: {(r.stdout + r.stderr)[-500:]}"
+        return r.stdout + r.stderr
+
+    (tmp_path / "seg").mkdir()
+    log = run_tool("segimage2itkimage", "--inputDICOM", str(files["seg"]), "--outputDirectory", str(tmp_path / "seg"))
+    assert "absent" not in log and "E:" not in log, log
+    seg = dcmread(files["seg"])
+    assert len(list((tmp_path / "seg").glob("*.nrrd"))) == len(seg.SegmentSequence)
+    (tmp_path / "pmap").mkdir()
+    log = run_tool("paramap2itkimage", "--inputDICOM", str(files["pmap"]), "--outputDirectory", str(tmp_path / "pmap"))
+    assert "absent" not in log and "WARNING" not in log and "E:" not in log, log
+    assert (tmp_path / "pmap" / "pmap.nrrd").stat().st_size > 0
+    run_tool("tid1500reader", "--inputDICOM", str(files["sr"]), "--outputMetadata", str(tmp_path / "sr.json"))
+    read = json.loads((tmp_path / "sr.json").read_text())
+    assert len(read["Measurements"]) == len(measurement_groups(dcmread(files["sr"])))
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     r = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     return [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("Error")]
@@ -109,9 +209,7 @@ def test_created_objects_match_statement(outputs) -> None:
             ds = dcmread(path)
             assert ds.SOPClassUID == rows[kind]["SOP class UID"], (modality, kind)
             assert ds.Modality == rows[kind]["Modality"]
-            assert ds.file_meta.TransferSyntaxUID == (
-                "1.2.840.10008.1.2.5" if kind == "pmap" else "1.2.840.10008.1.2.1"
-            )
+            assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # Explicit VR Little Endian
             assert ds.SpecificCharacterSet == charset
             assert ds.Manufacturer == "pacs-node"
             assert ds.StudyInstanceUID == src.study_uid

@@ -131,15 +131,17 @@ def test_probability_map_shows_where_the_lesions_are(axial):
     is at least 0.5 (the lesion label is the arg-max), and far from all lesions it is low."""
     pm = pydicom.dcmread(next(p for p in axial.files if p.stem == "pmap"))
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-    assert float(mapping.RealWorldValueSlope) == pytest.approx(1 / 255)
+    assert float(mapping.RealWorldValueSlope) == 1.0 and "FloatPixelData" in pm  # the probability itself
     sources = {str(f.dataset.SOPInstanceUID): i for i, f in enumerate(axial.findings.series.frames) if f}
     frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns) * float(mapping.RealWorldValueSlope)
+    assert 0.0 <= frames.min() and frames.max() <= 1.0
     shown = {}
     for k, item in enumerate(pm.PerFrameFunctionalGroupsSequence):
         uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         shown[sources[uid]] = frames[k]
     lesions = np.any([s.mask for s in axial.findings.lesions], axis=0)
     assert {int(i) for i in np.flatnonzero(lesions.any(axis=(1, 2)))} <= set(shown)
+    assert sorted(shown) == list(range(min(shown), max(shown) + 1))  # contiguous: no gaps for readers
     for i, p in shown.items():
         assert (p[lesions[i]] >= 0.5).all()
     far = [p[~ndimage.binary_dilation(lesions[i], iterations=8)] for i, p in shown.items()]

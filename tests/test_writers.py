@@ -324,7 +324,7 @@ def test_sr_mr_intensity_has_no_unit(mr):
     mean, unit = _num(group, CODES["mr_intensity"], CODES["mean"])
     assert unit == "1" and mean == pytest.approx(case.findings.lesions[0].mean)
     proc = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
-    assert proc[0].ConceptCodeSequence[0].CodeValue == "113091000"
+    assert proc[0].ConceptCodeSequence[0].CodeValue == "25056-3"  # CID 100: MRI unspecified body region
 
 
 def test_sr_references_the_seg_segments(ct):

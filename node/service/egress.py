@@ -104,8 +104,8 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in pairs}):
-        # SEG, Comprehensive 3D SR and GSPS: the two uncompressed syntaxes every SCP accepts; the
-        # Parametric Map first as written (RLE Lossless), decompressed for an SCP that refuses it
+        # the two uncompressed syntaxes every SCP accepts; an object written compressed proposes its own
+        # syntax first and is decompressed for an SCP that refuses it
         written = sorted(
             {str(ds.file_meta.TransferSyntaxUID) for _, ds in pairs if ds.SOPClassUID == sop_class}
         )
@@ -129,7 +129,7 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
                 continue
             ts = ds.file_meta.TransferSyntaxUID
             if ts.is_compressed and ts not in {c.transfer_syntax[0] for c in accepted}:
-                ds.decompress()  # the destination takes this class uncompressed only (RLE Parametric Map)
+                ds.decompress()  # the destination takes this class uncompressed only
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code in _STORED:

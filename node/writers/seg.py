@@ -223,6 +223,7 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
     seg_ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = dim_uid
     for item in seg_ds.DimensionIndexSequence:
         item.DimensionOrganizationUID = dim_uid
+    seg_ds.ContentCreatorName = ""  # Type 2 (Content Identification): an algorithm, named in Software Versions
     return seg_ds
 
 

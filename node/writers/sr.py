@@ -43,7 +43,8 @@ CODES = {
     "mr_intensity": codes.DCM.MRSignalIntensity,  # 110852
     "probability": codes.DCM.Probability,  # 122157
     "comment": codes.DCM.Comment,  # 121106
-    "ct": Code("77477000", "SCT", "Computed tomography"),
+    # Procedure reported: CID 100 "Quantitative Diagnostic Imaging Procedures"
+    "ct": Code("25045-6", "LN", "CT unspecified body region"),
     # change since a prior (TID 1411/1501 qualitative evaluation, values as in CID 6134)
     "change": codes.DCM.DescriptionOfChange,  # 111021
     "interval": codes.SCT.Interval,  # 385673002
@@ -62,7 +63,7 @@ CODES = {
     "disagreement": codes.DCM.DisagreementWithPriorFindings,  # 122776: with the report's findings
     "urgency": Code("PN0008", "99PACSNODE", "Urgency category"),
     "urgency_score": Code("PN0009", "99PACSNODE", "Urgency score"),
-    "mr": Code("113091000", "SCT", "Magnetic resonance imaging"),
+    "mr": Code("25056-3", "LN", "MRI unspecified body region"),
 }
 STATUS = {
     "new": codes.SCT.NewFinding,  # 129721008
@@ -161,7 +162,22 @@ def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR
     )
     if findings.comparison is not None or findings.urgency is not None:
         sr.CodingSchemeIdentificationSequence = [_local_scheme()]
+    _standard_meanings(sr.ContentSequence)
     return sr
+
+
+# code meanings as PS3.16 spells them, where highdicom's differ (validators compare them to the template)
+STANDARD_MEANINGS = {("121232", "DCM"): "Source series for segmentation"}
+
+
+def _standard_meanings(items) -> None:
+    for item in items:
+        for seq in ("ConceptNameCodeSequence", "ConceptCodeSequence"):
+            for code in item.get(seq, []):
+                meaning = STANDARD_MEANINGS.get((code.CodeValue, code.CodingSchemeDesignator))
+                if meaning:
+                    code.CodeMeaning = meaning
+        _standard_meanings(item.get("ContentSequence", []))
 
 
 def _local_scheme() -> Dataset:

@@ -134,7 +134,7 @@ def test_probability_map_shows_where_the_lesions_are(axial):
     assert float(mapping.RealWorldValueSlope) == 1.0 and "FloatPixelData" in pm  # the probability itself
     sources = {str(f.dataset.SOPInstanceUID): i for i, f in enumerate(axial.findings.series.frames) if f}
     frames = pm.pixel_array.reshape(-1, pm.Rows, pm.Columns) * float(mapping.RealWorldValueSlope)
-    assert 0.0 <= frames.min() and frames.max() <= 1.0
+    assert frames.min() >= 0.0 and frames.max() <= 1.0
     shown = {}
     for k, item in enumerate(pm.PerFrameFunctionalGroupsSequence):
         uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)

@@ -351,3 +351,33 @@ def test_gpu_measurement_script_runs_dry_on_the_cpu(tmp_path):
     run = parts["node_runtime_and_pipeline"]
     assert run["pipeline_runtime"].startswith("torch") and run["pipeline_stages_s"]["inference"] > 0
     assert (tmp_path / "gpu-bench.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize("plane, axis", [("axial", 0), ("coronal", 1), ("sagittal", 2)])
+def test_slices_are_taken_in_the_models_plane(tmp_path, plane, axis):
+    """orientation: the model's slices are the patient volume's axial, coronal or sagittal planes
+    (rows I and columns L or P for the last two), whatever plane the series was acquired in."""
+    from node.ingest.series import find_series
+    from node.ingest.volume import load_volume
+    from node.model.importers.huggingface import import_huggingface
+    from node.model.inference import predict
+    from node.model.manifest import load_model
+    from node.model.preprocess import to_canonical
+    from node.model.select import select_runtime
+    from node.timing import Stopwatch
+
+    save_backbone(tmp_path / "m", **SMALL)
+    save_head(tmp_path / "heads" / "kind", TUMOR, 32)
+    folder = import_huggingface(tmp_path / "m", tmp_path / "model", [tmp_path / "heads" / "kind"], warn=lambda m: None)
+    manifest = yaml.safe_load((folder / "model.yaml").read_text())
+    manifest["input"]["orientation"] = plane
+    (folder / "model.yaml").write_text(yaml.safe_dump(manifest))
+    model = load_model(folder)
+    written = write_axial_series(Phantom.random(5), tmp_path / "ct", shape=(6, 40, 48), pixel_spacing=8.0, seed=5)
+    (series,), _ = find_series([written.files[0].parent])
+    volume = load_volume(series)
+    seen = []
+    pred = predict(volume, model, select_runtime(model, "onnxruntime")[0], Stopwatch(), seen.append)
+    assert sum(seen) == to_canonical(volume.volume).shape[axis]  # one model slice per plane of the volume
+    probs = pred.probabilities["kind"]
+    assert probs.shape == (3,) and abs(probs.sum() - 1) < 1e-5

@@ -393,6 +393,12 @@ def cmd_models(args) -> int:
     if args.models_command == "import":
         from node.model.importers.huggingface import import_huggingface
 
+        if args.format == "auto" and not (args.src / "config.json").exists():
+            raise ModelError(
+                f"{args.src}: cannot tell its format: no config.json of a Hugging Face model "
+                "(nnU-Net results folders and MONAI bundles are not supported yet)"
+            )
+
         def warn(message: str) -> None:
             print(f"warning: {message}", file=sys.stderr)
 

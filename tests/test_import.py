@@ -257,6 +257,14 @@ def test_not_a_dinov2_folder(tmp_path):
     _refused(tmp_path, src, match="not a DINOv2/ViT model (config.json model_type 'bert')")
 
 
+def test_a_format_we_cannot_import_is_named(tmp_path):
+    src = tmp_path / "nnunet"
+    src.mkdir()
+    (src / "dataset.json").write_text("{}")
+    (src / "plans.json").write_text("{}")
+    _refused(tmp_path, src, match="cannot tell its format")
+
+
 def test_missing_weights(tmp_path):
     save_backbone(tmp_path / "m", **SMALL)
     (tmp_path / "m" / "model.safetensors").unlink()

@@ -26,6 +26,7 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     device = "cpu" if a.dry_run or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not a.dry_run:
-        print("error: no CUDA device: run with --dry-run to check the script on the CPU")
+        print("error: no CUDA device: run with --dry-run to check the script on the CPU", file=sys.stderr)
         return 2
 
     def sync() -> None:

@@ -241,6 +241,21 @@ def test_disk_above_the_watermark_refuses_with_a_status_and_resumes(
         delivered_once(pacs, first.study_uid)
         assert n.proc.poll() is None
 
+        # the disk quite full: the queue cannot be written; nothing crashes, nothing restarts
+        with open(ballast, "ab") as f:  # to the last block
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        time.sleep(4)  # a few worker polls and scrapes on a full disk
+        metrics = n.get("/metrics")[1]
+        assert n.proc.poll() is None and n.get("/healthz")[0] == 200
+        assert value(metrics, "pacs_node_component_up", component="worker") == 1
+        assert value(metrics, "pacs_node_component_restarts_total", component="worker") == 0
+        assert value(metrics, "pacs_node_component_restarts_total", component="orthanc") == 0
+
         ballast.unlink()  # below the low watermark: accepted again
         n.store_scu(second.files)
         n.wait_job(second.series_uid, ("done",), timeout=90)

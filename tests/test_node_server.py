@@ -33,14 +33,6 @@ KINDS = {
 }
 
 
-@pytest.fixture(scope="session")
-def pacs(tmp_path_factory) -> Pacs:
-    p = Pacs(free_port(), tmp_path_factory.mktemp("pacs"))
-    p.start()
-    yield p
-    p.stop()
-
-
 class Hooks:
     """A RIS's webhook endpoint: a local HTTP server that keeps every JSON body it receives."""
 

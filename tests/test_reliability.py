@@ -48,14 +48,6 @@ def node_config(folder: Path, pacs: Pacs | None = None, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory) -> Pacs:
-    p = Pacs(free_port(), tmp_path_factory.mktemp("pacs"))
-    p.start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
 def node(tmp_path_factory, pacs: Pacs) -> Node:
     folder = tmp_path_factory.mktemp("node")
     n = Node(folder, node_config(folder, pacs))

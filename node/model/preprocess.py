@@ -224,10 +224,6 @@ class ResizeMap(PlaneMap):
     padding), with PyTorch's antialiased bicubic resize (:mod:`node.model.resize`); outputs go
     back with linear interpolation."""
 
-    @property
-    def model_spacing(self) -> float:
-        return max(n * s for n, s in zip(self.shape, self.spacing, strict=True)) / self.size
-
     def canonical_to_model(self, axis: int) -> np.ndarray:
         r = np.arange(self.shape[axis])
         return (r + 0.5) * self.size / self.shape[axis] - 0.5

@@ -12,7 +12,6 @@ picks one and says why.
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -21,8 +20,6 @@ import numpy as np
 from node.identity import RuntimeChoice
 from node.model.manifest import HeadSpec, ModelSpec
 from node.timing import Stopwatch
-
-log = logging.getLogger(__name__)
 
 RUNTIMES = tuple(r.value for r in RuntimeChoice)  # what --runtime and the config accept
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

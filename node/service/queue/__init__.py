@@ -54,9 +54,6 @@ class JobQueue:
     def writable(self) -> str | None:
         return self.store.writable()
 
-    def close(self) -> None:
-        self.store.close()
-
 
 def to_json(obj) -> str:
     return json.dumps(obj, indent=1, default=str)

@@ -47,10 +47,6 @@ class Counters:
     def __init__(self, store: Store):
         self.store = store
 
-    def count(self, name: Counter, label: str = "", sublabel: str = "", n: int = 1) -> None:
-        with self.store.tx() as db:
-            bump(db, name, label, sublabel, n)
-
     def stats(self) -> QueueStats:
         """Everything the metrics read from the queue, in one consistent read."""
         now = self.store.clock()

@@ -190,12 +190,8 @@ class Outbox:
             (DeliveryState.PENDING, now, now, job_id, DeliveryState.FAILED),
         ).rowcount
 
-    def of_job(self, job_id: int | None = None) -> list[Delivery]:
-        """A job's deliveries (every delivery when ``job_id`` is None)."""
-        if job_id is None:
-            rows = self.store.read("SELECT * FROM deliveries ORDER BY id")
-        else:
-            rows = self.store.read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
+    def of_job(self, job_id: int) -> list[Delivery]:
+        rows = self.store.read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
         return [Delivery(**r) for r in rows]
 
     def status(self) -> dict[str, dict[str, int]]:

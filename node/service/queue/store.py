@@ -145,10 +145,6 @@ class Store:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
     def tx(self) -> _Tx:
         """``with store.tx() as db:`` one write transaction, committed on success, rolled back on error."""
         return _Tx(self)

@@ -1,0 +1,15 @@
+"""Fixtures shared by the integration tests that run the node against a PACS."""
+
+from __future__ import annotations
+
+import pytest
+from orthanc_fixture import Pacs, free_port
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory) -> Pacs:
+    """A pynetdicom storage SCP that records every object it receives (a duplicate shows)."""
+    p = Pacs(free_port(), tmp_path_factory.mktemp("pacs"))
+    p.start()
+    yield p
+    p.stop()

@@ -4,9 +4,13 @@
 # and: make demo - CT + MR phantoms through the offline pipeline into results/
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus libpixelmed-java
+DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus libpixelmed-java \
+	chromium postgresql
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
+# OHIF's published build (npm @ohif/app): `make viewer`, and the viewer test
+OHIF_VERSION ?= 3.12.10
+OHIF := .cache/ohif/package/dist
 
 .PHONY: setup run demo test bench train evaluate conformance viewer screenshot gpu-wheels clean
 
@@ -20,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,train,import]"
+	$(PY) -m pip install -q -e ".[dev,train,import,postgres]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -31,7 +35,7 @@ run: setup
 demo: setup
 	$(VENV)/bin/pacs-node demo --out results
 
-test: setup
+test: setup $(OHIF)/index.html
 	$(VENV)/bin/ruff check node tests plugins conformance deploy
 	$(VENV)/bin/python -m pytest -q
 
@@ -44,23 +48,23 @@ train: setup
 evaluate: setup
 	$(VENV)/bin/pacs-node models evaluate
 
-conformance: setup
+conformance: setup $(OHIF)/index.html
 	$(VENV)/bin/python -m conformance
 
-# OHIF (its published build from npm) in front of the running node's Orthanc: http://127.0.0.1:3000/
-OHIF_VERSION ?= 3.12.10
-OHIF := .cache/ohif/package/dist
+# OHIF in front of the running node's Orthanc: http://127.0.0.1:3000/
 $(OHIF)/index.html:
+	@command -v npm >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -qq npm >/dev/null; }
 	mkdir -p .cache/ohif
 	cd .cache/ohif && npm pack -q @ohif/app@$(OHIF_VERSION) && tar xzf ohif-app-$(OHIF_VERSION).tgz
 
 viewer: setup $(OHIF)/index.html
 	$(PY) deploy/viewer/serve.py --ohif $(OHIF) --orthanc http://127.0.0.1:8042
 
-# the README's picture: needs `make run` and `make viewer` running, the study sent, and Debian chromium
-screenshot: setup
-	$(PY) -m pip install -q playwright
-	$(PY) deploy/viewer/screenshot.py --study $(STUDY) --slice $(or $(SLICE),1) --out docs/ohif-seg-ct.png
+# the README's picture: the viewer test's own set-up (a phantom through the node, OHIF in headless
+# Chromium on its SRs and SEG), its last view written to docs/
+screenshot: setup $(OHIF)/index.html
+	PACS_NODE_SCREENSHOTS=docs $(PY) -m pytest -q tests/test_viewer.py -k lists
 
 # the GPU measurement (node/tools/gpu_bench.py) on a lent GPU machine: no network there, torch and
 # transformers installed, Python 3.12; these wheels (~10 MB) are what it lacks. Then, with the device tool:

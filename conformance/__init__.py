@@ -1,7 +1,7 @@
 """The DICOM Conformance Statement (``statement.md``) and the suite that keeps it true.
 
-Run the suite with ``python -m conformance`` (it is ``tests/test_conformance.py``, also part of the
-normal test run). This module reads the statement's machine-checked tables and values.
+Run the suite with ``python -m conformance`` (``tests/test_conformance.py`` and
+``tests/test_viewer.py``, also part of the normal test run). This module reads the statement's machine-checked tables and values.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class OutputKind(StrEnum):
     """What a job produces; the file name of an offline output is ``<kind>.dcm``."""
 
     SEG = "seg"
-    SR = "sr"
+    SR = "sr"  # the complete TID 1500 report
+    OUTLINES = "outlines"  # the SR of what viewers draw (outlines, long axes), see node.writers.sr
     GSPS = "gsps"
     PMAP = "pmap"  # the lesion probability Parametric Map: opt-in per destination
     TRIAGE = "triage"  # the webhook notification: a JSON body, nothing stored in Orthanc
@@ -40,7 +41,7 @@ class OutputKind(StrEnum):
 
 
 # what a DICOM destination receives unless its ``accepts`` says otherwise
-DEFAULT_ACCEPTS = (OutputKind.SEG, OutputKind.SR, OutputKind.GSPS)
+DEFAULT_ACCEPTS = (OutputKind.SEG, OutputKind.SR, OutputKind.GSPS)  # outlines, pmap: opt-in
 
 
 class Stage(StrEnum):

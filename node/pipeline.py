@@ -34,7 +34,7 @@ from node.timing import Stopwatch
 from node.writers.gsps import write_gsps
 from node.writers.pmap import write_probability_map
 from node.writers.seg import write_seg
-from node.writers.sr import write_sr
+from node.writers.sr import write_outlines, write_sr
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ class Pipeline:
         with clock(Stage.ENCODE_SR):
             objects[OutputKind.SR] = write_sr(findings, objects.get(OutputKind.SEG))
         if findings.segments:
+            with clock(Stage.ENCODE_SR):
+                objects[OutputKind.OUTLINES] = write_outlines(findings, objects[OutputKind.SEG])
             with clock(Stage.ENCODE_GSPS):
                 objects[OutputKind.GSPS] = write_gsps(findings)
         if findings.lesion_probability is not None:

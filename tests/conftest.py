@@ -13,3 +13,16 @@ def pacs(tmp_path_factory) -> Pacs:
     p.start()
     yield p
     p.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server from Debian's packages for the whole session (skips where none is installed)."""
+    from postgres_fixture import Postgres, postgres_missing
+
+    if postgres_missing():
+        pytest.skip(postgres_missing())
+    server = Postgres()
+    server.start()
+    yield server
+    server.remove()

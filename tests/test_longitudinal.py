@@ -376,7 +376,15 @@ def test_discrepancy_is_a_coded_finding_in_the_sr(liver_lesion: Findings, tmp_pa
     text = subprocess.run(["dsrdump", "+Pl", str(tmp_path / "sr.dcm")], capture_output=True, text=True).stdout
     assert '"Disagreement with prior findings")=(52988006,SCT,"Lesion")' in text
     assert "report statement: No liver lesion" in text
-    assert f.tracking_uid(f.lesions[0]) in text.split("Report discrepancy 1")[1]  # points at its evidence
+    # its evidence: the contradicting lesion's SEG segment, which carries the lesion's Tracking UID
+    imaging = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    group = next(
+        g for g in imaging.ContentSequence if any(getattr(i, "TextValue", "") == "Report discrepancy 1" for i in g.ContentSequence)
+    )
+    refs = [i.ReferencedSOPSequence[0] for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    assert [r.ReferencedSOPInstanceUID for r in refs] == [seg.SOPInstanceUID]
+    segment = seg.SegmentSequence[int(refs[0].ReferencedSegmentNumber) - 1]
+    assert segment.TrackingUID == f.tracking_uid(f.lesions[0])
 
 
 def test_run_with_a_report_flags_what_the_image_contradicts(tmp_path: Path):

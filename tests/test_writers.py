@@ -21,7 +21,7 @@ from node.synthetic.phantom import Lesion, Phantom
 from node.writers import uids
 from node.writers.gsps import write_gsps
 from node.writers.seg import write_seg
-from node.writers.sr import CODES, write_sr
+from node.writers.sr import CODES, OHIF_LENGTH, OHIF_OUTLINE, write_outlines, write_sr
 
 ORGAN = Concept("123037004", "SCT", "Anatomical Structure")
 LIVER = Concept("10200004", "SCT", "Liver")
@@ -96,7 +96,12 @@ def flip_and_transpose(volume, frames, organs, lesions):
 
 def write_all(case: Case) -> dict[str, Path]:
     seg = write_seg(case.findings)
-    out = {"seg": seg, "sr": write_sr(case.findings, seg), "gsps": write_gsps(case.findings)}
+    out = {
+        "seg": seg,
+        "sr": write_sr(case.findings, seg),
+        "outlines": write_outlines(case.findings, seg),
+        "gsps": write_gsps(case.findings),
+    }
     paths = {}
     for kind, ds in out.items():
         paths[kind] = case.dir / f"{kind}.dcm"
@@ -126,7 +131,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
 # -- validity -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["seg", "sr", "gsps"])
+@pytest.mark.parametrize("kind", ["seg", "sr", "outlines", "gsps"])
 @pytest.mark.parametrize("modality", ["ct", "mr"])
 def test_dciodvfy_reports_no_errors(kind, modality, request):
     _, paths = request.getfixturevalue(modality)
@@ -139,7 +144,7 @@ def test_dsrdump_reads_the_sr(ct):
     _, paths = ct
     r = subprocess.run(["dsrdump", str(paths["sr"])], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "Imaging Measurement Report" in r.stdout
+    assert "Oncology Measurement Report" in r.stdout  # the complete report: see node.writers.sr
     assert "Lesion 2" in r.stdout and NOTE in r.stdout
 
 
@@ -405,6 +410,61 @@ def test_sr_long_axis_line_lies_on_the_lesion(ct):
         assert np.linalg.norm((pts[0] - pts[1]) * PIXEL) == pytest.approx(length, rel=1e-5)
         expected = np.asarray(s.diameter_endpoints)[:, ::-1] + 0.5
         np.testing.assert_allclose(pts, expected, atol=1e-4)
+
+
+def _groups(path: Path) -> list[Dataset]:
+    ds = pydicom.dcmread(path)
+    imaging = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    return list(imaging.ContentSequence)
+
+
+def test_outlines_sr_is_what_ohif_draws(ct):
+    """Every group of the outlines SR is one OHIF draws and lists: its first NUM has exactly one
+    child, an SCOORD selected from a source image; its Tracking Identifier is one OHIF maps to a
+    tool; its first Comment (OHIF's label) is the segment's name. Lesions first, each outlined on
+    every slice it crosses; the key outline carries the segment's own Tracking UID (SEG, report)."""
+    from skimage.measure import points_in_poly
+
+    case, paths = ct
+    assert pydicom.dcmread(paths["outlines"]).ConceptNameCodeSequence[0].CodeValue == "126000"
+    seg = pydicom.dcmread(paths["seg"])
+    tracking = {i.SegmentLabel: i.TrackingUID for i in seg.SegmentSequence}
+    sop_slice = {fr.dataset.SOPInstanceUID: i for i, fr in enumerate(case.findings.series.frames)}
+    seen: dict[str, list[int]] = {}
+    for group in _groups(paths["outlines"]):
+        items = {i.ConceptNameCodeSequence[0].CodeValue: i for i in reversed(group.ContentSequence)}
+        nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        (scoord,) = nums[0].ContentSequence
+        assert scoord.ValueType == "SCOORD" and scoord.RelationshipType == "INFERRED FROM"
+        (image,) = scoord.ContentSequence
+        assert image.ValueType == "IMAGE" and all("ContentSequence" not in n for n in nums[1:])
+        label = items["121106"].TextValue  # the first Comment
+        identifier = items["112039"].TextValue
+        points = np.reshape(scoord.GraphicData, (-1, 2))
+        index = sop_slice[image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        if identifier == OHIF_LENGTH:
+            assert label.endswith(" long axis") and len(points) == 2
+            continue
+        assert identifier == OHIF_OUTLINE and np.array_equal(points[0], points[-1])
+        segment = next(s for s in case.findings.segments if s.label == label)
+        if label not in seen:  # the key outline: the segment's Tracking UID, and its volume
+            assert tracking[label] == items["112040"].UID
+            assert any(n.ConceptNameCodeSequence[0].CodeValue == CODES["volume"].value for n in nums)
+        rows, cols = np.nonzero(segment.mask[index])
+        inside = points_in_poly(np.c_[cols + 0.5, rows + 0.5], points)  # flipped/transposed: not here
+        assert inside.mean() > 0.9, (label, index)
+        seen.setdefault(label, []).append(index)
+    assert list(seen) == ["Lesion 1", "Lesion 2", "Liver"]
+    for lesion in case.findings.lesions:
+        assert sorted(seen[lesion.label]) == lesion.slices
+    assert seen["Liver"] == [int(case.findings.segments[0].mask.sum(axis=(1, 2)).argmax())]
+
+
+def test_outlines_sr_refuses_findings_without_segments(ct):
+    case, paths = ct
+    empty = dataclasses.replace(case.findings, segments=[])
+    with pytest.raises(ValueError, match="nothing to outline"):
+        write_outlines(empty, pydicom.dcmread(paths["seg"]))
 
 
 # -- GSPS -----------------------------------------------------------------------------------------

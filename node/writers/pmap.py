@@ -5,11 +5,12 @@ the README shows) refuses fractional segmentations ("Fractional segmentations ar
 supported") and draws Parametric Maps as a colour overlay (its ``dicom-pmap`` extension).
 
 Stored values are the probability itself (0..1, the model's confidence has 1/255 resolution) as
-32-bit floats, the form dcmqi reads, with an identity Real World Value Mapping. Frames: every slice from the
-first to the last where the probability reaches :data:`MIN_SHOWN` somewhere (the slice of the
-highest probability when it never does): a contiguous stack, because readers that rebuild a volume
-(dcmqi's ``paramap2itkimage``, 3D Slicer) refuse frames with gaps. Explicit VR Little Endian, the
-transfer syntax every reader has (dcmqi cannot read RLE); the range keeps the map small.
+32-bit floats, the form dcmqi reads, with an identity Real World Value Mapping. Frames: one per
+source image, the whole stack: readers that rebuild a volume (dcmqi's ``paramap2itkimage``, 3D
+Slicer) refuse gaps, and OHIF's adapter places each frame at its source image's index in a buffer
+as long as the map, so a partial stack makes it fail. Explicit VR Little Endian, the transfer
+syntax every reader has (dcmqi cannot read RLE). At 4 bytes a voxel the map is as large as the
+CT twice over, which is why destinations receive it only when they ask (``accepts: [pmap]``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from node.analysis.findings import Findings
 from node.writers import uids
 from node.writers.seg import slice_sources
 
-MIN_SHOWN = 13  # of 255: 5 %
 # BodyPartExamined -> SNOMED CT anatomic region (CID 4) for the Frame Anatomy functional group
 REGIONS = {
     "HEAD": ("69536005", "Head"),
@@ -52,20 +52,9 @@ def write_probability_map(findings: Findings) -> hd.pm.ParametricMap:
     p = findings.lesion_probability
     if p is None or p.shape != tuple(series.volume.spatial_shape) or p.dtype != np.uint8:
         raise ValueError("Findings.lesion_probability must be a uint8 array on the volume's grid.")
-    sources = slice_sources(series)
-    if sources[0].frame is not None:  # a multi-frame source: the map has every frame of it
-        chosen, images = sources, [sources[0].dataset]
-    else:
-        # sources run along the slice axis: keep the contiguous range between the first and last shown
-        shown = [k for k, s in enumerate(sources) if p[s.index].max() >= MIN_SHOWN] or [
-            max(range(len(sources)), key=lambda k: int(p[sources[k].index].max()))
-        ]
-        # at least two frames: a reader computes the slice spacing from them (dcmqi writes nothing for one)
-        first, last = min(shown), max(shown)
-        if first == last and len(sources) > 1:
-            first, last = (first, first + 1) if first + 1 < len(sources) else (first - 1, first)
-        chosen = sources[first : last + 1]
-        images = [s.dataset for s in chosen]
+    chosen = slice_sources(series)
+    # a multi-frame source is one image; single-frame sources are one image each
+    images = [chosen[0].dataset] if chosen[0].frame is not None else [s.dataset for s in chosen]
     # the probability itself, as 32-bit floats (Float Pixel Data): what dcmqi reads (it has no integer path)
     pixels = (np.stack([s.plane_to_source(p[s.index]) for s in chosen]).astype(np.float32) / 255).astype(np.float32)
     mapping = hd.pm.RealWorldValueMapping(

@@ -1,6 +1,14 @@
-"""Comprehensive 3D SR, TID 1500 Measurement Report, of a :class:`~node.analysis.findings.Findings`.
+"""Comprehensive 3D SRs, TID 1500 Measurement Reports, of a :class:`~node.analysis.findings.Findings`.
 
-Content tree (codes in :data:`CODES`):
+Two documents, because OHIF (3.12) takes every measurement group of an "Imaging Measurement
+Report" as something to draw and fails on a group without an image-referenced SCOORD:
+
+- :func:`write_sr`, the complete report, titled "Oncology Measurement Report" (CID 7021), which
+  OHIF lists as a structured document; validators and dcmqi read it as TID 1500 like any other.
+- :func:`write_outlines`, titled "Imaging Measurement Report": only what is drawn on an image,
+  every group geometric (below), so OHIF draws each and opens on the first lesion.
+
+The complete report's content tree (codes in :data:`CODES`):
 
 - observer context: the node as a Device (name "pacs-node", deterministic device UID);
   procedure reported: CT or MR from the source modality.
@@ -12,27 +20,35 @@ Content tree (codes in :data:`CODES`):
   and, for lesions, the long axis.
 - per lesion, a TID 1501 group with the long axis again as a NUM that is
   INFERRED FROM an SCOORD POLYLINE (the two end points on the source image),
-  so viewers that draw only SCOORDs (OHIF) show the diameter as a length.
+  so viewers that draw SCOORDs show the diameter as a length.
 - one TID 1501 group per :class:`~node.analysis.findings.Classification`: a qualitative
   evaluation (name = value) and its probability as a NUM.
 - ``Findings.notes`` as TEXT items (DCM 121106 "Comment") in every group:
   they qualify every measurement (e.g. interpolated slices).
+
+The outlines document, lesions first, only TID 1501 groups whose first NUM is INFERRED FROM an
+SCOORD on a source image (TID 300, the layout OHIF reads and hydrates into its own tools): per
+segment its largest outline on its key slice (a lesion's long-axis slice, an organ's largest
+cross-section) with its area, under the segment's Tracking UID, then its volume (and long axis)
+as NUMs of their own; per lesion the long axis line, and an outline on every other slice it crosses.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from node.analysis.change import Comparison, LesionChange
 from node.analysis.findings import Classification, Findings, Segment
+from node.analysis.measure import outline
 from node.analysis.report_text import Discrepancy
 from node.analysis.urgency import Urgency
-from node.identity import NODE_NAME
+from node.identity import NODE_NAME, OutputKind
 from node.writers import uids
-from node.writers.seg import SliceSource, slice_sources
+from node.writers.seg import SliceSource, frame_geometry, slice_sources
 
 CODES = {
     "volume": codes.SCT.Volume,  # 118565006
@@ -64,7 +80,15 @@ CODES = {
     "urgency": Code("PN0008", "99PACSNODE", "Urgency category"),
     "urgency_score": Code("PN0009", "99PACSNODE", "Urgency score"),
     "mr": Code("25056-3", "LN", "MRI unspecified body region"),
+    "area": codes.SCT.Area,  # 42798000
 }
+# CID 7021 document titles: see the module docstring for why the complete report is not 126000
+REPORT_TITLE = codes.DCM.OncologyMeasurementReport  # 126001
+OUTLINES_TITLE = codes.DCM.ImagingMeasurementReport  # 126000
+# Tracking Identifiers of the outlines document: the ones OHIF's SR loader maps to its Length and
+# freehand ROI tools, which is what lets it list the groups as measurements; the name is a Comment
+OHIF_LENGTH = "Cornerstone3DTools@^0.1.0:Length"
+OHIF_OUTLINE = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 STATUS = {
     "new": codes.SCT.NewFinding,  # 129721008
     "increased": codes.SCT.IncreaseInSize,  # 15454001
@@ -91,6 +115,7 @@ UNITS = {
     # MR signal has no physical unit and an arbitrary scale: UCUM unity, as DICOM CID 7181 does
     "unity": Code("1", "UCUM", "no units"),
     "percent": Code("%", "UCUM", "Percent"),
+    "mm2": Code("mm2", "UCUM", "square millimeter"),
     "days": Code("d", "UCUM", "day"),
     "lesions": Code("{lesions}", "UCUM", "lesions"),
     "points": Code("{points}", "UCUM", "points"),
@@ -98,27 +123,12 @@ UNITS = {
 
 
 def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR:
-    """The measurement report; ``seg`` is the SEG written by :func:`node.writers.seg.write_seg`, or
-    None for a model without segmentation heads (then there are no segments to report)."""
-    series, model = findings.series, findings.model
-    if series.modality not in ("CT", "MR"):
-        raise ValueError(f"SeriesVolume.modality must be 'CT' or 'MR', got {series.modality!r}.")
-    if seg is None:
-        if findings.segments:
-            raise ValueError("seg is None but Findings.segments is not empty.")
-    elif getattr(seg, "Modality", None) != "SEG" or "SegmentSequence" not in seg:
-        raise ValueError("seg must be a DICOM Segmentation instance (Modality SEG with a SegmentSequence).")
-    described = {int(item.SegmentNumber) for item in seg.SegmentSequence} if seg is not None else set()
-    missing = [s.number for s in findings.segments if s.number not in described]
-    if missing:
-        raise ValueError(f"seg has no SegmentSequence item for Segment.number {missing}.")
-
-    def uid(kind: str) -> str:
-        return uids.output_uid(series.series_uid, model.name, model.version, kind)
-
-    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
-    notes = [_comment(n) for n in findings.notes]
-    sources = {s.index: s for s in slice_sources(series)}
+    """The complete measurement report; ``seg`` is the SEG written by :func:`node.writers.seg.write_seg`,
+    or None for a model without segmentation heads (then there are no segments to report)."""
+    _check(findings, seg)
+    uid = _uids(findings)
+    algorithm = _algorithm(findings)
+    sources = {s.index: s for s in slice_sources(findings.series)}
     groups = []
     for segment in findings.segments:
         groups.append(_segment_group(findings, segment, seg, algorithm, uid))
@@ -131,12 +141,73 @@ def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR
     elif findings.prior_unavailable:
         groups.append(_no_prior_group(findings.prior_unavailable, algorithm, uid))
     for k, d in enumerate(findings.discrepancies, start=1):
-        groups.append(_discrepancy_group(d, k, findings, algorithm, uid))
+        groups.append(_discrepancy_group(d, k, findings, seg, algorithm, uid))
     if findings.urgency is not None:
         groups.append(_urgency_group(findings.urgency, algorithm, uid))
+    local = findings.comparison is not None or findings.urgency is not None
+    return _document(findings, seg, groups, REPORT_TITLE, OutputKind.SR, local)
+
+
+def write_outlines(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
+    """The measurements viewers draw: every group has an outline or a line on a source image."""
+    if not findings.segments:
+        raise ValueError("Findings.segments is empty: there is nothing to outline.")
+    _check(findings, seg)
+    uid = _uids(findings)
+    algorithm = _algorithm(findings)
+    sources = {s.index: s for s in slice_sources(findings.series)}
+    groups = []
+    for segment in sorted(findings.segments, key=lambda s: s.kind != "lesion"):  # lesions first
+        key = _key_slice(segment)
+        whole = [hd.sr.Measurement(name=CODES["volume"], value=segment.volume_ml, unit=UNITS["ml"])]
+        if segment.longest_diameter_mm is not None:
+            whole.append(
+                hd.sr.Measurement(name=CODES["long_axis"], value=segment.longest_diameter_mm, unit=UNITS["mm"])
+            )
+        groups.append(
+            _outline_group(findings, segment, sources[key], findings.tracking_uid(segment), algorithm, whole)
+        )
+        if segment.kind != "lesion":
+            continue
+        if segment.longest_diameter_mm is not None and segment.diameter_slice in sources:
+            groups.append(_diameter_group(segment, sources[segment.diameter_slice], algorithm, uid, OHIF_LENGTH))
+        for index in segment.slices:
+            if index != key:
+                tracking = uid(f"tracking-{segment.number}-outline-{index}")
+                groups.append(_outline_group(findings, segment, sources[index], tracking, algorithm))
+    return _document(findings, seg, groups, OUTLINES_TITLE, OutputKind.OUTLINES, local=False)
+
+
+def _check(findings: Findings, seg: Dataset | None) -> None:
+    if findings.series.modality not in ("CT", "MR"):
+        raise ValueError(f"SeriesVolume.modality must be 'CT' or 'MR', got {findings.series.modality!r}.")
+    if seg is None:
+        if findings.segments:
+            raise ValueError("seg is None but Findings.segments is not empty.")
+        return
+    if getattr(seg, "Modality", None) != "SEG" or "SegmentSequence" not in seg:
+        raise ValueError("seg must be a DICOM Segmentation instance (Modality SEG with a SegmentSequence).")
+    described = {int(item.SegmentNumber) for item in seg.SegmentSequence}
+    missing = [s.number for s in findings.segments if s.number not in described]
+    if missing:
+        raise ValueError(f"seg has no SegmentSequence item for Segment.number {missing}.")
+
+
+def _uids(findings: Findings):
+    """``kind`` -> a deterministic UID of this series, model and kind (see :mod:`node.writers.uids`)."""
+    series, model = findings.series, findings.model
+    return lambda kind: uids.output_uid(series.series_uid, model.name, model.version, kind)
+
+
+def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=findings.model.name, version=findings.model.version)
+
+
+def _document(findings: Findings, seg: Dataset | None, groups: list, title: Code, kind: OutputKind, local: bool):
+    series, model = findings.series, findings.model
+    notes = [_comment(n) for n in findings.notes]
     for group in groups:
         group[0].ContentSequence.extend(notes)
-
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -150,17 +221,17 @@ def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CODES["ct"] if series.modality == "CT" else CODES["mr"],
         imaging_measurements=groups,
+        title=title,
     )
-    src0 = series.first_dataset
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*([seg] if seg is not None else []), *series.datasets],
         content=report[0],
         **uids.instance_identity(
-            series.series_uid, src0.get("SeriesNumber"), model.name, model.version, "sr"
+            series.series_uid, series.first_dataset.get("SeriesNumber"), model.name, model.version, kind
         ),
         is_complete=True,
     )
-    if findings.comparison is not None or findings.urgency is not None:
+    if local:
         sr.CodingSchemeIdentificationSequence = [_local_scheme()]
     _standard_meanings(sr.ContentSequence)
     return sr
@@ -243,11 +314,12 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
 
 
 def _time_point(findings: Findings) -> hd.sr.TimePointContext | None:
-    """TID 1502: which exam of the patient's series of exams this report is (1 = the first we saw)."""
+    """TID 1502: which exam of the patient's series of exams this report is ("follow-up 1" is the second
+    we saw). Without Time Point Order: pixelmed's validator takes that NUM for a TID 1419 measurement."""
     c = findings.comparison
     if c is None:
         return None
-    return hd.sr.TimePointContext(time_point=f"follow-up {c.order - 1}", time_point_order=c.order)
+    return hd.sr.TimePointContext(time_point=f"follow-up {c.order - 1}")
 
 
 def _change_items(change: LesionChange, interval_days: int | None):
@@ -336,9 +408,9 @@ def _no_prior_group(reason: str, algorithm, uid):
     return group
 
 
-def _discrepancy_group(d: Discrepancy, k: int, findings: Findings, algorithm, uid):
+def _discrepancy_group(d: Discrepancy, k: int, findings: Findings, seg: Dataset, algorithm, uid):
     """A report statement the image contradicts: coded, with the sentence and the evidence (the
-    contradicting lesions' tracking identifiers, i.e. their SEG segments and SR groups)."""
+    contradicting lesions' SEG segments, which carry their Tracking UIDs)."""
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uid(f"discrepancy-{k}"), identifier=f"Report discrepancy {k}"
@@ -353,9 +425,11 @@ def _discrepancy_group(d: Discrepancy, k: int, findings: Findings, algorithm, ui
         _comment(f"report statement: {d.statement.sentence}"),
         _comment(d.reason),
         *(
-            hd.sr.UIDRefContentItem(
-                name=codes.DCM.TrackingUniqueIdentifier,
-                value=findings.tracking_uid(by_label[label]),
+            hd.sr.ImageContentItem(
+                name=codes.DCM.ReferencedSegment,
+                referenced_sop_class_uid=seg.SOPClassUID,
+                referenced_sop_instance_uid=seg.SOPInstanceUID,
+                referenced_segment_numbers=[by_label[label].number],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
             for label in d.lesions
@@ -390,21 +464,66 @@ def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(uid=findings.tracking_uid(segment), identifier=segment.label[:64])
 
 
-def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid):
-    (r0, c0), (r1, c1) = segment.diameter_endpoints
-    region = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=source.dataset.SOPClassUID,
-        referenced_sop_instance_uid=source.dataset.SOPInstanceUID,
-        referenced_frame_numbers=[source.frame] if source.frame is not None else None,
+def _key_slice(segment: Segment) -> int:
+    """The slice a reader looks at first: a lesion's long-axis slice, else the largest cross-section."""
+    if segment.diameter_slice is not None and segment.mask[segment.diameter_slice].any():
+        return segment.diameter_slice
+    return int(segment.mask.sum(axis=(1, 2)).argmax())
+
+
+def _outline_group(findings: Findings, segment: Segment, source: SliceSource, tracking_uid: str, algorithm, more=()):
+    """The segment's outline on one slice (its largest contour there: holes and islands would each
+    need a group of their own) as the SCOORD its area is inferred from, then ``more`` measurements
+    of the whole segment; the segment's name first among the comments, which OHIF takes as label."""
+    contours = [source.graphic_data(c) for c in outline(segment.mask[source.index])]
+    points = max(contours, key=_polygon_area)
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    _, _, _, (row_mm, col_mm) = frame_geometry(source.dataset, source.frame)
+    area = hd.sr.Measurement(
+        name=CODES["area"],
+        value=round(_polygon_area(points) * float(row_mm) * float(col_mm), 1),
+        unit=UNITS["mm2"],
+        referenced_coordinates=[_coordinates(source, points)],
     )
-    line = hd.sr.CoordinatesForMeasurement(
+    organ = next((o for o in findings.segments if o.kind == "organ" and o.label == segment.site), None)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=OHIF_OUTLINE),
+        finding_type=segment.type.coded(),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=organ.type.coded())] if organ else None,
+        algorithm_id=algorithm,
+        measurements=[area, *more],
+    )
+    group[0].ContentSequence.append(_comment(segment.label))
+    return group
+
+
+def _coordinates(source: SliceSource, points: np.ndarray) -> hd.sr.CoordinatesForMeasurement:
+    """An SCOORD POLYLINE of (column, row) image points on ``source``'s image (and frame)."""
+    return hd.sr.CoordinatesForMeasurement(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=source.graphic_data([[r0, c0], [r1, c1]]),
-        source_image=region,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.dataset.SOPClassUID,
+            referenced_sop_instance_uid=source.dataset.SOPInstanceUID,
+            referenced_frame_numbers=[source.frame] if source.frame is not None else None,
+        ),
     )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    """Shoelace area of a closed (x, y) polygon, in squared pixel units."""
+    x, y = points[:, 0].astype(float), points[:, 1].astype(float)
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid, identifier: str | None = None):
+    """The long axis as a NUM inferred from its two end points on the source image."""
+    (r0, c0), (r1, c1) = segment.diameter_endpoints
+    name = f"{segment.label} long axis"
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uid(f"tracking-{segment.number}-long-axis"), identifier=f"{segment.label} long axis"[:64]
+            uid=uid(f"tracking-{segment.number}-long-axis"), identifier=(identifier or name)[:64]
         ),
         finding_type=segment.type.coded(),
         algorithm_id=algorithm,
@@ -413,10 +532,13 @@ def _diameter_group(segment: Segment, source: SliceSource, algorithm, uid):
                 name=CODES["long_axis"],
                 value=segment.longest_diameter_mm,
                 unit=UNITS["mm"],
-                referenced_coordinates=[line],
+                referenced_coordinates=[_coordinates(source, source.graphic_data([[r0, c0], [r1, c1]]))],
             )
         ],
     )
+    if identifier:  # the name, for OHIF's label (the identifier is OHIF's)
+        group[0].ContentSequence.append(_comment(name))
+    return group
 
 
 def _classification_group(c: Classification, k: int, algorithm, uid):

@@ -14,10 +14,17 @@ import node
 from node.identity import NODE_NAME, OutputKind
 
 # Offsets added to (source SeriesNumber x 100) so that the outputs sort next to their source series.
-_SERIES_NUMBER_OFFSET = {OutputKind.SEG: 91, OutputKind.SR: 92, OutputKind.GSPS: 93, OutputKind.PMAP: 94}
+_SERIES_NUMBER_OFFSET = {
+    OutputKind.SEG: 91,
+    OutputKind.SR: 92,
+    OutputKind.GSPS: 93,
+    OutputKind.PMAP: 94,
+    OutputKind.OUTLINES: 95,
+}
 _SERIES_TITLE = {
     OutputKind.SEG: "AI segmentation",
-    OutputKind.SR: "AI measurements",
+    OutputKind.SR: "AI report",
+    OutputKind.OUTLINES: "AI measurements",
     OutputKind.GSPS: "AI annotations",
     OutputKind.PMAP: "AI lesion probability",
 }
@@ -61,7 +68,7 @@ def software_versions(model_name: str, model_version: str) -> list[str]:
 
 
 def series_number(source_number: object, kind: str) -> int:
-    """SeriesNumber of an output series: the source's number x 100 + a per-kind offset (91, 92, 93)."""
+    """SeriesNumber of an output series: the source's number x 100 + a per-kind offset (91-95)."""
     if kind not in _SERIES_NUMBER_OFFSET:
         raise ValueError(f"kind must be one of {sorted(_SERIES_NUMBER_OFFSET)}, got {kind!r}.")
     try:

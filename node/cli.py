@@ -94,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--output", type=Path, help="also write the results here (JSON)")
     _model_args(bench)
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    bench.add_argument(
+        "--suite", default="model", choices=("model", "queue"),
+        help="model: throughput and pipeline stages; queue: jobs/s the queue sustains, SQLite vs PostgreSQL",
+    )  # fmt: skip
+    bench.add_argument("--queue-url", help="queue suite: a scratch PostgreSQL database (emptied first)")
+    bench.add_argument("--workers", type=int, nargs="*", default=[1, 4, 16], help="queue suite: processes")
+    bench.add_argument("--jobs", type=int, default=400, help="queue suite: jobs per run")
 
     rd = sub.add_parser(
         "render", help="draw a presentation state (GSPS) over its image into a PNG, as a viewer shows it"
@@ -346,6 +353,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.suite == "queue":
+        from node.tools.queue_bench import bench_queue
+
+        return bench_queue(args.queue_url, args.workers, args.jobs, args.output)
     from node.model.manifest import load_model
     from node.model.select import select_runtime
     from node.pipeline import Pipeline

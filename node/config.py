@@ -172,6 +172,9 @@ class NodeConfig(_Strict):
     # where the worker finds Orthanc's REST API (compose: the orthanc service)
     orthanc_host: str = "127.0.0.1"
     data_dir: Path = Path("./data")
+    # the queue in PostgreSQL (postgresql://user:${env:PGPASSWORD}@host:5432/db), shared by a
+    # cluster's receivers and workers; unset: the SQLite file in data_dir
+    queue_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
     destinations: list[Destination] = []
 
     # security: REST on loopback unless remote access is asked for, and then only with users
@@ -222,8 +225,9 @@ class NodeConfig(_Strict):
 
     # --- derived paths -------------------------------------------------------------------
     @property
-    def queue_path(self) -> Path:
-        return self.data_dir / "queue.sqlite"
+    def queue_location(self) -> Path | str:
+        """The queue: ``queue_url`` (PostgreSQL, shared by a cluster) or the SQLite file in data_dir."""
+        return self.queue_url or self.data_dir / "queue.sqlite"
 
     @property
     def orthanc_url(self) -> str:

@@ -53,7 +53,7 @@ def exported() -> set[str]:
     supervisor = SupervisorMetrics(":memory:", [], list, lambda: None, ".", "http://127.0.0.1:9")
     return (
         exported_names(NodeMetrics().registry)
-        | exported_names(NodeMetrics(queue_path=":memory:").registry)
+        | exported_names(NodeMetrics(queue_location=":memory:").registry)
         | exported_names(supervisor.registry)
     )
 
@@ -219,10 +219,10 @@ def test_deploy_node_config_is_valid(tmp_path: Path, monkeypatch) -> None:
     assert cfg.orthanc_auth == ("worker", "w-secret")
     assert cfg.destination("archive").password == "a-secret"
     assert cfg.metrics_host == "0.0.0.0" and cfg.metrics_port == 9464
-    assert str(cfg.queue_path) == "/var/lib/pacs-node/queue.sqlite"
+    assert str(cfg.queue_location) == "/var/lib/pacs-node/queue.sqlite"
     # the Orthanc side reads the same queue file
     orthanc = json.loads((DEPLOY / "orthanc/pacs-node.json").read_text())
-    assert orthanc["PacsNode"]["Queue"] == str(cfg.queue_path)
+    assert orthanc["PacsNode"]["Queue"] == str(cfg.queue_location)
 
 
 def test_secret_references_fail_with_one_line(tmp_path: Path, monkeypatch) -> None:

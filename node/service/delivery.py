@@ -28,10 +28,14 @@ class Deliverer:
 
     def loop(self, stop: threading.Event) -> None:
         """Until ``stop``: deliver what is due, then wait (at most a second) for more."""
-        queue = JobQueue(self.cfg.queue_path)  # sqlite3 connections are not for concurrent use
+        queue = JobQueue(self.cfg.queue_location)  # its own connection: not shared between threads
         while not stop.is_set():
             try:
                 n = self.deliver_due(queue)
+            except queue.errors as e:  # the queue unreachable or unwritable: one line, try again
+                log.error("delivery: queue %s: %s", queue.path, str(e).strip().splitlines()[0])
+                self.metrics.errors.labels("queue").inc()
+                n = 0
             except Exception:
                 log.exception("delivery loop error")
                 self.metrics.errors.labels("delivery").inc()

@@ -292,7 +292,7 @@ class SupervisorMetrics:
 
     def __init__(
         self,
-        queue_path,
+        queue_location,
         destinations: Iterable[str],
         status: Callable[[], list[ComponentStatus]],
         intake: Callable[[], dict | None],
@@ -300,7 +300,7 @@ class SupervisorMetrics:
         worker_url: str,
     ):
         self.registry = CollectorRegistry()
-        self.registry.register(QueueCollector(JobQueue(queue_path), destinations))
+        self.registry.register(QueueCollector(JobQueue(queue_location), destinations))
         self.registry.register(SupervisorCollector(status, intake, data_dir))
         self.ready = Gauge(f"{PREFIX}_ready", "1 when the node's /readyz passes.", registry=self.registry)
         self.worker_url = worker_url
@@ -320,7 +320,7 @@ class NodeMetrics:
 
     def __init__(
         self,
-        queue_path=None,
+        queue_location=None,
         destinations: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ):
@@ -357,8 +357,8 @@ class NodeMetrics:
         self.up.set(1)
         self.started.set(time.time())
         self.queue_collector = None  # under pacs-node serve the supervisor exports the queue
-        if queue_path is not None:
-            self.queue_collector = QueueCollector(JobQueue(queue_path, clock=clock), destinations)
+        if queue_location is not None:
+            self.queue_collector = QueueCollector(JobQueue(queue_location, clock=clock), destinations)
             r.register(self.queue_collector)
         r.register(GpuCollector())
         self.model: ModelInfo | None = None

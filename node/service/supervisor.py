@@ -118,7 +118,7 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
         },
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         "PacsNode": {
-            "Queue": str(cfg.queue_path),
+            "Queue": str(cfg.queue_location),
             "Src": str(SRC_DIR),
             "Routing": [r.model_dump(mode="json") for r in cfg.routing],
             "MaxAttempts": cfg.worker.max_attempts,
@@ -281,7 +281,7 @@ class Supervisor:
     def __init__(self, cfg: NodeConfig, config_path: Path | None):
         self.cfg = cfg
         data = cfg.data_dir
-        self.queue = JobQueue(cfg.queue_path)  # creates the schema before either child opens it
+        self.queue = JobQueue(cfg.queue_location)  # creates the schema before either child opens it
         self.client = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
         orthanc_json = data / "orthanc.json"
         write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
@@ -346,7 +346,7 @@ class Supervisor:
         if not self.cfg.metrics_port:
             return
         metrics = SupervisorMetrics(
-            self.cfg.queue_path,
+            self.cfg.queue_location,
             [d.name for d in self.cfg.destinations],
             lambda: [self.orthanc.status(), self.worker.status()],
             self._intake,

@@ -15,7 +15,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -83,7 +82,7 @@ class Worker:
         self.cfg = cfg
         self.metrics_at = metrics_at
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.queue = JobQueue(cfg.queue_path)
+        self.queue = JobQueue(cfg.queue_location)
         self.time_points = TimePoints(self.queue.store)
         self.orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
         p = cfg.priors
@@ -103,7 +102,7 @@ class Worker:
         self.work_dir = cfg.data_dir / "work"
         self._pipeline = pipeline
         self._stop = threading.Event()
-        self.metrics = NodeMetrics(None if metrics_at else cfg.queue_path, [d.name for d in cfg.destinations])
+        self.metrics = NodeMetrics(None if metrics_at else cfg.queue_location, [d.name for d in cfg.destinations])
         self.metrics_server: MetricsServer | None = None
         self.deliverer = Deliverer(cfg, self.orthanc, self.metrics)
         if pipeline is not None:
@@ -165,7 +164,7 @@ class Worker:
                         self._stop.wait(self.cfg.worker.poll_s)
                         continue
                     self.process(job)
-                except (sqlite3.Error, OSError) as e:  # the queue unwritable (a full disk): wait, never die
+                except (*self.queue.errors, OSError) as e:  # the queue unwritable (full disk, database down): wait
                     log.error("queue %s: %s: waiting %d s", self.queue.path, e, QUEUE_RETRY_S)
                     self.metrics.errors.labels("queue").inc()
                     self._stop.wait(QUEUE_RETRY_S)

@@ -1,12 +1,14 @@
 """The durable queue shared by the Orthanc plugin (producer) and the worker (consumer).
 
-One SQLite file (:mod:`.store`) and a class per responsibility, all on the same connection:
+One SQLite file (:mod:`.store`), or a PostgreSQL database for a cluster (:mod:`.postgres`, the
+same tables and SQL), and a class per responsibility, all on the same connection:
 :class:`~.jobs.Jobs` (the job state machine), :class:`~.outbox.Outbox` (deliveries, exactly once),
 :class:`~.counters.Counters` (durable counts for the metrics), :class:`~.intake.Intake` (what the plugin decided for each
 series, and the pick-up's place in Orthanc's change log), :class:`~.retrieved.RetrievedPriors`
 (priors that must not become jobs). What each processed series showed is kept by
 :class:`node.service.queue.time_points.TimePoints`, which the plugin never imports (numpy).
-Stdlib only: the plugin runs inside Orthanc's embedded Python.
+Stdlib only on SQLite: the plugin runs inside Orthanc's embedded Python (psycopg, for PostgreSQL,
+comes from Debian's python3-psycopg there).
 """
 
 from __future__ import annotations
@@ -36,11 +38,21 @@ __all__ = [
 ]
 
 
+def open_store(location: Path | str, clock: Callable[[], float] = time.time):
+    """The SQLite file at a path, or PostgreSQL at a ``postgresql://`` URL (psycopg needed only then)."""
+    if str(location).startswith(("postgresql://", "postgres://")):
+        from node.service.queue.postgres import PgStore
+
+        return PgStore(str(location), clock)
+    return Store(location, clock)
+
+
 class JobQueue:
-    """One connection to the queue file and its parts; safe to share between threads of one process."""
+    """One connection to the queue (its file, or its PostgreSQL database) and its parts; safe to
+    share between threads of one process."""
 
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time):
-        self.store = Store(path, clock)
+        self.store = open_store(path, clock)
         self.outbox = Outbox(self.store)
         self.jobs = Jobs(self.store, self.outbox)
         self.counters = Counters(self.store)
@@ -50,6 +62,11 @@ class JobQueue:
     @property
     def path(self) -> str:
         return self.store.path
+
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        """What the queue raises when its storage fails (a full disk, a database gone)."""
+        return self.store.errors
 
     def writable(self) -> str | None:
         return self.store.writable()

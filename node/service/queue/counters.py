@@ -27,7 +27,7 @@ def bump(db: sqlite3.Connection, name: Counter, label: str = "", sublabel: str =
     if n:
         db.execute(
             "INSERT INTO counters (name, label, sublabel, value) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (name, label, sublabel) DO UPDATE SET value = value + excluded.value",
+            " ON CONFLICT (name, label, sublabel) DO UPDATE SET value = counters.value + excluded.value",
             (name, label, sublabel, n),
         )
 

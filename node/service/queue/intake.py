@@ -33,7 +33,8 @@ class Intake:
         """``label``: the series' modality as a metric label (bounded, PHI-free)."""
         with self.store.tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO skipped (series_id, fingerprint, rule, ts) VALUES (?, ?, ?, ?)",
+                "INSERT INTO skipped (series_id, fingerprint, rule, ts) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (series_id, fingerprint) DO UPDATE SET rule = excluded.rule, ts = excluded.ts",
                 (series_id, fingerprint, rule, self.store.clock()),
             )
             bump(db, Counter.SERIES_RECEIVED, label)
@@ -51,4 +52,7 @@ class Intake:
 
     def set_change_seq(self, seq: int) -> None:
         with self.store.tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (CHANGE_SEQ, str(seq)))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (CHANGE_SEQ, str(seq)),
+            )

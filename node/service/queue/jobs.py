@@ -114,7 +114,7 @@ class Jobs:
             return Submitted(latest.id, "queued job updated")
         cur = db.execute(
             "INSERT INTO jobs (series_id, study_id, modality, instances, fingerprint, state, max_attempts,"
-            " supersedes, created, updated, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " supersedes, created, updated, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 series_id,
                 study_id,
@@ -129,7 +129,7 @@ class Jobs:
                 priority,
             ),
         )
-        job_id = int(cur.lastrowid)
+        job_id = int(cur.fetchone()["id"])
         bump(db, Counter.JOBS, JobEvent.QUEUED)
         if latest is None:
             journal(
@@ -251,7 +251,8 @@ class Jobs:
             for o in outputs:
                 if o.kind.is_dicom:
                     db.execute(
-                        "INSERT OR REPLACE INTO outputs (job_id, kind, sop_uid, orthanc_id) VALUES (?, ?, ?, ?)",
+                        "INSERT INTO outputs (job_id, kind, sop_uid, orthanc_id) VALUES (?, ?, ?, ?) ON CONFLICT (job_id, kind)"
+                        " DO UPDATE SET sop_uid = excluded.sop_uid, orthanc_id = excluded.orthanc_id",
                         (job_id, o.kind, o.sop_uid, o.orthanc_id),
                     )
             superseded = job.superseded_by is not None

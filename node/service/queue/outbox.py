@@ -78,8 +78,8 @@ class Outbox:
             if o is None:
                 continue
             db.execute(
-                "INSERT OR IGNORE INTO deliveries (job_id, destination, kind, sop_uid, orthanc_id, state,"
-                " next_try, created, updated, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deliveries (job_id, destination, kind, sop_uid, orthanc_id, state,"
+                " next_try, created, updated, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     job_id,
                     r.destination,

@@ -16,7 +16,7 @@ class RetrievedPriors:
         """A prior is about to arrive by C-MOVE: it is context, not work (see the plugin)."""
         with self.store.tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO retrieved (series_uid, ts) VALUES (?, ?)",
+                "INSERT INTO retrieved (series_uid, ts) VALUES (?, ?) ON CONFLICT (series_uid) DO UPDATE SET ts = excluded.ts",
                 (series_uid, self.store.clock()),
             )
 

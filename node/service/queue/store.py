@@ -145,6 +145,8 @@ class Store:
                 if name not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)  # what a failing queue raises
+
     def tx(self) -> _Tx:
         """``with store.tx() as db:`` one write transaction, committed on success, rolled back on error."""
         return _Tx(self)

@@ -16,7 +16,8 @@ class TimePoints:
         """``model``: name and version; another model's lesions are not comparable."""
         with self.store.tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO time_points (series_uid, model, data, updated) VALUES (?, ?, ?, ?)",
+                "INSERT INTO time_points (series_uid, model, data, updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (series_uid, model) DO UPDATE SET data = excluded.data, updated = excluded.updated",
                 (tp.series_uid, model, tp.to_json(), self.store.clock()),
             )
 

@@ -32,7 +32,8 @@ def postgres_missing() -> str | None:
 class Postgres:
     """``initdb`` + ``pg_ctl start`` on a free port; ``database()`` gives a fresh, empty database."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests (speed); on for benchmarks (what production runs)
         self.dir = Path(tempfile.mkdtemp(prefix="pacs-pg-"))
         self.port = free_port()
         self.url = f"postgresql://pacs@127.0.0.1:{self.port}/postgres"
@@ -52,7 +53,7 @@ class Postgres:
 
     def _start(self) -> None:
         # the log to a file: a server writing to our pipe would keep subprocess.run waiting
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.fsync else 'off'}"
         data, log = str(self.dir / "data"), str(self.dir / "log")
         self._run(_bin("pg_ctl"), "-D", data, "-o", options, "-l", log, "-w", "start")
 

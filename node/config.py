@@ -172,8 +172,9 @@ class NodeConfig(_Strict):
     # where the worker finds Orthanc's REST API (compose: the orthanc service)
     orthanc_host: str = "127.0.0.1"
     data_dir: Path = Path("./data")
-    # the queue in PostgreSQL (postgresql://user:${env:PGPASSWORD}@host:5432/db), shared by a
-    # cluster's receivers and workers; unset: the SQLite file in data_dir
+    # the queue in PostgreSQL (postgresql://user@host:5432/db; the password from PGPASSWORD or
+    # ~/.pgpass, as libpq reads them), shared by a cluster's receivers and workers; unset: the
+    # SQLite file in data_dir
     queue_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
     destinations: list[Destination] = []
 

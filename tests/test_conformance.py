@@ -264,30 +264,39 @@ def test_sr_codes_are_the_statements(outputs) -> None:
     }, unexplained
 
 
+def _headers(src) -> list:
+    """The source series' headers, sorted along the slice axis (these phantoms are axial)."""
+    return sorted(
+        (dcmread(f, stop_before_pixels=True) for f in src.files), key=lambda d: float(d.ImagePositionPatient[2])
+    )
+
+
+def _on_source_grid(points: np.ndarray, headers: list):
+    """LPS points -> (nearest slice index, row, column, distance to that slice's plane), from the
+    source headers' own geometry (not the writer's)."""
+    origin = np.array(headers[0].ImagePositionPatient, float)
+    iop = np.array(headers[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    row_sp, col_sp = (float(v) for v in headers[0].PixelSpacing)
+    planes = np.array([np.dot(np.array(h.ImagePositionPatient, float) - origin, normal) for h in headers])
+    d = points - origin
+    z = d @ normal
+    k = np.abs(z[:, None] - planes[None, :]).argmin(axis=1)
+    return k, d @ iop[3:] / row_sp, d @ iop[:3] / col_sp, np.abs(z - planes[k])
+
+
 def test_seg_maps_back_onto_source_geometry(outputs) -> None:
     """Every SEG pixel lands on a source voxel centre, and the organs land where the phantom has them."""
     src, files = outputs["CT"]
-    headers = sorted(
-        (dcmread(f, stop_before_pixels=True) for f in src.files),
-        key=lambda d: float(d.ImagePositionPatient[2]),
-    )
-    iop = np.array(headers[0].ImageOrientationPatient, float)
-    row_sp, col_sp = (float(v) for v in headers[0].PixelSpacing)
-    origin = np.array(headers[0].ImagePositionPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    slice_pos = np.array([np.dot(np.array(h.ImagePositionPatient, float) - origin, normal) for h in headers])
+    headers = _headers(src)
     segments = read_segments(files["seg"])
     mapped = np.zeros(src.truth.organs.shape, np.uint8)
     names = {"Liver": 1, "Spleen": 2, "Kidney": 3, "Lung": 4, "Bone": 5}
     for label, seg in segments.items():
         if not len(seg.points):
             continue
-        d = seg.points - origin
-        col = d @ iop[:3] / col_sp
-        row = d @ iop[3:] / row_sp
-        z = d @ normal
-        k = np.abs(z[:, None] - slice_pos[None, :]).argmin(axis=1)
-        assert np.abs(z - slice_pos[k]).max() < 1e-3, label  # on a source slice plane
+        k, row, col, off_plane = _on_source_grid(seg.points, headers)
+        assert off_plane.max() < 1e-3, label  # on a source slice plane
         assert np.abs(col - np.round(col)).max() < 1e-3 and np.abs(row - np.round(row)).max() < 1e-3, label
         r, c = np.round(row).astype(int), np.round(col).astype(int)
         assert r.min() >= 0 and c.min() >= 0 and r.max() < headers[0].Rows and c.max() < headers[0].Columns
@@ -533,19 +542,12 @@ def dcmtk_presentation(gsps: Path, image: Path, pgm: Path) -> tuple[np.ndarray, 
 
 def lesion_pixels(seg: Path, headers: list) -> dict[str, set[tuple[int, int]]]:
     """SOP Instance UID -> (row, column) of every pixel of any lesion segment, read back from the SEG."""
-    origin = np.array(headers[0].ImagePositionPatient, float)
-    iop = np.array(headers[0].ImageOrientationPatient, float)
-    normal = np.cross(iop[:3], iop[3:])
-    row_sp, col_sp = (float(v) for v in headers[0].PixelSpacing)
-    pos = np.array([np.dot(np.array(h.ImagePositionPatient, float) - origin, normal) for h in headers])
     out: dict[str, set] = {str(h.SOPInstanceUID): set() for h in headers}
     for label, segment in read_segments(seg).items():
         if not label.startswith("Lesion") or not len(segment.points):
             continue
-        d = segment.points - origin
-        k = np.abs((d @ normal)[:, None] - pos[None, :]).argmin(axis=1)
-        rows, cols = np.round(d @ iop[3:] / row_sp).astype(int), np.round(d @ iop[:3] / col_sp).astype(int)
-        for kk, r, c in zip(k, rows, cols, strict=True):
+        k, rows, cols, _ = _on_source_grid(segment.points, headers)
+        for kk, r, c in zip(k, np.round(rows).astype(int), np.round(cols).astype(int), strict=True):
             out[str(headers[kk].SOPInstanceUID)].add((int(r), int(c)))
     return out
 
@@ -563,9 +565,7 @@ def test_gsps_outlines_where_dcmtk_puts_them_enclose_the_lesions(outputs, tmp_pa
     src, files = outputs["CT"]
     gsps = dcmread(files["gsps"])
     paths = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in src.files}
-    headers = sorted(
-        (dcmread(f, stop_before_pixels=True) for f in src.files), key=lambda d: float(d.ImagePositionPatient[2])
-    )
+    headers = _headers(src)
     lesions = lesion_pixels(files["seg"], headers)
     window_only = copy.deepcopy(gsps)
     del window_only.GraphicAnnotationSequence

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from node import __version__
 from node.errors import InputError, ModelError
-from node.identity import RuntimeChoice, Stage
+from node.identity import Role, RuntimeChoice, Stage
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
 log = logging.getLogger("node")
@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
     serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
+    serve.add_argument(
+        "--role", type=Role, choices=list(Role), default=Role.ALL,
+        help="all: Orthanc, plugin and worker; ingest: Orthanc and plugin; worker: the worker only "
+        "(a cluster: one PostgreSQL queue_url, the worker's orthanc_host an ingest host)",
+    )  # fmt: skip
 
     models = sub.add_parser("models", help="train, evaluate and inspect models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -378,7 +383,7 @@ def cmd_render(args) -> int:
 def cmd_serve(args) -> int:
     from node.service.supervisor import serve
 
-    return serve(args.config)
+    return serve(args.config, args.role)
 
 
 def cmd_models(args) -> int:

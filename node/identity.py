@@ -117,3 +117,19 @@ class RuntimeChoice(StrEnum):
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
     TORCH = "torch"
+
+
+class Role(StrEnum):
+    """What ``pacs-node serve --role`` runs on this host; a cluster shares one PostgreSQL queue."""
+
+    ALL = "all"  # Orthanc with the plugin, and the worker (one host, the default)
+    INGEST = "ingest"  # Orthanc with the plugin: receives, queues, stores results
+    WORKER = "worker"  # the worker only: leases from the queue, reads and writes through orthanc_host
+
+    @property
+    def receives(self) -> bool:
+        return self is not Role.WORKER
+
+    @property
+    def infers(self) -> bool:
+        return self is not Role.INGEST

@@ -129,6 +129,7 @@ class Node:
     config: dict
     proc: subprocess.Popen | None = None
     auth: tuple[str, str] | None = None  # Orthanc's REST user when the config sets http_users
+    args: tuple[str, ...] = ()  # more serve arguments, e.g. ("--role", "worker")
 
     @property
     def client(self) -> OrthancClient:
@@ -146,7 +147,7 @@ class Node:
         cfg = self.folder / "node.yaml"
         cfg.write_text(yaml.safe_dump(self.config))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)],
+            [sys.executable, "-m", "node.cli", "serve", "--config", str(cfg), *self.args],
             stdout=open(self.log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )

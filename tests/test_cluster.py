@@ -3,11 +3,14 @@ packages started by the test, a real Orthanc and DCMTK's storescu.
 
 What runs here: ``pacs-node serve`` with ``queue_url``: the plugin inside Orthanc (Debian's
 ``python3-psycopg``) queues the job in PostgreSQL, the worker leases it there, delivers exactly
-once, and a PostgreSQL restart mid-stream loses nothing. Not yet here: receivers on a shared
-Orthanc index, worker-only hosts, KServe (see the README's "scaling out").
+once, and a PostgreSQL restart mid-stream loses nothing; and ``--role ingest`` with two ``--role
+worker`` hosts on one queue. Not yet here: receivers on a shared Orthanc index, KServe (see the
+README's "Scaling out").
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from orthanc_fixture import Node, free_port, orthanc_missing, wait_for
@@ -68,3 +71,55 @@ def test_node_on_a_postgresql_queue_processes_and_delivers_once(postgres, pacs, 
         wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
         assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]  # seg, sr, gsps: each once
     assert first["outputs"] and {o["kind"] for o in first["outputs"]} >= {"seg", "sr", "gsps"}
+
+
+def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> None:
+    """`serve --role ingest` (Orthanc and plugin, no worker) and two `serve --role worker` (no
+    Orthanc: they lease from the PostgreSQL queue and work through the ingest host's Orthanc):
+    every series processed once, by a worker host, every output delivered once."""
+    if not _plugin_has_psycopg():
+        pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
+    url, http = postgres.database(), free_port()
+    destinations = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}]
+
+    def host(name: str, role: str) -> Node:
+        config = {
+            "ae_title": "PACSNODE",
+            "dicom_port": free_port(),
+            "http_port": http,  # workers: the ingest host's Orthanc (orthanc_host, here the same machine)
+            "metrics_port": free_port(),
+            "data_dir": str(tmp_path / name / "data"),
+            "queue_url": url,
+            "stable_age_s": 1,
+            "worker": {"poll_s": 0.2},
+            "destinations": destinations,
+        }
+        return Node(tmp_path / name, config, args=("--role", role))
+
+    ingest, workers = host("ingest", "ingest"), [host(f"worker{k}", "worker") for k in range(2)]
+    cts = [
+        write_axial_series(
+            Phantom.random(70 + k, n_lesions=1), tmp_path / f"ct{k}", shape=(12, 64, 64),
+            pixel_spacing=5.0, slice_spacing=15.0, seed=70 + k,
+        )
+        for k in range(3)
+    ]  # fmt: skip
+    try:
+        ingest.start(wait_worker=False)
+        for w in workers:
+            w.start()
+        for ct in cts:
+            ingest.store_scu(list(ct.files))
+        done = [ingest.wait_job(ct.series_uid, ("done",), timeout=180) for ct in cts]
+    finally:
+        for n in (*workers, ingest):
+            n.stop()
+    assert not re.search(r"worker \S+ ready", ingest.log.read_text())  # the ingest host infers nothing
+    owners = {m for w in workers for m in re.findall(r"worker (\S+) ready", w.log.read_text())}
+    assert len(owners) == 2
+    for job in done:
+        leased = [h["detail"] for h in job["history"] if h["event"] == "leased"]
+        assert len(leased) == 1 and leased[0].split(" by ")[1] in owners, leased
+    for ct in cts:
+        wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
+        assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]

@@ -387,3 +387,17 @@ def test_queue_bench_drains_every_job_once(location: str) -> None:
     result = run(location, workers=2, jobs=20)
     assert result["jobs"] == 20 and result["jobs_per_s"] > 0
     assert 0 < result["lease_ms_p50"] <= result["lease_ms_p95"]
+
+
+def test_a_claimed_delivery_goes_to_one_deliverer(q: JobQueue, clock: Clock) -> None:
+    """Two workers' deliverers on one queue: what one claims the other does not see, until the
+    claim's hold passes (its deliverer died); what was delivered is never claimed again."""
+    q.jobs.submit("s1", fingerprint="a")
+    job = q.jobs.lease("w1", 10)
+    q.jobs.complete(job.id, "w1", OUTS, ROUTES)
+    first = q.outbox.claim(hold_s=60)
+    assert len(first) == len(ROUTES) and q.outbox.claim(hold_s=60) == []
+    q.outbox.delivered(first[0].id)
+    clock.now += 61  # the other three were held by a deliverer that died
+    again = q.outbox.claim(hold_s=60)
+    assert sorted(d.id for d in again) == sorted(d.id for d in first[1:])

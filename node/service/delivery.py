@@ -45,7 +45,7 @@ class Deliverer:
 
     def deliver_due(self, queue: JobQueue) -> int:
         """Try every due delivery once, grouped per destination; return how many were tried."""
-        due = queue.outbox.due()
+        due = queue.outbox.claim()  # taken: another worker's deliverer does not send these too
         by_dest: dict[str, list[Delivery]] = defaultdict(list)
         for d in due:
             by_dest[d.destination].append(d)

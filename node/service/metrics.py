@@ -297,7 +297,7 @@ class SupervisorMetrics:
         status: Callable[[], list[ComponentStatus]],
         intake: Callable[[], dict | None],
         data_dir,
-        worker_url: str,
+        worker_url: str | None,  # None: this host runs no worker (role ingest)
     ):
         self.registry = CollectorRegistry()
         self.registry.register(QueueCollector(JobQueue(queue_location), destinations))
@@ -307,6 +307,8 @@ class SupervisorMetrics:
 
     def exposition(self) -> bytes:
         own = generate_latest(self.registry)
+        if self.worker_url is None:
+            return own
         try:
             r = requests.get(f"{self.worker_url}/metrics", timeout=2)
             r.raise_for_status()

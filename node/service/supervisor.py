@@ -28,7 +28,7 @@ import yaml
 
 import node
 from node.config import ConfigError, NodeConfig, RestartConfig, load_config
-from node.identity import StrEnum
+from node.identity import Role, StrEnum
 from node.service.metrics import (
     WORKER_EXIT_ENV,
     WORKER_METRICS_ENV,
@@ -278,23 +278,37 @@ def _raw_users(config_path: Path | None) -> dict:
 class Supervisor:
     """Orthanc and the worker, kept up; the node's health endpoint."""
 
-    def __init__(self, cfg: NodeConfig, config_path: Path | None):
-        self.cfg = cfg
+    def __init__(self, cfg: NodeConfig, config_path: Path | None, role: Role = Role.ALL):
+        self.cfg, self.role = cfg, role
         data = cfg.data_dir
         self.queue = JobQueue(cfg.queue_location)  # creates the schema before either child opens it
         self.client = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
-        orthanc_json = data / "orthanc.json"
-        write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
+        self.orthanc: Child | None = None
+        self.worker: Child | None = None
+        if role.receives:
+            orthanc_json = data / "orthanc.json"
+            write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
+            self.orthanc = Child(
+                "orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.restart, data / "orthanc.log"
+            )
+        self.worker_port = _free_port()
+        if role.infers:
+            self.worker = self._worker_child(config_path)
+        self.health: MetricsServer | None = None
+
+    @property
+    def children(self) -> list[Child]:
+        """The processes this host's role runs, in start order."""
+        return [c for c in (self.orthanc, self.worker) if c is not None]
+
+    def _worker_child(self, config_path: Path | None) -> Child:
+        cfg, data = self.cfg, self.cfg.data_dir
         if config_path is not None:  # the worker reads the config itself: its secrets stay references
             worker_config = config_path.resolve()
         else:
             worker_config = data / "node.json"
             write_private(worker_config, json.dumps(cfg.model_dump(mode="json"), indent=2))
-        self.worker_port = _free_port()
-        self.orthanc = Child(
-            "orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.restart, data / "orthanc.log"
-        )
-        self.worker = Child(
+        return Child(
             "worker",
             [sys.executable, "-m", "node.service.worker", "--config", str(worker_config)],
             cfg.restart,
@@ -304,7 +318,6 @@ class Supervisor:
             },
             exit_file=data / "worker-exit.txt",
         )
-        self.health: MetricsServer | None = None
 
     # --- health ---------------------------------------------------------------------------------
     def _intake(self) -> dict | None:
@@ -325,9 +338,9 @@ class Supervisor:
         )
 
     def checks(self) -> dict[str, Check]:
-        def orthanc() -> str | None:
-            st = self.orthanc.status()
-            if st.problem:
+        def orthanc() -> str | None:  # this host's, or (role worker) the cluster's it works through
+            st = self.orthanc.status() if self.orthanc else None
+            if st and st.problem:
                 return st.problem
             return None if self.client.ready() else f"Orthanc at {self.client.url} not reachable"
 
@@ -340,7 +353,12 @@ class Supervisor:
                 return None  # Orthanc's own check says why
             return None if state.get("accepting") else f"refusing new instances: {state.get('reason')}"
 
-        return {"orthanc": orthanc, "worker": worker, "queue": self.queue.writable, "intake": intake}
+        checks = {"orthanc": orthanc, "worker": worker, "queue": self.queue.writable, "intake": intake}
+        if not self.role.infers:
+            del checks["worker"]
+        if not self.role.receives:
+            del checks["intake"]
+        return checks
 
     def start_health(self) -> None:
         if not self.cfg.metrics_port:
@@ -348,10 +366,10 @@ class Supervisor:
         metrics = SupervisorMetrics(
             self.cfg.queue_location,
             [d.name for d in self.cfg.destinations],
-            lambda: [self.orthanc.status(), self.worker.status()],
+            lambda: [c.status() for c in self.children],
             self._intake,
             self.cfg.data_dir,
-            f"http://127.0.0.1:{self.worker_port}",
+            f"http://127.0.0.1:{self.worker_port}" if self.worker else None,
         )
         try:
             self.health = MetricsServer(
@@ -363,7 +381,7 @@ class Supervisor:
     # --- keeping them up ------------------------------------------------------------------------
     def tend(self) -> None:
         """One look at both processes: record deaths, give back a dead worker's jobs, restart."""
-        for child in (self.orthanc, self.worker):
+        for child in self.children:
             if child.state is ChildState.RUNNING and not child.alive():
                 code = child.proc.returncode
                 why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited (code {code})"
@@ -387,8 +405,8 @@ class Supervisor:
             log.warning("job %d given back: the worker running it %s", job_id, why)
 
     def stop(self) -> None:
-        self.worker.stop()
-        self.orthanc.stop()
+        for child in reversed(self.children):
+            child.stop()
         if self.health is not None:
             self.health.stop()
 
@@ -399,27 +417,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(config_path: Path | None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    try:
-        cfg = load_config(config_path)
-        _check_install(cfg)
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(cfg.data_dir, 0o700)  # the index, the images and the credentials files
-        sup = Supervisor(cfg, config_path)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    stop = {"signal": 0}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
+def _start_orthanc(sup: Supervisor, cfg: NodeConfig, stop: dict) -> int | None:
+    """Start Orthanc and wait for it and the plugin; an exit code when that fails."""
     sup.orthanc.start()
     deadline = time.monotonic() + 60
     while not sup.client.ready():
@@ -447,8 +446,38 @@ def serve(config_path: Path | None) -> int:
         cfg.orthanc_url,
         cfg.data_dir / "orthanc.log",
     )
+    return None
+
+
+def serve(config_path: Path | None, role: Role = Role.ALL) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        cfg = load_config(config_path)
+        if role.receives:  # a worker-only host needs no Orthanc of its own
+            _check_install(cfg)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.data_dir, 0o700)  # the index, the images and the credentials files
+        sup = Supervisor(cfg, config_path, role)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    stop = {"signal": 0}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    if sup.orthanc is not None and (code := _start_orthanc(sup, cfg, stop)) is not None:
+        return code
+    if sup.orthanc is None:
+        log.info("role %s: working through Orthanc at %s", role, cfg.orthanc_url)
     sup.start_health()
-    sup.worker.start()
+    if sup.worker is not None:
+        sup.worker.start()
     try:
         while not stop["signal"]:
             time.sleep(0.2)

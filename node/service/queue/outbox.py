@@ -15,6 +15,12 @@ from node.identity import DeliveryState, JobEvent, JobState, OutputKind
 from node.service.queue.counters import Counter, bump
 from node.service.queue.store import Store, journal
 
+CLAIM_S = 300.0  # how long a deliverer holds what it claimed: longer than one attempt (a large SEG)
+_DUE = (  # pending deliveries whose time has come, the most urgent job's first
+    "SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.state = ? AND d.next_try <= ?"
+    " ORDER BY COALESCE(j.urgency_score, j.priority) DESC, d.id LIMIT ?"
+)
+
 
 @dataclass(frozen=True)
 class Output:
@@ -104,13 +110,20 @@ class Outbox:
         )
 
     def due(self, limit: int = 100) -> list[Delivery]:
-        """Pending deliveries whose time has come, the most urgent job's first."""
-        rows = self.store.read(
-            "SELECT d.* FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            " WHERE d.state = ? AND d.next_try <= ?"
-            " ORDER BY COALESCE(j.urgency_score, j.priority) DESC, d.id LIMIT ?",
-            (DeliveryState.PENDING, self.store.clock(), limit),
-        )
+        """Pending deliveries whose time has come, the most urgent job's first (a look: a
+        deliverer :meth:`claim` s them)."""
+        rows = self.store.read(_DUE, (DeliveryState.PENDING, self.store.clock(), limit))
+        return [Delivery(**r) for r in rows]
+
+    def claim(self, limit: int = 100, hold_s: float = CLAIM_S) -> list[Delivery]:
+        """:meth:`due`, taken for ``hold_s`` seconds in one transaction: a deliverer of another
+        worker (on this host or another) does not see them until then, so each goes out once. A
+        deliverer that dies holding some leaves them due again after ``hold_s``."""
+        now = self.store.clock()
+        with self.store.tx() as db:
+            rows = db.execute(_DUE, (DeliveryState.PENDING, now, limit)).fetchall()
+            for r in rows:
+                db.execute("UPDATE deliveries SET next_try = ? WHERE id = ?", (now + hold_s, r["id"]))
         return [Delivery(**r) for r in rows]
 
     def delivered(self, delivery_id: int) -> None:

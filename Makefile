@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus libpixelmed-java \
-	chromium postgresql python3-psycopg
+	chromium postgresql python3-psycopg orthanc-postgresql
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 # OHIF's published build (npm @ohif/app): `make viewer`, and the viewer test

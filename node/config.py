@@ -176,6 +176,10 @@ class NodeConfig(_Strict):
     # ~/.pgpass, as libpq reads them), shared by a cluster's receivers and workers; unset: the
     # SQLite file in data_dir
     queue_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    # Orthanc's index in PostgreSQL (Debian orthanc-postgresql), shared by several receivers; their
+    # DICOM files then go to storage_dir, a file system all of them mount (NFS, CephFS, ...)
+    orthanc_index_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    storage_dir: Path | None = None  # default: data_dir/orthanc-storage
     destinations: list[Destination] = []
 
     # security: REST on loopback unless remote access is asked for, and then only with users

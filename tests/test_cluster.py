@@ -4,13 +4,15 @@ packages started by the test, a real Orthanc and DCMTK's storescu.
 What runs here: ``pacs-node serve`` with ``queue_url``: the plugin inside Orthanc (Debian's
 ``python3-psycopg``) queues the job in PostgreSQL, the worker leases it there, delivers exactly
 once, and a PostgreSQL restart mid-stream loses nothing; and ``--role ingest`` with two ``--role
-worker`` hosts on one queue. Not yet here: receivers on a shared Orthanc index, KServe (see the
-README's "Scaling out").
+worker`` hosts on one queue; two receivers on one Orthanc index in PostgreSQL. Not yet here:
+the fault tests under load, KServe (see the README's "Scaling out").
 """
 
 from __future__ import annotations
 
 import re
+import time
+from pathlib import Path
 
 import pytest
 from orthanc_fixture import Node, free_port, orthanc_missing, wait_for
@@ -120,6 +122,66 @@ def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> No
     for job in done:
         leased = [h["detail"] for h in job["history"] if h["event"] == "leased"]
         assert len(leased) == 1 and leased[0].split(" by ")[1] in owners, leased
+    for ct in cts:
+        wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
+        assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
+
+
+def test_two_receivers_on_one_orthanc_index(postgres, pacs, tmp_path) -> None:
+    """Two `--role ingest` receivers on one Orthanc index in PostgreSQL (Debian orthanc-postgresql)
+    and one shared storage folder, a `--role worker` host, one queue: a series sent to either, or
+    split across both, becomes one job, processed and delivered once; either receiver lists the same
+    jobs."""
+    if not _plugin_has_psycopg():
+        pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
+    if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
+        pytest.skip("Orthanc's PostgreSQL index plugin is not installed (Debian orthanc-postgresql)")
+    queue, index, storage = postgres.database(), postgres.database(), tmp_path / "storage"
+    destinations = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}]
+
+    def host(name: str, role: str, http: int) -> Node:
+        config = {
+            "ae_title": "PACSNODE",
+            "dicom_port": free_port(),
+            "http_port": http,
+            "metrics_port": free_port(),
+            "data_dir": str(tmp_path / name / "data"),
+            "queue_url": queue,
+            "orthanc_index_url": index,
+            "storage_dir": str(storage),
+            "stable_age_s": 3,
+            "worker": {"poll_s": 0.2},
+            "destinations": destinations,
+        }
+        return Node(tmp_path / name, config, args=("--role", role))
+
+    receivers = [host(f"receiver{k}", "ingest", free_port()) for k in range(2)]
+    worker = host("worker", "worker", receivers[0].config["http_port"])
+    cts = [
+        write_axial_series(
+            Phantom.random(80 + k, n_lesions=1), tmp_path / f"ct{k}", shape=(12, 64, 64),
+            pixel_spacing=5.0, slice_spacing=15.0, seed=80 + k,
+        )
+        for k in range(3)
+    ]  # fmt: skip
+    try:
+        for r in receivers:
+            r.start(wait_worker=False)
+        worker.start()
+        receivers[0].store_scu(list(cts[0].files))
+        receivers[1].store_scu(list(cts[1].files))
+        files = sorted(cts[2].files)
+        receivers[0].store_scu(files[: len(files) // 2])  # one series, half to each receiver
+        receivers[1].store_scu(files[len(files) // 2 :])
+        for ct in cts:
+            receivers[0].wait_job(ct.series_uid, ("done",), timeout=180)
+        time.sleep(3)  # a late second submit of the split series would show now
+        lists = [sorted((j["id"], j["series_id"], j["state"]) for j in r.jobs()) for r in receivers]
+    finally:
+        for n in (worker, *receivers):
+            n.stop()
+    assert lists[0] == lists[1]  # one queue, one index: the same jobs from either receiver
+    assert len(lists[0]) == 3 and {state for _, _, state in lists[0]} == {"done"}, lists[0]
     for ct in cts:
         wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
         assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]

@@ -245,6 +245,22 @@ def test_orthanc_config_security_defaults(tmp_path: Path) -> None:
     assert oc["RemoteAccessAllowed"] is True and oc["AuthenticationEnabled"] is True
     assert oc["RegisteredUsers"] == {"ops": "pw"}
     assert oc["DicomAlwaysAllowStore"] is False and sorted(oc["DicomModalities"]) == ["CT1", "MR2"]
+    # a cluster: queue and Orthanc index in PostgreSQL, DICOM files on a shared folder
+    oc = orthanc_config(
+        parse_config(
+            {
+                "queue_url": "postgresql://pacs@db/queue",
+                "orthanc_index_url": "postgresql://orthanc@db/index",
+                "storage_dir": "/mnt/dicom",
+            }
+        )
+    )
+    assert oc["PacsNode"]["Queue"] == "postgresql://pacs@db/queue" and oc["StorageDirectory"] == "/mnt/dicom"
+    assert oc["PostgreSQL"]["EnableIndex"] and not oc["PostgreSQL"]["EnableStorage"]
+    assert oc["PostgreSQL"]["Lock"] is False and oc["PostgreSQL"]["ConnectionUri"] == "postgresql://orthanc@db/index"
+    assert oc["Plugins"][-1].endswith("libOrthancPostgreSQLIndex.so")
+    with pytest.raises(ConfigError, match="orthanc_index_url"):
+        parse_config({"orthanc_index_url": "mysql://db/index"})
 
 
 def test_serve_bad_config_one_line(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ SRC_DIR = Path(node.__file__).resolve().parent.parent
 PLUGIN = SRC_DIR / "plugins" / "pacs_node_plugin.py"
 ORTHANC_PLUGINS = ("libOrthancPython.so", "libOrthancDicomWeb.so", "libOrthancGdcm.so")
 REQUIRED_PLUGINS = ORTHANC_PLUGINS[:2]
+INDEX_PLUGIN = "libOrthancPostgreSQLIndex.so"  # Debian orthanc-postgresql: the index shared by receivers
 STOP_GRACE_S = 15.0
 
 # Transfer syntaxes Orthanc accepts as Storage SCP: the ones the worker can decode (pydicom + pylibjpeg).
@@ -73,6 +74,8 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
     plugins = [
         str(cfg.orthanc_plugins_dir / p) for p in ORTHANC_PLUGINS if (cfg.orthanc_plugins_dir / p).exists()
     ]
+    if cfg.orthanc_index_url:
+        plugins.append(str(cfg.orthanc_plugins_dir / INDEX_PLUGIN))
     oc: dict = {
         "Name": cfg.ae_title,
         "DicomAet": cfg.ae_title,
@@ -84,7 +87,7 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
             user: _env_reference((raw_users or {}).get(user)) or password
             for user, password in cfg.http_users.items()
         },
-        "StorageDirectory": str(data / "orthanc-storage"),
+        "StorageDirectory": str(cfg.storage_dir or data / "orthanc-storage"),
         "IndexDirectory": str(data / "orthanc-index"),
         "Plugins": plugins,
         "PythonScript": str(PLUGIN),
@@ -130,6 +133,18 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
             },
         },
     }
+    if cfg.orthanc_index_url:
+        # several Orthancs on one index (Orthanc >= 1.9.2, plugin >= 4.0): no exclusive lock; the
+        # password from PGPASSWORD or .pgpass (libpq), like the queue's
+        oc["PostgreSQL"] = {
+            "EnableIndex": True,
+            "EnableStorage": False,
+            "ConnectionUri": cfg.orthanc_index_url,
+            "Lock": False,
+            "EnableSsl": False,
+            "MaximumConnectionRetries": 10,
+            "ConnectionRetryInterval": 2,
+        }
     return oc
 
 
@@ -248,7 +263,7 @@ def _check_install(cfg: NodeConfig) -> None:
         raise ConfigError(
             f"orthanc_binary: {cfg.orthanc_binary} not found (apt-get install orthanc orthanc-python orthanc-dicomweb)"
         )
-    for p in REQUIRED_PLUGINS:
+    for p in (*REQUIRED_PLUGINS, *([INDEX_PLUGIN] if cfg.orthanc_index_url else [])):
         if not (cfg.orthanc_plugins_dir / p).exists():
             raise ConfigError(f"orthanc_plugins_dir: {p} not in {cfg.orthanc_plugins_dir}")
 

@@ -81,7 +81,7 @@ class PgStore:
         self.path = _redacted(url)  # what logs and errors show: never the password
         self.clock = clock
         self._lock = threading.RLock()
-        self._errors = (psycopg.Error,)
+        self.errors: tuple[type[Exception], ...] = (psycopg.Error,)  # what a failing queue raises
         self.operational = psycopg.OperationalError
         self._connect = lambda: psycopg.connect(
             url, row_factory=_row_factory, connect_timeout=connect_timeout, autocommit=True
@@ -93,16 +93,6 @@ class PgStore:
             for table, columns in MIGRATIONS.items():
                 for name, decl in columns.items():
                     db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {pg_schema(decl)}")
-
-    @property
-    def errors(self) -> tuple[type[Exception], ...]:
-        return self._errors
-
-    def _alive(self):
-        """The connection, re-opened when the server restarted or the network dropped it."""
-        if self._conn.closed or self._conn.broken:
-            self._conn = self._connect()
-        return self._conn
 
     def tx(self) -> _Tx:
         return _Tx(self, write=True)
@@ -118,7 +108,7 @@ class PgStore:
         try:
             with self.tx() as db:
                 db.execute("SELECT 1")
-        except self._errors as e:
+        except self.errors as e:
             return f"queue {self.path}: {str(e).strip().splitlines()[0]}"
         return None
 
@@ -129,13 +119,14 @@ class _Tx:
 
     def __enter__(self) -> _Db:
         self.store._lock.acquire()
+        begin = "BEGIN" if self.write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         try:
             try:
-                conn = self.store._alive()
-                conn.execute("BEGIN" if self.write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            except self.store.operational:  # the server restarted since: nothing was done, connect again
-                conn = self.store._conn = self.store._connect()
-                conn.execute("BEGIN" if self.write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                self.store._conn.execute(begin)
+            except self.store.operational:  # the server restarted or the link dropped: nothing was
+                self.store._conn = self.store._connect()  # done yet, so connect again and begin
+                self.store._conn.execute(begin)
+            conn = self.store._conn
             if self.write:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         except BaseException:

@@ -281,6 +281,27 @@ def test_serve_bad_config_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_serve_queue_database_unreachable_one_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = tmp_path / "node.yaml"
+    p.write_text(f"data_dir: {tmp_path / 'data'}\nqueue_url: postgresql://pacs:secret@127.0.0.1:{port}/q\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "node.cli", "serve", "--config", str(p), "--role", "worker"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    (line,) = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and line.startswith(f"error: queue postgresql://pacs:***@127.0.0.1:{port}/q: ")
+    assert "secret" not in r.stderr
+
+
 def test_urgent_job_is_leased_before_older_routine_ones_and_delivered_first(
     q: JobQueue, clock: Clock
 ) -> None:

@@ -86,7 +86,10 @@ class PgStore:
         self._connect = lambda: psycopg.connect(
             url, row_factory=_row_factory, connect_timeout=connect_timeout, autocommit=True
         )  # transactions are ours: BEGIN and COMMIT below
-        self._conn = self._connect()
+        try:
+            self._conn = self._connect()
+        except psycopg.OperationalError as e:  # an OSError: serve and the worker say it in one line
+            raise ConnectionError(f"queue {self.path}: {str(e).strip().splitlines()[0]}") from None
         with self.tx() as db:  # hosts starting together: one creates, the others wait and see it
             for stmt in filter(str.strip, SCHEMA.split(";")):
                 db.execute(pg_schema(stmt))

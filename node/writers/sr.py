@@ -290,11 +290,9 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
     if change:
         evaluations, more = _change_items(change, findings.comparison.interval_days)
         measurements += more
-    organ = next((o for o in findings.segments if o.kind == "organ" and o.label == segment.site), None)
-    sites = [hd.sr.FindingSite(anatomic_location=organ.type.coded())] if organ else None
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(findings, segment),
-        finding_sites=sites,
+        finding_sites=_finding_sites(findings, segment),
         time_point_context=_time_point(findings),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -311,6 +309,12 @@ def _segment_group(findings: Findings, segment: Segment, seg: Dataset, algorithm
     if change:  # and in words, for readers that show only text
         group[0].ContentSequence.append(_comment(change.sentence(findings.comparison.interval_days)))
     return group
+
+
+def _finding_sites(findings: Findings, segment: Segment) -> list[hd.sr.FindingSite] | None:
+    """A lesion's Finding Site: the organ segment it lies in, when there is one."""
+    organ = next((o for o in findings.segments if o.kind == "organ" and o.label == segment.site), None)
+    return [hd.sr.FindingSite(anatomic_location=organ.type.coded())] if organ else None
 
 
 def _time_point(findings: Findings) -> hd.sr.TimePointContext | None:
@@ -486,11 +490,10 @@ def _outline_group(findings: Findings, segment: Segment, source: SliceSource, tr
         unit=UNITS["mm2"],
         referenced_coordinates=[_coordinates(source, points)],
     )
-    organ = next((o for o in findings.segments if o.kind == "organ" and o.label == segment.site), None)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=OHIF_OUTLINE),
         finding_type=segment.type.coded(),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=organ.type.coded())] if organ else None,
+        finding_sites=_finding_sites(findings, segment),
         algorithm_id=algorithm,
         measurements=[area, *more],
     )

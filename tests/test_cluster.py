@@ -30,6 +30,17 @@ def _plugin_has_psycopg() -> bool:
     return subprocess.run(["/usr/bin/python3", "-c", "import psycopg"], capture_output=True).returncode == 0
 
 
+def _cts(folder, seed: int, n: int) -> list:
+    """``n`` small CT phantoms (one lesion each), written under ``folder``."""
+    return [
+        write_axial_series(
+            Phantom.random(seed + k, n_lesions=1), folder / f"ct{k}", shape=(12, 64, 64),
+            pixel_spacing=5.0, slice_spacing=15.0, seed=seed + k,
+        )
+        for k in range(n)
+    ]  # fmt: skip
+
+
 def test_node_on_a_postgresql_queue_processes_and_delivers_once(postgres, pacs, tmp_path) -> None:
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
@@ -50,13 +61,7 @@ def test_node_on_a_postgresql_queue_processes_and_delivers_once(postgres, pacs, 
             ],
         },
     )
-    cts = [
-        write_axial_series(
-            Phantom.random(60 + k, n_lesions=1), tmp_path / f"ct{k}", shape=(12, 64, 64),
-            pixel_spacing=5.0, slice_spacing=15.0, seed=60 + k,
-        )
-        for k in range(2)
-    ]  # fmt: skip
+    cts = _cts(tmp_path, seed=60, n=2)
     try:
         node.start()
         node.store_scu(list(cts[0].files))
@@ -99,13 +104,7 @@ def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> No
         return Node(tmp_path / name, config, args=("--role", role))
 
     ingest, workers = host("ingest", "ingest"), [host(f"worker{k}", "worker") for k in range(2)]
-    cts = [
-        write_axial_series(
-            Phantom.random(70 + k, n_lesions=1), tmp_path / f"ct{k}", shape=(12, 64, 64),
-            pixel_spacing=5.0, slice_spacing=15.0, seed=70 + k,
-        )
-        for k in range(3)
-    ]  # fmt: skip
+    cts = _cts(tmp_path, seed=70, n=3)
     try:
         ingest.start(wait_worker=False)
         for w in workers:
@@ -157,13 +156,7 @@ def test_two_receivers_on_one_orthanc_index(postgres, pacs, tmp_path) -> None:
 
     receivers = [host(f"receiver{k}", "ingest", free_port()) for k in range(2)]
     worker = host("worker", "worker", receivers[0].config["http_port"])
-    cts = [
-        write_axial_series(
-            Phantom.random(80 + k, n_lesions=1), tmp_path / f"ct{k}", shape=(12, 64, 64),
-            pixel_spacing=5.0, slice_spacing=15.0, seed=80 + k,
-        )
-        for k in range(3)
-    ]  # fmt: skip
+    cts = _cts(tmp_path, seed=80, n=3)
     try:
         for r in receivers:
             r.start(wait_worker=False)

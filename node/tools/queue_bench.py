@@ -3,8 +3,8 @@
 N worker processes lease and complete jobs with nothing to infer (a no-op runtime: the job is
 done as soon as it is leased), so the figure is the queue's ceiling, not the node's: jobs per
 second for 1, 4 and 16 workers (the median of three runs), and each lease's latency (p50, p95).
-Both backends are measured in the same run on the same machine; PostgreSQL when ``--queue-url`` names a database (its tables
-are emptied first: use a scratch database).
+Both backends are measured in the same run on the same machine; PostgreSQL when ``--queue-url``
+names a database (its tables are emptied first: use a scratch database).
 """
 
 from __future__ import annotations

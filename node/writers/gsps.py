@@ -19,7 +19,7 @@ import numpy as np
 from node.analysis.findings import Findings, Segment
 from node.analysis.measure import outline
 from node.writers import uids
-from node.writers.seg import SliceSource, slice_sources
+from node.writers.seg import SliceSource, closed, slice_sources
 
 LAYER = "AI_LESIONS"
 CT_WINDOW = (40.0, 400.0)  # soft tissue (center, width) in HU
@@ -54,7 +54,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
                 graphics[key].append(
                     hd.pr.GraphicObject(
                         graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-                        graphic_data=_closed(src.graphic_data(contour)),
+                        graphic_data=closed(src.graphic_data(contour)),
                         units=hd.pr.AnnotationUnitsValues.PIXEL,
                         graphic_group=group,
                         **tracking,
@@ -185,9 +185,3 @@ def window(findings: Findings) -> tuple[float, float]:
     width = max(float(hi - lo), 1.0)
     return float(lo + hi) / 2.0, width
 
-
-def _closed(points: np.ndarray) -> np.ndarray:
-    """A closed POLYLINE repeats its first point at the end (find_contours does for closed contours)."""
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
-    return points

@@ -73,6 +73,14 @@ class SliceSource:
         return self.points_to_source(points)[:, ::-1] + 0.5
 
 
+def closed(points: np.ndarray) -> np.ndarray:
+    """A closed POLYLINE (GSPS, SR SCOORD) repeats its first point at the end (find_contours does
+    for closed contours)."""
+    if not np.array_equal(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    return points
+
+
 def frame_geometry(ds: Dataset, frame: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(position, row cosine, column cosine, (row spacing, column spacing)) of one source frame."""
     if frame is None:

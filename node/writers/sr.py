@@ -48,7 +48,7 @@ from node.analysis.report_text import Discrepancy
 from node.analysis.urgency import Urgency
 from node.identity import NODE_NAME, OutputKind
 from node.writers import uids
-from node.writers.seg import SliceSource, frame_geometry, slice_sources
+from node.writers.seg import SliceSource, closed, frame_geometry, slice_sources
 
 CODES = {
     "volume": codes.SCT.Volume,  # 118565006
@@ -480,9 +480,7 @@ def _outline_group(findings: Findings, segment: Segment, source: SliceSource, tr
     need a group of their own) as the SCOORD its area is inferred from, then ``more`` measurements
     of the whole segment; the segment's name first among the comments, which OHIF takes as label."""
     contours = [source.graphic_data(c) for c in outline(segment.mask[source.index])]
-    points = max(contours, key=_polygon_area)
-    if not np.array_equal(points[0], points[-1]):
-        points = np.vstack([points, points[:1]])
+    points = closed(max(contours, key=_polygon_area))
     _, _, _, (row_mm, col_mm) = frame_geometry(source.dataset, source.frame)
     area = hd.sr.Measurement(
         name=CODES["area"],

@@ -18,6 +18,7 @@ psycopg is imported here only: a node on the SQLite file needs none of it.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -56,10 +57,13 @@ class _Row(tuple):
         return self.names
 
 
+@functools.cache
+def _row_type(names: tuple[str, ...]) -> type[_Row]:
+    return type("Row", (_Row,), {"names": names})  # one class per column list, not per query
+
+
 def _row_factory(cursor):
-    names = tuple(c.name for c in cursor.description or ())
-    row_type = type("Row", (_Row,), {"names": names})
-    return lambda values: row_type(values)
+    return _row_type(tuple(c.name for c in cursor.description or ()))
 
 
 class _Db:

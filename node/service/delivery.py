@@ -27,7 +27,8 @@ class Deliverer:
         self.cfg, self.orthanc, self.metrics = cfg, orthanc, metrics
 
     def loop(self, stop: threading.Event) -> None:
-        """Until ``stop``: deliver what is due, then wait (at most a second) for more."""
+        """Until ``stop``: deliver what is due, then wait for more: until a NOTIFY says some became due
+        (PostgreSQL) or a second passes (a retry's backoff ends by the clock, not by a notification)."""
         queue = JobQueue(self.cfg.queue_location)  # its own connection: not shared between threads
         while not stop.is_set():
             try:
@@ -41,7 +42,7 @@ class Deliverer:
                 self.metrics.errors.labels("delivery").inc()
                 n = 0
             if not n:
-                stop.wait(min(self.cfg.worker.poll_s, 1.0))
+                queue.wait_for_deliveries(min(self.cfg.worker.poll_s, 1.0))
 
     def deliver_due(self, queue: JobQueue) -> int:
         """Try every due delivery once, grouped per destination; return how many were tried."""

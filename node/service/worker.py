@@ -161,7 +161,7 @@ class Worker:
                 try:
                     job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
                     if job is None:
-                        self._stop.wait(self.cfg.worker.poll_s)
+                        self.queue.wait_for_work(self.cfg.worker.poll_s)  # NOTIFY on PostgreSQL, or poll_s
                         continue
                     self.process(job)
                 except (*self.queue.errors, OSError) as e:  # the queue unwritable (full disk, database down): wait
@@ -177,6 +177,7 @@ class Worker:
                 self.metrics_server.stop()
 
     def stop(self) -> None:
+        """Stop after the job or the wait in progress (at most ``poll_s``); a signal stops at once."""
         self._stop.set()
 
     def process(self, job: Job) -> JobOutcome:

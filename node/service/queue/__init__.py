@@ -5,7 +5,8 @@ same tables and SQL), and a class per responsibility, all on the same connection
 :class:`~.jobs.Jobs` (the job state machine), :class:`~.outbox.Outbox` (deliveries, exactly once),
 :class:`~.counters.Counters` (durable counts for the metrics), :class:`~.intake.Intake` (what the plugin decided for each
 series, and the pick-up's place in Orthanc's change log), :class:`~.retrieved.RetrievedPriors`
-(priors that must not become jobs). What each processed series showed is kept by
+(priors that must not become jobs); idle workers wait for work through :mod:`.wakeup`
+(LISTEN/NOTIFY on PostgreSQL, polling on SQLite). What each processed series showed is kept by
 :class:`node.service.queue.time_points.TimePoints`, which the plugin never imports (numpy).
 Stdlib only on SQLite: the plugin runs inside Orthanc's embedded Python (psycopg, for PostgreSQL,
 comes from Debian's python3-psycopg there).
@@ -24,6 +25,7 @@ from node.service.queue.jobs import Job, Jobs, Submitted
 from node.service.queue.outbox import Delivery, Outbox, Output, Route
 from node.service.queue.retrieved import RetrievedPriors
 from node.service.queue.store import Store
+from node.service.queue.wakeup import Channel, Waker
 
 __all__ = [
     "Counter",
@@ -58,6 +60,7 @@ class JobQueue:
         self.counters = Counters(self.store)
         self.intake = Intake(self.store, self.jobs)
         self.retrieved = RetrievedPriors(self.store)
+        self._wakers: dict[Channel, Waker] = {}  # opened at the first wait: the plugin never waits
 
     @property
     def path(self) -> str:
@@ -70,6 +73,20 @@ class JobQueue:
 
     def writable(self) -> str | None:
         return self.store.writable()
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block until a job may have become leasable (True) or ``timeout`` s pass (False); for the
+        one thread that leases through this queue."""
+        return self._waker(Channel.JOBS).wait(timeout)
+
+    def wait_for_deliveries(self, timeout: float) -> bool:
+        """Block until a delivery may have become due (True) or ``timeout`` s pass (False)."""
+        return self._waker(Channel.DELIVERIES).wait(timeout)
+
+    def _waker(self, channel: Channel) -> Waker:
+        if channel not in self._wakers:
+            self._wakers[channel] = self.store.waker(channel)
+        return self._wakers[channel]
 
 
 def to_json(obj) -> str:

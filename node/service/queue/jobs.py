@@ -18,6 +18,7 @@ from node.identity import JobEvent, JobState
 from node.service.queue.counters import Counter, bump
 from node.service.queue.outbox import Outbox, Output, Route
 from node.service.queue.store import Store, journal
+from node.service.queue.wakeup import Channel
 
 # states in which a job still stands for its instances (a resubmission of them makes no new job)
 ACTIVE = (JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING, JobState.DONE)
@@ -131,6 +132,7 @@ class Jobs:
         )
         job_id = int(cur.fetchone()["id"])
         bump(db, Counter.JOBS, JobEvent.QUEUED)
+        self.store.notify(db, Channel.JOBS)
         if latest is None:
             journal(
                 db,
@@ -176,9 +178,12 @@ class Jobs:
             return self._get(db, row["id"])
 
     def _expire(self, db: sqlite3.Connection, now: float) -> None:
-        for row in db.execute(
+        rows = db.execute(
             "SELECT * FROM jobs WHERE state = ? AND lease_until < ?", (JobState.RUNNING, now)
-        ).fetchall():
+        ).fetchall()
+        if any(r["attempts"] < r["max_attempts"] for r in rows):  # queued again: other workers may take them
+            self.store.notify(db, Channel.JOBS)
+        for row in rows:
             if row["attempts"] >= row["max_attempts"]:
                 error = f"worker stopped during the job {row['attempts']} times (lease expired)"
                 db.execute(
@@ -203,6 +208,8 @@ class Jobs:
             rows = db.execute(
                 "SELECT * FROM jobs WHERE state = ? AND lease_owner = ?", (JobState.RUNNING, owner)
             ).fetchall()
+            if any(r["attempts"] < r["max_attempts"] for r in rows):
+                self.store.notify(db, Channel.JOBS)
             for row in rows:
                 last = row["attempts"] >= row["max_attempts"]
                 state = JobState.FAILED if last else JobState.QUEUED
@@ -289,6 +296,8 @@ class Jobs:
             )
             journal(db, job_id, now, "error, will retry" if again else "failed", error)
             bump(db, Counter.JOBS, JobEvent.RETRIED if again else JobEvent.FAILED)
+            if again:
+                self.store.notify(db, Channel.JOBS)
             return state
 
     # --- operator -----------------------------------------------------------------------------
@@ -308,6 +317,8 @@ class Jobs:
                 (state, now, job_id),
             )
             journal(db, job_id, now, "retry", f"by operator ({'deliveries' if failed else 'whole job'})")
+            if not failed:
+                self.store.notify(db, Channel.JOBS)
             return state
 
     # --- reading --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from node.identity import DeliveryState, JobEvent, JobState, OutputKind
 from node.service.queue.counters import Counter, bump
 from node.service.queue.store import Store, journal
+from node.service.queue.wakeup import Channel
 
 CLAIM_S = 300.0  # how long a deliverer holds what it claimed: longer than one attempt (a large SEG)
 _DUE = (  # pending deliveries whose time has come, the most urgent job's first
@@ -100,6 +101,8 @@ class Outbox:
                 ),
             )
             n += 1
+        if n:
+            self.store.notify(db, Channel.DELIVERIES)
         return n
 
     def cancel(self, db: sqlite3.Connection, job_id: int, now: float) -> None:
@@ -198,10 +201,13 @@ class Outbox:
 
     def retry_failed(self, db: sqlite3.Connection, job_id: int, now: float) -> int:
         """Inside the caller's transaction (an operator's retry): failed deliveries are due again now."""
-        return db.execute(
+        n = db.execute(
             "UPDATE deliveries SET state = ?, attempts = 0, next_try = ?, updated = ? WHERE job_id = ? AND state = ?",
             (DeliveryState.PENDING, now, now, job_id, DeliveryState.FAILED),
         ).rowcount
+        if n:
+            self.store.notify(db, Channel.DELIVERIES)
+        return n
 
     def of_job(self, job_id: int) -> list[Delivery]:
         rows = self.store.read("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))

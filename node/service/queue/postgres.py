@@ -12,6 +12,8 @@ placeholders, ``ON CONFLICT`` upserts, ``RETURNING``); this module adapts the re
   expire, exactly-once delivery) keeps its semantics and its tests, unchanged, run on both. Reads
   and snapshots take no lock. A job takes seconds to minutes; a transaction takes milliseconds,
   so one lock is not what limits a cluster (``pacs-node bench`` measures it).
+- idle workers and deliverers wait on LISTEN, on a connection of their own (:class:`PgWaker`),
+  for what writers send with ``pg_notify`` at commit (:mod:`.wakeup`), rather than polling.
 
 psycopg is imported here only: a node on the SQLite file needs none of it.
 """
@@ -19,12 +21,20 @@ psycopg is imported here only: a node on the SQLite file needs none of it.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from node.service.queue.store import MIGRATIONS, SCHEMA
+from node.service.queue.wakeup import Channel
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
 
 LOCK_KEY = 0x7061_6373  # "pacs": the advisory lock every write transaction takes
 _TYPES = (
@@ -111,6 +121,13 @@ class PgStore:
         with self.snapshot() as db:
             return [dict(r) for r in db.execute(sql, args).fetchall()]
 
+    def notify(self, db: _Db, channel: Channel) -> None:
+        """Inside a write transaction: wake ``channel``'s listeners when it commits (not if it rolls back)."""
+        db.execute("SELECT pg_notify(?, '')", (channel,))
+
+    def waker(self, channel: Channel) -> PgWaker:
+        return PgWaker(self._connect, channel, self.path)
+
     def writable(self) -> str | None:
         try:
             with self.tx() as db:
@@ -148,6 +165,54 @@ class _Tx:
                 conn.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.store._lock.release()
+
+
+class PgWaker:
+    """LISTEN on ``channel`` on a connection of its own (a session: not through a transaction-pooling
+    PgBouncer). A listener lost (server restart, link down, session ended) is connected again at
+    the next wait; until then a wait sleeps out its timeout, as polling does."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], channel: Channel, where: str):
+        self._connect, self.channel, self._where = connect, channel, where
+        self._conn: psycopg.Connection | None = None
+        self._lost = False  # said once per loss, not once per wait
+
+    def wait(self, timeout: float) -> bool:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        if self._conn is not None:
+            try:
+                if not list(self._conn.notifies(timeout=timeout, stop_after=1)):
+                    return False
+                list(self._conn.notifies(timeout=0))  # and what else came: one look answers them all
+                return True
+            except psycopg.Error as e:
+                self._drop(e)
+        try:
+            self._conn = self._connect()
+            self._conn.execute(f"LISTEN {self.channel}")
+        except psycopg.Error as e:
+            self._drop(e)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            return False
+        if self._lost:
+            log.info("queue %s: listening on %s again", self._where, self.channel)
+            self._lost = False
+        return True  # what was sent while nobody listened is unknown: look at the queue
+
+    def _drop(self, e: Exception) -> None:
+        if not self._lost:
+            log.warning(
+                "queue %s: no wake-ups on %s (%s): polling until it listens again",
+                self._where,
+                self.channel,
+                (str(e).strip() or type(e).__name__).splitlines()[0],
+            )
+            self._lost = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _redacted(url: str) -> str:

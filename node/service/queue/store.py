@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from node.service.queue.wakeup import Channel, Sleeper, Waker
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -158,6 +160,12 @@ class Store:
     def snapshot(self) -> _Snapshot:
         """``with store.snapshot() as db:`` several reads that see one consistent state."""
         return _Snapshot(self)
+
+    def notify(self, db: sqlite3.Connection, channel: Channel) -> None:
+        """Inside a write transaction: ``channel``'s waiters may look (none to tell here: they poll)."""
+
+    def waker(self, channel: Channel) -> Waker:
+        return Sleeper()
 
     def writable(self) -> str | None:
         """None when a write transaction can be taken now; else why not (for /readyz)."""

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     models = sub.add_parser("models", help="train, evaluate and inspect models")
     msub = models.add_subparsers(dest="models_command", required=True)
     tr = msub.add_parser(
-        "train", help="train the reference model phantom-fm and export ONNX (needs the train extra)"
+        "train",
+        help="train the reference model phantom-fm (a Hugging Face DINOv2 checkpoint and its heads, in "
+        "OUT/source) and import it into OUT (needs the train and import extras)",
     )
     tr.add_argument("--out", type=Path, default=None, help="model folder (default: models/phantom-fm)")
     tr.add_argument(
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=[],
         metavar="HEAD_DIR",
-        help="a classification head folder (config.json with id2label; model.safetensors or head.pt), repeatable",
+        help="a head folder: a classifier (config.json with id2label; model.safetensors or head.pt) or one of "
+        "pacs-node's own heads (config.json with pacs_node_head; model.safetensors), repeatable",
     )
     im.add_argument("--codes", type=Path, help="YAML: coded concepts for labels and heads' findings (SR)")
     im.add_argument("--name", help="model name (default: the source folder's name)")
@@ -400,7 +403,7 @@ def cmd_models(args) -> int:
             print(f"retrained head {args.head} in {out} (backbone untouched)")
             return EXIT_OK
         stats = train(out)
-        print(f"trained phantom-fm in {stats['train_seconds']} s; graphs in {out}")
+        print(f"trained phantom-fm in {stats['train_seconds']} s; checkpoint in {out / 'source'}, imported into {out}")
         print(f"next: pacs-node models evaluate --model {out}")
         return EXIT_OK
     from node.model.manifest import load_model

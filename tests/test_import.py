@@ -293,6 +293,28 @@ def test_attention_pooled_head_is_refused(tmp_path):
     _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="attention-pooled head")
 
 
+def _own_segmentation_head(folder: Path, hidden: int) -> None:
+    from node.model.importers.heads import SEGMENTATION, segmentation_decoder, write_own_head
+
+    label = {"index": 1, "name": "Lesion", "category": {"value": "49755003", "meaning": "Morphologically Abnormal Structure"},
+             "type": {"value": "52988006", "meaning": "Lesion"}}  # fmt: skip
+    write_own_head(folder, segmentation_decoder(hidden, 16, 2), {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": [label]})
+
+
+def test_own_head_of_another_width_is_refused(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    _own_segmentation_head(tmp_path / "h", 48)
+    _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="reads tokens of width 48; the backbone gives 32")
+
+
+def test_own_head_whose_weights_are_not_its_architecture_is_refused(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    _own_segmentation_head(tmp_path / "h", 32)
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    (tmp_path / "h" / "config.json").write_text(json.dumps({**config, "widths": [4, 8, 16]}))
+    _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="not the weights of a segmentation_decoder head")
+
+
 def test_a_head_folder_is_not_a_backbone(tmp_path):
     save_backbone(tmp_path / "m", **SMALL)
     save_head(tmp_path / "h", TUMOR, 64)

@@ -24,6 +24,14 @@ def _offset(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, 
     return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
 
 
+def lesion_components(mask: np.ndarray, voxel_mm3: float) -> tuple[np.ndarray, list[int]]:
+    """Connected components of a lesion mask, and the ids of those reported as lesions (at least
+    :data:`MIN_LESION_MM3`), largest first."""
+    comps, n = ndimage.label(mask)
+    sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+    return comps, [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3]
+
+
 def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, runtime: str) -> Findings:
     segments: list[Segment] = []
     voxel_mm3 = float(np.prod(series.volume.spacing))
@@ -39,14 +47,10 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
             crop = labels[box] == label.index
             if label.instances:
                 # one segment per connected lesion, largest first, so "Lesion 1" is the biggest
-                comps, n = ndimage.label(crop)
-                sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
+                comps, keep = lesion_components(crop, voxel_mm3)
                 sub = ndimage.find_objects(comps)
-                keep = [
-                    i for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
-                ]
                 parts = [
-                    (f"{label.name} {k}", _offset(box, sub[i]), comps[sub[i]] == i + 1)
+                    (f"{label.name} {k}", _offset(box, sub[i - 1]), comps[sub[i - 1]] == i)
                     for k, i in enumerate(keep, start=1)
                 ]
             else:

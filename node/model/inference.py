@@ -64,7 +64,8 @@ def predict(
     seg_heads = runtime.slice_heads
     labels = {h.name: np.zeros(stack.shape, np.uint8) for h in seg_heads}
     conf = {h.name: np.zeros(stack.shape, np.uint8) for h in seg_heads}
-    # series heads: what each needs of every slice; a head that reads a token keeps one vector per slice
+    # series heads: what each needs of every slice; a head that reads a token keeps one vector per
+    # slice, a head that reads slices one probability per slice
     whole = sorted({i for h in runtime.series_heads if not h.reads for i in h.inputs})
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in whole}
     per_slice: dict[str, list[np.ndarray]] = {h.name: [] for h in runtime.series_heads if h.reads}
@@ -90,7 +91,10 @@ def predict(
         for k in whole:
             pooled[k].append(out.features[k])
         for h in runtime.series_heads:
-            if h.reads:
+            if h.reads == "slices":
+                with clock(Stage.INFERENCE), clock.part(f"head_{h.name}"):
+                    per_slice[h.name].append(runtime.classify(h, out.features))
+            elif h.reads:
                 per_slice[h.name].append(slice_feature(h, out.features))
         with clock(Stage.POSTPROCESS):
             for h in seg_heads:  # per-class probabilities -> canonical labels, resizing only near boundaries
@@ -106,7 +110,9 @@ def predict(
         probabilities = {}
         for h in runtime.series_heads:
             with clock.part(f"head_{h.name}"):
-                if h.reads:  # mean over the series' slices: one feature vector per series
+                if h.reads == "slices":  # the series' probability: its most probable slice's
+                    probabilities[h.name] = np.concatenate(per_slice[h.name]).max(keepdims=True)
+                elif h.reads:  # mean over the series' slices: one feature vector per series
                     pooled_h = np.concatenate(per_slice[h.name]).mean(axis=0, keepdims=True)
                     probabilities[h.name] = runtime.classify(h, {"features": pooled_h})
                 else:

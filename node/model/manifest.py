@@ -121,10 +121,11 @@ class HeadSpec(_Strict):
     negative: Code | None = None
     classes: tuple[ClassLabel, ...] = ()
     threshold: float = Field(0.5, gt=0, lt=1)
-    # which feature of each slice a classification head reads, mean-pooled over the series' slices
-    # into its one input ``features``: the CLS token, or the CLS token and the mean patch token side
-    # by side (transformers' Dinov2ForImageClassification). None: the graph takes ``inputs`` whole.
-    reads: Literal["cls", "cls_meanpatch"] | None = None
+    # what a classification head reads of each slice: ``cls`` / ``cls_meanpatch``, the CLS token (and
+    # the mean patch token beside it, as transformers' Dinov2ForImageClassification), mean-pooled over
+    # the series' slices into its one input ``features``; ``slices``, its ``inputs`` batch by batch,
+    # one probability per slice, the series' being the highest. None: the graph takes ``inputs`` whole.
+    reads: Literal["cls", "cls_meanpatch", "slices"] | None = None
     outputs: tuple[Literal["seg", "sr", "gsps"], ...] = ("seg", "sr", "gsps")
 
     @model_validator(mode="after")
@@ -139,7 +140,7 @@ class HeadSpec(_Strict):
                 )
             if self.classes and sorted(c.index for c in self.classes) != list(range(len(self.classes))):
                 raise ValueError(f"head {self.name}: classes must be indexed 0..{len(self.classes) - 1}")
-            if self.reads and set(self.inputs) != {"cls"} | ({"tokens"} if self.reads == "cls_meanpatch" else set()):
+            if self.pooled and set(self.inputs) != {"cls"} | ({"tokens"} if self.reads == "cls_meanpatch" else set()):
                 raise ValueError(f"head {self.name}: reads {self.reads} needs inputs {self._needs()}")
         return self
 
@@ -147,9 +148,14 @@ class HeadSpec(_Strict):
         return ["cls", "tokens"] if self.reads == "cls_meanpatch" else ["cls"]
 
     @property
+    def pooled(self) -> bool:
+        """The head reads one feature vector per series (the mean over its slices)."""
+        return self.reads in ("cls", "cls_meanpatch")
+
+    @property
     def graph_inputs(self) -> tuple[str, ...]:
-        """The head graph's inputs: the pooled ``features`` of a head that ``reads``, else ``inputs``."""
-        return ("features",) if self.reads else self.inputs
+        """The head graph's inputs: the pooled ``features`` of a head that reads a token, else ``inputs``."""
+        return ("features",) if self.pooled else self.inputs
 
 
 class ModelSpec(_Strict):

@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, MRImageStorage, generate_uid
 
-from node.synthetic.phantom import Phantom, SampledPhantom, axial_affine
+from node.synthetic.phantom import Phantom, SampledPhantom, axial_affine, rotated
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,9 @@ def _grid_datasets(
         stored = stored.astype(np.int16)
         image = (stored * slopes + intercepts).astype(np.float32)
     elif modality == "CT":
-        stored = np.clip(np.round(truth.image + 1024.0), 0, 4095).astype(np.uint16)
+        # rounded in float64 before the offset, as the rescale variant is: in float32, x + 1024 can
+        # round a value just below k + 0.5 up to it, and the two variants would differ by 1 HU there
+        stored = np.clip(np.round(truth.image.astype(np.float64)) + 1024.0, 0, 4095).astype(np.uint16)
         image = stored.astype(np.float32) - 1024.0
     else:
         stored = np.clip(np.round(truth.image), 0, 65535).astype(np.uint16)
@@ -241,7 +243,7 @@ def write_variant(
         raise ValueError(f"variant: unknown {variant!r} (known: {', '.join(VARIANTS)})")
     affine = axial_affine(shape, pixel_spacing, slice_spacing, z_center)
     if variant == "oblique":
-        affine = _rotated(affine, shape, *oblique_degrees)
+        affine = rotated(affine, shape, *oblique_degrees)
     sigma = (12.0 if modality == "CT" else 2.0) if noise is None else noise
     truth = phantom.sample(affine, shape, modality, noise=sigma, seed=seed)
     if variant in _RESTORE:
@@ -286,19 +288,6 @@ def write_variant(
         files.append(path)
     written.files = files
     return written
-
-
-def _rotated(affine: np.ndarray, shape: tuple[int, int, int], about_x: float, about_y: float) -> np.ndarray:
-    """The grid of ``affine`` rotated about its own centre (first about patient x, then y)."""
-    ax, ay = np.radians(about_x), np.radians(about_y)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rot = ry @ rx
-    centre = affine @ np.array([*((np.array(shape) - 1) / 2.0), 1.0])
-    out = np.eye(4)
-    out[:3, :3] = rot @ affine[:3, :3]
-    out[:3, 3] = centre[:3] - out[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    return out
 
 
 def _restore(

@@ -228,3 +228,16 @@ def axial_affine(
         z_center + slice_spacing * (n0 - 1) / 2,
     )
     return a
+
+
+def rotated(affine: np.ndarray, shape: tuple[int, int, int], about_x: float, about_y: float) -> np.ndarray:
+    """The grid of ``affine`` rotated about its own centre (first about patient x, then y)."""
+    ax, ay = np.radians(about_x), np.radians(about_y)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rot = ry @ rx
+    centre = affine @ np.array([*((np.array(shape) - 1) / 2.0), 1.0])
+    out = np.eye(4)
+    out[:3, :3] = rot @ affine[:3, :3]
+    out[:3, 3] = centre[:3] - out[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    return out

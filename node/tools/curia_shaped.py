@@ -1,11 +1,11 @@
-"""A Curia-shaped benchmark backbone: ViT-B/16 over 512x512 slices, random weights.
+"""A Curia-shaped benchmark model: a ViT-B/16 ``Dinov2Model`` over 512x512 one-channel slices
+with the reference model's heads, random weights.
 
-Same interface as the reference backbone (``image (N, 2, S, S)`` -> ``tokens
-(N, T, D)``, ``cls (N, D)``) and the same head kinds (organ and lesion
-decoders, series-level lesion presence), at the size of Raidium's Curia:
-patch 16, width 768, 12 layers, 12 heads, MLP 3072, 1024 patch tokens + CLS,
-about 214 GFLOP per slice. Speed does not depend on the weights, so they are
-random (seeded): its outputs mean nothing, only its throughput does.
+A true Curia-format checkpoint (transformers' ``Dinov2Model``: patch 16, width 768, 12 layers,
+12 heads, MLP 3072, 1024 patch tokens + CLS, about 213 GFLOP per slice) and the same head kinds
+as ``phantom-fm`` (organ and lesion decoders, series-level lesion presence), imported by the
+importer like a real download. Speed does not depend on the weights, so they are random
+(seeded): its outputs mean nothing, only its throughput does.
 
 One command writes a complete model folder (manifest, ONNX graphs, and the
 ``torch.export`` programs the PyTorch backend runs)::
@@ -23,8 +23,6 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +34,7 @@ class ViTConfig:
     depth: int = 12
     heads: int = 12
     mlp: int = 3072
-    channels: int = 2
+    channels: int = 1
     batch: int = 16  # the manifest's slice batch
 
     @property
@@ -59,77 +57,52 @@ def vit_flops(cfg: ViTConfig = CURIA) -> float:
     return float(embed + cfg.depth * per_layer)
 
 
-def build(cfg: ViTConfig = CURIA, seed: int = 0):
-    """(backbone, organs head, lesions head, presence head) torch modules with random weights."""
-    import torch
+def export(
+    out: Path, cfg: ViTConfig = CURIA, torch_programs: bool = True, name: str = "curia-vitb16", seed: int = 0
+) -> Path:
+    """Write a model folder through the importer: a ``Dinov2Model`` checkpoint of ``cfg`` (Curia's
+    format) and pacs-node's organ, lesion and presence heads, all with random (seeded) weights."""
+    import tempfile
 
-    from node.tools.train_reference import Backbone, Config, PresenceHead, SegHead, SegProbs
+    import torch
+    import transformers
+
+    from node.model.importers.heads import (
+        PRESENCE,
+        SEGMENTATION,
+        decoder_presence,
+        segmentation_decoder,
+        write_own_head,
+    )
+    from node.model.importers.huggingface import import_huggingface
+    from node.tools.train_reference import LABELS
+    from node.tools.train_reference import PRESENCE as FINDING
 
     torch.manual_seed(seed)
-    head_cfg = Config(size=cfg.size, patch=cfg.patch, dim=cfg.dim, channels=cfg.channels)
-    vit_cfg = replace(head_cfg, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp // cfg.dim)
-    return (
-        Backbone(vit_cfg).eval(),
-        SegProbs(SegHead(head_cfg, 6)).eval(),
-        SegProbs(SegHead(head_cfg, 2)).eval(),
-        PresenceHead(head_cfg).eval(),
-    )
-
-
-def export(
-    out: Path, cfg: ViTConfig = CURIA, torch_programs: bool = True, name: str = "curia-vitb16"
-) -> Path:
-    """Write a model folder: model.yaml, backbone + head ONNX graphs, and (optionally) .pt2 programs."""
-    import torch
-
-    from node.model.manifest import MODELS_DIR
-    from node.model.runtimes.torch import export_program
-
-    out.mkdir(parents=True, exist_ok=True)
-    backbone, organs, lesions, presence = build(cfg)
-    torch.backends.mha.set_fastpath_enabled(False)
-    image = torch.zeros(2, cfg.channels, cfg.size, cfg.size)
-    with torch.no_grad():
-        tokens, _ = backbone(image)
-    common = {"opset_version": 17, "dynamo": False}
-    n = {0: "n"}
-    graphs = [
-        (backbone, (image,), "backbone", ["image"], ["tokens", "cls"], {"image": n, "tokens": n, "cls": n}),
-        (organs, (tokens, image), "head_organs", ["tokens", "image"], ["probabilities"], None),
-        (lesions, (tokens, image), "head_lesions", ["tokens", "image"], ["probabilities"], None),
-        (presence, (tokens,), "head_lesion_presence", ["tokens"], ["probability"], {"tokens": {0: "slices"}}),
-    ]
-    for module, args, stem, ins, outs, dyn in graphs:
-        dyn = dyn or {"tokens": n, "image": n, "probabilities": n}
-        log.info("exporting %s", stem)
-        with torch.no_grad():
-            torch.onnx.export(
-                module,
-                args,
-                out / f"{stem}.onnx",
-                input_names=ins,
-                output_names=outs,
-                dynamic_axes=dyn,
-                **common,
-            )
-        if torch_programs:
-            batch = torch.export.Dim("slices" if stem.endswith("presence") else "n", min=1, max=4096)
-            export_program(module, args, out / f"{stem}.pt2", {k: {0: batch} for k in ins})
-    manifest = yaml.safe_load((MODELS_DIR / "phantom-fm" / "model.yaml").read_text())
-    manifest.update(
-        name=name,
-        version="0.0.0-bench",
-        description=(
-            f"Curia-shaped benchmark backbone (ViT, patch {cfg.patch}, width {cfg.dim}, depth {cfg.depth}, "
-            f"{cfg.size}x{cfg.size}) with RANDOM weights: for throughput measurements only, its outputs are noise"
-        ),
-    )
-    manifest["input"]["size"] = cfg.size
-    manifest["backbone"]["batch"] = cfg.batch
-    (out / "model.yaml").write_text(
-        "# written by `python -m node.tools.curia_shaped`: a benchmark model, random weights, never for patients\n"
-        + yaml.safe_dump(manifest, sort_keys=False)
-    )
+    with tempfile.TemporaryDirectory(prefix="curia-shaped-") as tmp:
+        src = Path(tmp) / name
+        config = transformers.Dinov2Config(
+            hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+            mlp_ratio=cfg.mlp // cfg.dim, patch_size=cfg.patch, image_size=cfg.size, num_channels=1,
+        )  # fmt: skip
+        transformers.Dinov2Model(config).save_pretrained(src)
+        heads = []
+        for head, classes in (("organs", 6), ("lesions", 2)):
+            labels = [{"category": {"value": "91723000", "meaning": "Anatomical Structure"}, **lab} for lab in LABELS[head]]
+            module = segmentation_decoder(cfg.dim, cfg.patch, classes)
+            heads.append(write_own_head(Path(tmp) / f"head_{head}", module, {"pacs_node_head": SEGMENTATION, "hidden_size": cfg.dim, "labels": labels}))
+        config = {"pacs_node_head": PRESENCE, "hidden_size": cfg.dim, **FINDING}
+        heads.append(write_own_head(Path(tmp) / "head_lesion_presence", decoder_presence(cfg.dim, cfg.patch), config))
+        log.info("importing %s", name)
+        import_huggingface(
+            src, out, heads, name=name, version="0.0.0-bench", batch=cfg.batch,
+            description=f"Curia-shaped benchmark backbone (DINOv2, patch {cfg.patch}, width {cfg.dim}, "
+            f"depth {cfg.depth}, {cfg.size}x{cfg.size}) with RANDOM weights: for throughput measurements only, "
+            "its outputs are noise",
+        )  # fmt: skip
+    if not torch_programs:
+        for program in out.glob("*.pt2"):
+            program.unlink()
     return out
 
 

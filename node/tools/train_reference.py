@@ -1,45 +1,51 @@
-"""Train and export the reference foundation model, ``phantom-fm`` (needs the ``train`` extra).
+"""Train the reference foundation model, ``phantom-fm``, in Curia's format (needs the ``train`` and
+``import`` extras).
 
-Its interface follows the public radiology foundation models (Raidium's Curia
-in particular): a ViT backbone over 2D axial slices that yields patch tokens
-and a CLS token, frozen after pre-training, and light task heads trained on
-the frozen features. Only the sizes are small, so the CPU path stays usable.
+What is written is what a department would download for a real model: a Hugging Face
+``Dinov2Model`` with one input channel (``save_pretrained``: ``config.json``,
+``model.safetensors``, ``preprocessor_config.json``) and one folder per head. The model folder the
+node runs is then made from them by the importer (:mod:`node.model.importers.huggingface`), so the
+default model goes through the same path as Curia every time.
 
-Training is two stages, both on synthetic phantoms sampled directly on the
-model grid:
-1. pre-training: backbone + throw-away linear decoders on organ and lesion
-   labels (a supervised stand-in for the self-supervised pre-training of a
-   real foundation model);
-2. the backbone is frozen; the shipped heads (organ decoder, lesion decoder,
-   lesion-presence classifier) are trained from scratch on its features.
+The data are synthetic phantoms (:mod:`node.synthetic.phantom`) sampled the ways a series reaches
+the model: axial stacks with square or stretched slices (a sagittal or coronal acquisition seen
+axially), and oblique stacks resampled by the node's own :func:`~node.model.preprocess.to_canonical`;
+then Curia's preprocessing (the whole slice resized to S x S, antialiased bicubic, z-score per
+slice). Labels are the phantom's truth at the centre of each model pixel; where an oblique stack's
+axial grid lies outside the acquired slab they are ignored.
 
-Export writes one ONNX graph for the backbone and one per head, so a head
-can be retrained or added without touching the backbone.
+Training is one stage: the backbone and its two decoders together (organs, lesions; each sees the
+slice and its patch tokens), a supervised stand-in for the self-supervised pre-training of a real
+foundation model. The lesion-presence head is the lesion decoder read as a series-level finding
+(its most probable slice). Each head is saved on its own, so a head can be retrained or added on
+the frozen backbone without touching it (:func:`retrain_presence`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from node.model.preprocess import normalise
-from node.synthetic.phantom import ORGANS, Phantom, axial_affine
+from node.model.manifest import IntensitySpec
+from node.model.preprocess import ResizeMap, normalise, to_canonical
+from node.synthetic.phantom import ORGANS, Phantom, axial_affine, rotated
 
 log = logging.getLogger(__name__)
 
 try:
     import torch
-    from torch import nn
     from torch.nn import functional as F
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "training needs PyTorch: pip install 'pacs-node[train]' (or torch==2.13.0 on CPU)"
-    ) from e
+    raise ImportError("training needs PyTorch: pip install 'pacs-node[train,import]' (or torch==2.13.0 on CPU)") from e
+
+IGNORE = 255  # label of model pixels outside the acquired slab (oblique stacks)
+ZSCORE = IntensitySpec(kind="zscore", clip_below=-1000.0)  # Curia's processor with clip_below_air
 
 
 @dataclass(frozen=True)
@@ -49,345 +55,319 @@ class Config:
     dim: int = 96
     depth: int = 4
     heads: int = 4
-    mlp_ratio: int = 2  # MLP width / dim (ViT-B uses 4)
-    channels: int = 2  # wide window + soft-tissue window (CT); MR uses one normalisation twice
-    n_train: int = 72  # phantoms
-    slices_per_phantom: int = 24
-    pretrain_steps: int = 900
-    head_steps: int = 900
-    cls_steps: int = 1500
+    mlp_ratio: int = 4
+    n_train: int = 120  # phantoms
+    slices_per_phantom: int = 16
+    steps: int = 2400  # stage 1: backbone and decoders together
+    head_steps: int = 800  # stage 2: the decoders on the frozen backbone, on new phantoms
     batch: int = 16
+    lr: float = 1e-3
     seed: int = 7
 
 
-# -- architecture ---------------------------------------------------------------
-
-
-class Backbone(nn.Module):
-    """ViT slice encoder: (N, C, S, S) -> patch tokens (N, T, D) and CLS (N, D)."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.embed = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch, stride=cfg.patch)
-        n_tokens = (cfg.size // cfg.patch) ** 2
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos = nn.Parameter(torch.randn(1, n_tokens + 1, cfg.dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            cfg.dim,
-            cfg.heads,
-            cfg.dim * cfg.mlp_ratio,
-            dropout=0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.dim)
-
-    def forward(self, image):
-        x = self.embed(image).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
-        x = self.norm(self.encoder(x))
-        return x[:, 1:], x[:, 0]
-
-
-class SegHead(nn.Module):
-    """Light decoder: tokens fused with the slice at half resolution, refined at full resolution.
-
-    Looking at the slice itself (not only the 8x8-pixel tokens) is what lets
-    small lesions survive; the heavy fusion runs at half resolution to keep
-    the CPU path cheap (~0.1 GFLOP per slice).
-    """
-
-    def __init__(self, cfg: Config, n_classes: int, width: int = 16):
-        super().__init__()
-        self.grid = cfg.size // cfg.patch
-        self.proj = nn.Conv2d(cfg.dim, width, 1)
-        self.down = nn.Sequential(nn.Conv2d(cfg.channels, width, 3, stride=2, padding=1), nn.GELU())
-        self.fuse = nn.Sequential(
-            nn.Conv2d(2 * width, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, 8, 3, padding=1),
-            nn.GELU(),
-        )
-        self.refine = nn.Sequential(
-            nn.Conv2d(8 + cfg.channels, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, n_classes, 1)
-        )
-
-    def forward(self, tokens, image):
-        n, t, d = tokens.shape
-        size = image.shape[-1]
-        f = tokens.transpose(1, 2).reshape(n, d, self.grid, self.grid)
-        f = F.interpolate(self.proj(f), size=(size // 2, size // 2), mode="bilinear", align_corners=False)
-        f = self.fuse(torch.cat([f, self.down(image)], dim=1))
-        f = F.interpolate(f, size=(size, size), mode="bilinear", align_corners=False)
-        return self.refine(torch.cat([f, image], dim=1))
-
-
-class SegProbs(nn.Module):
-    """Export wrapper: a segmentation head that outputs softmax probabilities."""
-
-    def __init__(self, head: SegHead):
-        super().__init__()
-        self.head = head
-
-    def forward(self, tokens, image):
-        return torch.softmax(self.head(tokens, image), dim=1)
-
-
-class PresenceHead(nn.Module):
-    """Series-level classifier: a score per patch token, max-pooled over every slice (a 3D task from 2D features).
-
-    Patch tokens rather than CLS: a 5 mm lesion is a few tokens of one slice,
-    which a global CLS summary dilutes.
-    """
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, 64), nn.GELU(), nn.Linear(64, 1))
-
-    def forward(self, tokens):  # (S, T, D) -> (1,) probability
-        return torch.sigmoid(self.mlp(tokens).amax(dim=(0, 1)))
+LABELS = {
+    "organs": [
+        {"index": 1, "name": "Liver", "type": {"value": "10200004", "meaning": "Liver"}},
+        {"index": 2, "name": "Spleen", "type": {"value": "78961009", "meaning": "Spleen"}},
+        {"index": 3, "name": "Kidney", "type": {"value": "64033007", "meaning": "Kidney"}},
+        {"index": 4, "name": "Lung", "type": {"value": "39607008", "meaning": "Lung"}},
+        {"index": 5, "name": "Bone", "type": {"value": "272673000", "meaning": "Bone structure"}},
+    ],
+    "lesions": [
+        {
+            "index": 1,
+            "name": "Lesion",
+            "kind": "lesion",
+            "instances": True,
+            "category": {"value": "49755003", "meaning": "Morphologically Abnormal Structure"},
+            "type": {"value": "52988006", "meaning": "Lesion"},
+        }
+    ],
+}
+ANATOMY = {"value": "91723000", "meaning": "Anatomical Structure"}
+PRESENCE = {
+    "finding": {"value": "52988006", "meaning": "Lesion"},
+    "positive": {"value": "52101004", "meaning": "Present"},
+    "negative": {"value": "2667000", "meaning": "Absent"},
+    "threshold": 0.5,
+}
 
 
 # -- data -------------------------------------------------------------------------
 
 
-def make_dataset(cfg: Config, seeds: range, rng: np.random.Generator):
-    """Phantom slices on the model grid: images (N,C,S,S), organ labels, lesion masks, volume ids."""
-    images, organs, lesions, vol_ids = [], [], [], []
-    for vid, seed in enumerate(seeds):
-        ph = Phantom.random(seed, n_lesions=0 if rng.random() < 0.15 else int(rng.integers(1, 6)))
-        modality = "CT" if rng.random() < 0.6 else "MR"
-        fov = rng.uniform(330, 500)
-        spacing = fov / cfg.size
-        # half the volumes centred on a lesion so the lesion decoder sees enough positives
-        z = (
-            ph.lesions[int(rng.integers(len(ph.lesions)))].center[2]
-            if ph.lesions and rng.random() < 0.5
-            else 0.0
-        )
-        z += rng.uniform(-40, 40)
-        shape = (cfg.slices_per_phantom, cfg.size, cfg.size)
-        affine = axial_affine(shape, spacing, float(rng.uniform(2.5, 10.0)), z)
-        noise = float(rng.uniform(0, 25)) if modality == "CT" else float(rng.uniform(0.5, 4))
-        s = ph.sample(affine, shape, modality, noise=noise, seed=seed, mr_gain=float(rng.uniform(0.3, 4.0)))
-        image = s.image
-        if rng.random() < 0.5:  # partial-volume blur, as when a fine slice is resized down
-            from scipy.ndimage import gaussian_filter
+@dataclass
+class Stack:
+    """Model-plane slices of one phantom, with their labels."""
 
-            image = gaussian_filter(image, (0, rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)))
-        images.append(normalise(image, modality))
-        organs.append(s.organs)
-        lesions.append((s.lesion > 0).astype(np.uint8))
-        vol_ids.append(np.full(shape[0], vid))
-    return (
-        torch.from_numpy(np.concatenate(images)),
-        torch.from_numpy(np.concatenate(organs).astype(np.int64)),
-        torch.from_numpy(np.concatenate(lesions).astype(np.int64)),
-        np.concatenate(vol_ids),
-    )
+    image: np.ndarray  # (n, 1, S, S) float32, the backbone's input
+    organs: np.ndarray  # (n, S, S) uint8, IGNORE outside the slab
+    lesion: np.ndarray  # (n, S, S) uint8 0/1, IGNORE outside the slab
 
 
-def _dice_loss(logits, target, n_classes):
-    p = torch.softmax(logits, 1)
-    t = F.one_hot(target, n_classes).permute(0, 3, 1, 2).float()
+def sample_stack(seed: int, size: int, n_slices: int, rng: np.random.Generator, whole_body: bool = False) -> Stack:
+    """One training phantom, acquired at random and brought to the model plane as the node does;
+    ``whole_body``: half the stacks anywhere from the lung apices to the pelvis, not only around
+    the organs and lesions."""
+    import highdicom as hd
+    from scipy.ndimage import gaussian_filter
+
+    phantom = Phantom.random(seed, n_lesions=0 if rng.random() < 0.2 else int(rng.integers(1, 6)))
+    modality = "CT" if rng.random() < 0.6 else "MR"
+    fov = rng.uniform(300, 500)
+    matrix = int(rng.integers(64, 289))
+    spacing = (fov / matrix, fov / matrix)
+    z = rng.uniform(-40, 40)
+    if whole_body and rng.random() < 0.5:
+        z = rng.uniform(-150, 150)
+    elif phantom.lesions and rng.random() < 0.6:  # most stacks through a lesion: they are small and rare
+        z += phantom.lesions[int(rng.integers(len(phantom.lesions)))].center[2]
+    acquisition = rng.choice(["axial", "axial", "stretched", "oblique"])
+    if acquisition == "stretched":  # a sagittal/coronal acquisition: its slice axis is in-plane here
+        coarse = rng.uniform(2.5, 7.0)
+        cols = int(fov / coarse)
+        shape, spacing = (n_slices, matrix, cols), (spacing[0], coarse)
+        if rng.random() < 0.5:
+            shape, spacing = (n_slices, cols, matrix), (coarse, spacing[1])
+    elif acquisition == "oblique":  # a thicker slab, so that its middle fills whole axial slices
+        shape = (3 * n_slices, matrix, matrix)
+    else:
+        shape = (n_slices, matrix, matrix)
+    thickness = float(rng.uniform(2.0, 8.0))
+    affine = axial_affine(shape, 1.0, thickness, z)
+    affine[:3, 1] *= spacing[0]
+    affine[:3, 2] *= spacing[1]
+    affine[:3, 3] = (-spacing[1] * (shape[2] - 1) / 2, -spacing[0] * (shape[1] - 1) / 2, affine[2, 3])
+    if acquisition == "oblique":  # tilt the source, then let the node resample it to an axial grid
+        affine = rotated(affine, shape, *rng.uniform(-25, 25, 2))
+    noise = float(rng.uniform(5, 25)) if modality == "CT" else float(rng.uniform(0.5, 4))
+    s = phantom.sample(affine, shape, modality, noise=noise, seed=seed, mr_gain=float(rng.uniform(0.3, 4.0)))
+    image = s.image
+    if rng.random() < 0.4:  # partial-volume blur, as in thick or reconstructed slices
+        image = gaussian_filter(image, (0, rng.uniform(0.3, 1.2), rng.uniform(0.3, 1.2)))
+    canonical = to_canonical(hd.Volume(image, affine, "PATIENT", "1.2.3"))
+    pick = np.arange(canonical.shape[0])
+    if len(pick) > n_slices:  # an oblique stack: the middle of its axial grid, where the slab is
+        start = (len(pick) - n_slices) // 2
+        pick = pick[start : start + n_slices]
+    plane = ResizeMap(canonical.shape[1:], tuple(canonical.spacing[1:]), size)
+    x = normalise(plane.to_model(canonical.array[pick], -1000.0), modality, ZSCORE)
+    # truth at the centre of each model pixel
+    u = plane.model_to_canonical(0)
+    v = plane.model_to_canonical(1)
+    ii, uu, vv = np.meshgrid(pick, u, v, indexing="ij")
+    index = np.stack([ii.ravel(), uu.ravel(), vv.ravel(), np.ones(ii.size)])
+    lps = canonical.affine @ index
+    tissue, lesion = phantom.labels(lps[:3].T)
+    organs = np.where(tissue <= max(ORGANS), tissue, 0).astype(np.uint8)
+    lesion = (lesion > 0).astype(np.uint8)
+    src = np.linalg.inv(affine) @ lps
+    outside = np.any((src[:3].T < -0.5) | (np.array(shape) - 0.5 < src[:3].T), axis=1)
+    organs[outside], lesion[outside] = IGNORE, IGNORE
+    grid = (len(pick), size, size)
+    return Stack(x, organs.reshape(grid), lesion.reshape(grid))
+
+
+def make_dataset(
+    cfg: Config, seeds: range, rng: np.random.Generator, whole_body: bool = False
+) -> tuple[Stack, np.ndarray]:
+    stacks = [sample_stack(seed, cfg.size, cfg.slices_per_phantom, rng, whole_body) for seed in seeds]
+    ids = np.concatenate([np.full(len(s.image), k) for k, s in enumerate(stacks)])
+    return Stack(*(np.concatenate([getattr(s, f) for s in stacks]) for f in ("image", "organs", "lesion"))), ids
+
+
+# -- losses -------------------------------------------------------------------------
+
+
+def _seg_loss(logits, target, weight=None):
+    """Cross-entropy + soft Dice over the batch (small structures count as much as large ones)."""
+    n_classes = logits.shape[1]
+    ce = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE)
+    valid = (target != IGNORE).unsqueeze(1)
+    p = torch.softmax(logits, 1) * valid
+    t = F.one_hot(torch.where(target == IGNORE, 0, target), n_classes).permute(0, 3, 1, 2) * valid
     inter = (p * t).sum((0, 2, 3))
-    return 1 - ((2 * inter + 1) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + 1))[1:].mean()
-
-
-def _seg_loss(logits, target, n_classes, weight=None):
-    return F.cross_entropy(logits, target, weight=weight) + _dice_loss(logits, target, n_classes)
+    dice = (2 * inter + 1) / (p.sum((0, 2, 3)) + t.sum((0, 2, 3)) + 1)
+    return ce + (1 - dice[1:]).mean()
 
 
 # -- training ---------------------------------------------------------------------
 
 
-def train(out_dir: Path, cfg: Config = Config()) -> dict:
-    """Train both stages and export the ONNX graphs into ``out_dir``. Returns training stats."""
+def build(cfg: Config):
+    import transformers
+
+    from node.model.importers.heads import segmentation_decoder
+
+    config = transformers.Dinov2Config(
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        patch_size=cfg.patch,
+        image_size=cfg.size,
+        num_channels=1,
+    )
+    backbone = transformers.Dinov2Model(config)
+    return backbone, segmentation_decoder(cfg.dim, cfg.patch, len(ORGANS) + 1), segmentation_decoder(cfg.dim, cfg.patch, 2)
+
+
+def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.0.0") -> dict:
+    """Train, save the Hugging Face checkpoint and head folders under ``out_dir/source``, and import
+    them into ``out_dir`` (a model folder). Returns training stats."""
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
-    x, y_org, y_les, vol_ids = make_dataset(cfg, range(1000, 1000 + cfg.n_train), rng)
-    log.info("dataset: %d slices in %.0f s", len(x), time.perf_counter() - t0)
-    n_org = len(ORGANS) + 1
-    les_w = torch.tensor([1.0, 8.0])
-    lesion_slices = torch.nonzero(y_les.flatten(1).any(1)).ravel()
+    backbone, organs, lesions = modules = build(cfg)
+    data, _ = make_dataset(cfg, range(1000, 1000 + cfg.n_train), np.random.default_rng(cfg.seed))
+    log.info("stage 1 dataset: %d slices in %.0f s", len(data.image), time.perf_counter() - t0)
 
-    def draw() -> torch.Tensor:
-        """Half of every batch from slices with a lesion: they are rare, and small."""
-        half = cfg.batch // 2 if len(lesion_slices) else 0
-        pos = lesion_slices[torch.randint(max(1, len(lesion_slices)), (half,))]
-        return torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
+    def joint(x, y_org, y_les):
+        tokens = backbone(pixel_values=x).last_hidden_state[:, 1:]
+        return _seg_loss(organs.logits(tokens, x), y_org) + _seg_loss(lesions.logits(tokens, x), y_les, LESION_WEIGHT)
 
-    backbone = Backbone(cfg)
-    aux_org = nn.Conv2d(cfg.dim, n_org, 1)
-    aux_les = nn.Conv2d(cfg.dim, 2, 1)
-    grid = cfg.size // cfg.patch
-
-    def aux_logits(tokens, conv):
-        f = tokens.transpose(1, 2).reshape(tokens.shape[0], cfg.dim, grid, grid)
-        return F.interpolate(conv(f), size=(cfg.size, cfg.size), mode="bilinear", align_corners=False)
-
-    params = [*backbone.parameters(), *aux_org.parameters(), *aux_les.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=cfg.pretrain_steps, pct_start=0.1)
-    for step in range(cfg.pretrain_steps):
-        idx = draw()
-        xb = _augment(x[idx])
-        tokens, _ = backbone(xb)
-        loss = _seg_loss(aux_logits(tokens, aux_org), y_org[idx], n_org) + _seg_loss(
-            aux_logits(tokens, aux_les), y_les[idx], 2, les_w
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0:
-            log.info("pretrain %d/%d loss %.3f", step, cfg.pretrain_steps, loss.item())
-
-    # stage 2: frozen backbone, shipped heads trained on its features
+    _fit(modules, joint, data, None, cfg.steps, cfg, t0)
+    stage1 = time.perf_counter() - t0
+    # stage 2: the backbone frozen, its features computed once; the heads on new phantoms from head
+    # to pelvis (stage 1 saw mostly the organs' levels, and a head must also say "no organ")
     backbone.eval().requires_grad_(False)
-    organs_head, lesions_head, presence = SegHead(cfg, n_org), SegHead(cfg, 2), PresenceHead(cfg)
+    heads_data, _ = make_dataset(cfg, range(5000, 5000 + cfg.n_train), np.random.default_rng(cfg.seed + 2), True)
     with torch.no_grad():
-        feats = [backbone(x[i : i + 64]) for i in range(0, len(x), 64)]
-    tokens_all = torch.cat([f[0] for f in feats])
-    params = [*organs_head.parameters(), *lesions_head.parameters()]
-    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=cfg.head_steps, pct_start=0.1)
-    for step in range(cfg.head_steps):
-        idx = draw()
-        loss = _seg_loss(organs_head(tokens_all[idx], x[idx]), y_org[idx], n_org) + _seg_loss(
-            lesions_head(tokens_all[idx], x[idx]), y_les[idx], 2, les_w
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 200 == 0:
-            log.info("heads %d/%d loss %.3f", step, cfg.head_steps, loss.item())
+        x = torch.from_numpy(heads_data.image)
+        tokens = torch.cat([backbone(pixel_values=x[i : i + 64]).last_hidden_state[:, 1:] for i in range(0, len(x), 64)])
 
-    # series-level presence: each training volume is a bag of slices
-    bags = [np.flatnonzero(vol_ids == v) for v in np.unique(vol_ids)]
-    labels = torch.tensor([float(y_les[b].any()) for b in bags])
-    train_presence(presence, tokens_all, y_les, bags, cfg.cls_steps, rng)
+    def heads(x, y_org, y_les, t):
+        return _seg_loss(organs.logits(t, x), y_org) + _seg_loss(lesions.logits(t, x), y_les, LESION_WEIGHT)
+
+    _fit((organs, lesions), heads, heads_data, tokens, cfg.head_steps, cfg, t0, lr=cfg.lr / 2)
     stats = {
-        "train_slices": len(x),
-        "train_volumes": len(bags),
-        "positive_volumes": int(labels.sum()),
+        "train_slices": len(data.image) + len(heads_data.image),
+        "train_volumes": 2 * cfg.n_train,
+        "lesion_slices": int((data.lesion == 1).any(axis=(1, 2)).sum() + (heads_data.lesion == 1).any(axis=(1, 2)).sum()),
+        "stage1_seconds": round(stage1, 1),
         "train_seconds": round(time.perf_counter() - t0, 1),
         "parameters": {
-            "backbone": sum(p.numel() for p in backbone.parameters()),
-            "organs": sum(p.numel() for p in organs_head.parameters()),
-            "lesions": sum(p.numel() for p in lesions_head.parameters()),
-            "lesion_presence": sum(p.numel() for p in presence.parameters()),
+            n: sum(p.numel() for p in m.parameters())
+            for n, m in zip(("backbone", "organs", "lesions"), modules, strict=True)
         },
     }
-    export(out_dir, cfg, backbone, organs_head, lesions_head, presence)
-    (out_dir / "training.json").write_text(json.dumps({"config": cfg.__dict__, **stats}, indent=2) + "\n")
+    save(out_dir, cfg, modules, name, version)
+    (out_dir / "training.json").write_text(json.dumps({"config": asdict(cfg), **stats}, indent=2) + "\n")
     return stats
 
 
-def train_presence(presence, tokens_all, y_les, bags, steps: int, rng: np.random.Generator) -> None:
-    """Train the series-level head on bags of consecutive slices, as many without a lesion as with.
+LESION_WEIGHT = torch.tensor([1.0, 5.0])  # lesion pixels are rare
 
-    Bags vary in length, so the max-pooled score learns not to fire more often on long series.
-    """
-    has = y_les.flatten(1).any(1).numpy()
-    opt = torch.optim.AdamW(presence.parameters(), lr=1e-3, weight_decay=0.01)
 
-    def bag(positive: bool) -> np.ndarray:
-        for _ in range(50):
-            b = bags[int(rng.integers(len(bags)))]
-            start = int(rng.integers(len(b)))
-            sub = b[start : start + int(rng.integers(4, len(b) + 1))]
-            if has[sub].any() == positive:
-                return sub
-        return sub
-
+def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None = None) -> None:
+    """AdamW with a one-cycle schedule; half of every batch from slices with a lesion (rare, small).
+    ``loss_of(x, y_organs, y_lesion[, tokens])``: tokens given when the backbone is frozen."""
+    x = torch.from_numpy(data.image)
+    y_org = torch.from_numpy(data.organs.astype(np.int64))
+    y_les = torch.from_numpy(data.lesion.astype(np.int64))
+    positive = torch.nonzero((y_les == 1).flatten(1).any(1)).ravel()
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    lr = lr or cfg.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    for m in modules:
+        m.train()
     for step in range(steps):
-        loss = sum(
-            F.binary_cross_entropy(
-                presence(tokens_all[sub]).clamp(1e-6, 1 - 1e-6), torch.tensor([float(has[sub].any())])
-            )
-            for sub in (bag(True), bag(False), bag(True), bag(False))
-        )
+        half = cfg.batch // 2 if len(positive) else 0
+        pos = positive[torch.randint(max(1, len(positive)), (half,))]
+        idx = torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
+        args = (_augment(x[idx]) if tokens is None else x[idx], y_org[idx], y_les[idx])
+        loss = loss_of(*args) if tokens is None else loss_of(*args, tokens[idx])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
+
+
+def save(out_dir: Path, cfg: Config, modules, name: str, version: str) -> Path:
+    """The checkpoint as its owners would publish it (``out_dir/source``), imported into ``out_dir``."""
+    from node.model.importers.heads import PRESENCE as PRESENCE_ARCH
+    from node.model.importers.heads import SEGMENTATION, decoder_presence, write_own_head
+    from node.model.importers.huggingface import import_huggingface
+
+    backbone, organs, lesions = (m.eval() for m in modules)
+    source = out_dir / "source"
+    shutil.rmtree(source, ignore_errors=True)
+    backbone.save_pretrained(source / name)
+    (source / name / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "CuriaImageProcessor", "clip_below_air": True, "eps": ZSCORE.eps}) + "\n"
+    )
+    heads = []
+    for head, module in (("organs", organs), ("lesions", lesions)):
+        labels = [{"category": ANATOMY, **label} for label in LABELS[head]]
+        config = {"pacs_node_head": SEGMENTATION, "hidden_size": cfg.dim, "labels": labels}
+        heads.append(write_own_head(source / f"head_{head}", module, config))
+    presence = decoder_presence(cfg.dim, cfg.patch)  # the lesion decoder, read as a series-level finding
+    presence.decoder.load_state_dict(lesions.state_dict())
+    config = {"pacs_node_head": PRESENCE_ARCH, "hidden_size": cfg.dim, **PRESENCE}
+    heads.append(write_own_head(source / "head_lesion_presence", presence, config))
+    for stale in out_dir.glob("*"):  # the previous import: everything but the source just written
+        if stale.name != "source" and stale.suffix in (".onnx", ".pt2", ".yaml", ".json"):
+            stale.unlink()
+    tmp = out_dir.parent / f".{out_dir.name}-import"
+    shutil.rmtree(tmp, ignore_errors=True)
+    import_huggingface(
+        source / name,
+        tmp,
+        heads,
+        name=name,
+        version=version,
+        description="Reference DINOv2 slice encoder (Curia's format, small) with organ, lesion and "
+        "lesion-presence heads; synthetic data only, not for clinical use",
+    )
+    provenance = json.loads((tmp / "import.json").read_text())  # paths inside the folder: relative
+    provenance["source"] = f"source/{name}"
+    provenance["heads"] = {h: f"source/head_{h}" for h in provenance["heads"]}
+    (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
+    for f in tmp.iterdir():
+        f.rename(out_dir / f.name)
+    tmp.rmdir()
+    return out_dir
+
+
+def retrain_presence(model_dir: Path, cfg: Config = Config()) -> Path:
+    """Retrain only the lesion-presence head on the model folder's exported (frozen) backbone, and
+    re-export only that head: how a head is added or improved without touching the backbone."""
+    import onnxruntime as ort
+
+    from node.model.importers.heads import decoder_presence, read_own_head, write_own_head
+    from node.model.importers.huggingface import export_own_head
+    from node.model.manifest import load_model
+
+    model = load_model(model_dir)
+    torch.manual_seed(cfg.seed + 1)
+    data, _ = make_dataset(cfg, range(1000, 1000 + cfg.n_train), np.random.default_rng(cfg.seed + 1))
+    session = ort.InferenceSession(str(model.graph(model.backbone.graph)), providers=["CPUExecutionProvider"])
+    tokens = np.concatenate(
+        [session.run(["tokens"], {"image": data.image[i : i + 64]})[0] for i in range(0, len(data.image), 64)]
+    )
+    hidden, patch = tokens.shape[-1], model.input.size // int(round(np.sqrt(tokens.shape[1])))
+    tokens, x = torch.from_numpy(tokens), torch.from_numpy(data.image)
+    y = torch.from_numpy(data.lesion.astype(np.int64))
+    presence = decoder_presence(hidden, patch)
+    opt = torch.optim.AdamW(presence.parameters(), lr=cfg.lr, weight_decay=0.01)
+    for _ in range(cfg.steps):
+        idx = torch.randint(len(tokens), (cfg.batch,))
+        loss = _seg_loss(presence.decoder.logits(tokens[idx], x[idx]), y[idx], LESION_WEIGHT)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 200 == 0:
-            log.info("presence %d/%d loss %.3f", step, steps, loss.item() / 4)
-
-
-def retrain_presence(model_dir: Path, cfg: Config = Config()) -> None:
-    """Retrain only the lesion-presence head on the *exported* frozen backbone, and export only that head.
-
-    This is how a head is added or improved without re-exporting the backbone.
-    """
-    import onnxruntime as ort
-
-    torch.manual_seed(cfg.seed + 1)
-    rng = np.random.default_rng(cfg.seed)
-    x, _, y_les, vol_ids = make_dataset(cfg, range(1000, 1000 + cfg.n_train), rng)
-    session = ort.InferenceSession(str(model_dir / "backbone.onnx"), providers=["CPUExecutionProvider"])
-    tokens = np.concatenate(
-        [session.run(["tokens"], {"image": x[i : i + 64].numpy()})[0] for i in range(0, len(x), 64)]
-    )
-    presence = PresenceHead(cfg)
-    bags = [np.flatnonzero(vol_ids == v) for v in np.unique(vol_ids)]
-    train_presence(presence, torch.from_numpy(tokens), y_les, bags, cfg.cls_steps, rng)
-    torch.backends.mha.set_fastpath_enabled(False)
-    torch.onnx.export(
-        presence.eval(),
-        (torch.from_numpy(tokens[:2]),),
-        model_dir / "head_lesion_presence.onnx",
-        input_names=["tokens"],
-        output_names=["probability"],
-        dynamic_axes={"tokens": {0: "slices"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    folder = model_dir / "source" / "head_lesion_presence"
+    config = json.loads((folder / "config.json").read_text())
+    write_own_head(folder, presence.eval(), config)
+    export_own_head(read_own_head(folder, config, hidden), model_dir / "head_lesion_presence.onnx", hidden, patch, model.input.size)
+    return model_dir
 
 
 def _augment(xb):
-    """Random flips are wrong for anatomy (left/right matters); use intensity jitter only."""
+    """Intensity jitter only: flips are wrong for anatomy (left and right matter)."""
     scale = 1 + 0.1 * torch.randn(xb.shape[0], 1, 1, 1)
     shift = 0.05 * torch.randn(xb.shape[0], 1, 1, 1)
     return xb * scale + shift
-
-
-def export(out_dir: Path, cfg: Config, backbone, organs_head, lesions_head, presence) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # the fused "fast path" kernel of nn.TransformerEncoderLayer has no ONNX export
-    torch.backends.mha.set_fastpath_enabled(False)
-    image = torch.zeros(2, cfg.channels, cfg.size, cfg.size)
-    tokens, _ = backbone(image)
-    common = {"opset_version": 17, "dynamo": False}
-    torch.onnx.export(
-        backbone,
-        (image,),
-        out_dir / "backbone.onnx",
-        input_names=["image"],
-        output_names=["tokens", "cls"],
-        dynamic_axes={"image": {0: "n"}, "tokens": {0: "n"}, "cls": {0: "n"}},
-        **common,
-    )
-    for name, head in (("organs", organs_head), ("lesions", lesions_head)):
-        torch.onnx.export(
-            SegProbs(head).eval(),
-            (tokens, image),
-            out_dir / f"head_{name}.onnx",
-            input_names=["tokens", "image"],
-            output_names=["probabilities"],
-            dynamic_axes={"tokens": {0: "n"}, "image": {0: "n"}, "probabilities": {0: "n"}},
-            **common,
-        )
-    torch.onnx.export(
-        presence.eval(),
-        (tokens,),
-        out_dir / "head_lesion_presence.onnx",
-        input_names=["tokens"],
-        output_names=["probability"],
-        dynamic_axes={"tokens": {0: "slices"}},
-        **common,
-    )

@@ -158,7 +158,9 @@ def write_outlines(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
     sources = {s.index: s for s in slice_sources(findings.series)}
     groups = []
     for segment in sorted(findings.segments, key=lambda s: s.kind != "lesion"):  # lesions first
-        key = _key_slice(segment)
+        key = _key_slice(segment, sources)
+        if key is None:  # only on interpolated slices: nothing a viewer can draw it on
+            continue
         whole = [hd.sr.Measurement(name=CODES["volume"], value=segment.volume_ml, unit=UNITS["ml"])]
         if segment.longest_diameter_mm is not None:
             whole.append(
@@ -172,7 +174,7 @@ def write_outlines(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         if segment.longest_diameter_mm is not None and segment.diameter_slice in sources:
             groups.append(_diameter_group(segment, sources[segment.diameter_slice], algorithm, uid, OHIF_LENGTH))
         for index in segment.slices:
-            if index != key:
+            if index != key and index in sources:  # interpolated slices have no image
                 tracking = uid(f"tracking-{segment.number}-outline-{index}")
                 groups.append(_outline_group(findings, segment, sources[index], tracking, algorithm))
     return _document(findings, seg, groups, OUTLINES_TITLE, OutputKind.OUTLINES, local=False)
@@ -468,11 +470,14 @@ def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
     return hd.sr.TrackingIdentifier(uid=findings.tracking_uid(segment), identifier=segment.label[:64])
 
 
-def _key_slice(segment: Segment) -> int:
-    """The slice a reader looks at first: a lesion's long-axis slice, else the largest cross-section."""
-    if segment.diameter_slice is not None and segment.mask[segment.diameter_slice].any():
+def _key_slice(segment: Segment, stored) -> int | None:
+    """The slice a reader looks at first, among the ``stored`` ones (an interpolated slice has no
+    image to draw on): a lesion's long-axis slice, else the largest cross-section; None if none."""
+    if segment.diameter_slice in stored and segment.mask[segment.diameter_slice].any():
         return segment.diameter_slice
-    return int(segment.mask.sum(axis=(1, 2)).argmax())
+    areas = segment.mask.sum(axis=(1, 2))
+    candidates = sorted(i for i in stored if areas[i])
+    return max(candidates, key=lambda i: areas[i]) if candidates else None
 
 
 def _outline_group(findings: Findings, segment: Segment, source: SliceSource, tracking_uid: str, algorithm, more=()):

@@ -38,6 +38,7 @@ import numpy as np
 import yaml
 
 from node.errors import ModelError
+from node.model.importers.heads import SEGMENTATION, OwnHead, read_own_head
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,12 @@ def check_backbone(src: Path) -> dict:
     return config
 
 
-def read_head(folder: Path, hidden: int) -> ImportedHead:
-    """One classification head folder: its labels, the feature it reads, and the linear weights."""
+def read_head(folder: Path, hidden: int) -> ImportedHead | OwnHead:
+    """One head folder: a Hugging Face classifier (its labels, the feature it reads, the linear
+    weights), or one of pacs-node's own heads (``pacs_node_head`` in its config)."""
     config = _read_json(folder / "config.json", "the head's config with id2label")
+    if "pacs_node_head" in config:
+        return read_own_head(folder, config, hidden)
     id2label = config.get("id2label") or {}
     try:
         labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
@@ -286,6 +290,26 @@ def export_head(head: ImportedHead, out: Path) -> None:
     export_program(Head(), (torch.zeros(1, f),), out.with_suffix(".pt2"))
 
 
+def export_own_head(head: OwnHead, out: Path, hidden: int, patch: int, size: int) -> None:
+    """One of pacs-node's heads -> ONNX and its ``.pt2`` twin: tokens (N, T, D) and slices (N, 1, S, S)
+    -> class probabilities (N, K, S, S) (segmentation) or one probability per slice (N,) (presence)."""
+    torch, _ = _need_framework()
+    from node.model.runtimes.torch import export_program
+
+    module = head.module(hidden, patch)
+    args = (torch.zeros(2, (size // patch) ** 2, hidden), torch.zeros(2, 1, size, size))
+    names, output = ["tokens", "image"], "probabilities" if head.architecture == SEGMENTATION else "probability"
+    dynamic = {k: {0: "n"} for k in (*names, output)}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(out), input_names=names, output_names=[output], dynamic_axes=dynamic,
+            opset_version=OPSET, dynamo=False,
+        )  # fmt: skip
+        n = torch.export.Dim("n", min=1, max=4096)
+        export_program(module, args, out.with_suffix(".pt2"), {k: {0: n} for k in names})
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -302,6 +326,8 @@ def import_huggingface(
     name: str | None = None,
     version: str = "1.0.0",
     warn=log.warning,
+    description: str | None = None,
+    batch: int = 8,
 ) -> Path:
     """Import ``src`` (and ``heads``) into the model folder ``out``; returns ``out``."""
     src, out = Path(src), Path(out)
@@ -324,13 +350,18 @@ def import_huggingface(
     tmp = Path(tempfile.mkdtemp(prefix=f".import-{out.name}-", dir=out.parent))
     try:
         export_backbone(src, tmp / "backbone.onnx", size)
+        patch = int(config.get("patch_size", 16))
         for h in imported:
-            export_head(h, tmp / f"head_{h.name}.onnx")
+            if isinstance(h, OwnHead):
+                export_own_head(h, tmp / f"head_{h.name}.onnx", hidden, patch, size)
+            else:
+                export_head(h, tmp / f"head_{h.name}.onnx")
         clip = processor.get("clip_below_air")
         manifest = {
             "name": name or src.name,
             "version": version,
-            "description": f"imported from {src.name} ({config['model_type']}, hidden {hidden}, "
+            "description": description
+            or f"imported from {src.name} ({config['model_type']}, hidden {hidden}, "
             f"patch {config.get('patch_size')}, {size}x{size}, one channel)",
             "modalities": ["CT", "MR"],
             "input": {
@@ -346,8 +377,8 @@ def import_huggingface(
                     "eps": float(processor.get("eps", 1e-6)),
                 },
             },
-            "backbone": {"graph": "backbone.onnx", "batch": 8, "outputs": ["tokens", "cls"]},
-            "heads": [head_manifest(h, code_map, warn) for h in imported],
+            "backbone": {"graph": "backbone.onnx", "batch": batch, "outputs": ["tokens", "cls"]},
+            "heads": [h.manifest() if isinstance(h, OwnHead) else head_manifest(h, code_map, warn) for h in imported],
         }
         (tmp / "model.yaml").write_text(
             "# written by `pacs-node models import`: the authors' preprocessing, said explicitly\n"

@@ -1,0 +1,179 @@
+"""pacs-node's own head formats: the segmentation decoder and the presence classifier read off one.
+
+A head folder holds ``config.json`` (``pacs_node_head``: which architecture, its sizes, and what the
+manifest says of the head: labels with their codes, or the coded finding) and ``model.safetensors``
+(the weights, as ``torch``'s ``state_dict`` names them). ``pacs-node models train`` writes them
+beside the Hugging Face backbone; the importer rebuilds each module here, loads the weights and
+exports the ONNX graph and its ``torch.export`` twin, as it does for a Hugging Face classifier.
+Import time only: PyTorch is not a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.errors import ModelError
+
+SEGMENTATION = "segmentation_decoder"
+PRESENCE = "decoder_presence"
+ARCHITECTURES = (SEGMENTATION, PRESENCE)
+
+
+def _torch():
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    return torch, nn, F
+
+
+def segmentation_decoder(
+    hidden: int, patch: int, classes: int, widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6
+):
+    """A light U-Net on the slice with the backbone's patch tokens joined at a quarter of its size.
+
+    The slice path is what keeps small lesions: an 8x8-pixel token alone cannot outline a
+    3-pixel lesion. It starts with learned soft windows (``tanh(gain * (z - centre))``): in a slice
+    z-scored over air and body, soft-tissue contrasts of 20-70 HU are a few hundredths of a unit,
+    and a window is what a radiologist would use to see them.
+    (N, T, D) tokens + (N, 1, S, S) slice -> (N, K, S, S) class probabilities.
+    """
+    torch, nn, F = _torch()
+    c1, c2, c3 = widths
+
+    def block(cin, cout, stride=1):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GELU()
+        )
+
+    class SegmentationDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.window = nn.Conv2d(1, windows, 1)
+            with torch.no_grad():  # centres spread over the body's z-range, steep enough to separate tissues
+                gain = 10.0
+                self.window.weight.fill_(gain)
+                self.window.bias.copy_(-gain * torch.linspace(-0.5, 2.0, windows))
+            self.enc1, self.enc2, self.enc3 = block(1 + windows, c1), block(c1, c2, 2), block(c2, c3, 2)
+            self.tokens = nn.Conv2d(hidden, c3, 1)
+            self.mid = block(2 * c3, c3)
+            self.dec2 = block(c3 + c2, c2)
+            self.dec1 = nn.Sequential(nn.Conv2d(c2 + c1, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, classes, 1))
+
+        def logits(self, tokens, image):
+            n, t, d = tokens.shape
+            size = image.shape[-1]
+            grid = size // patch
+            e1 = self.enc1(torch.cat([image, torch.tanh(self.window(image))], 1))
+            e2 = self.enc2(e1)
+            e3 = self.enc3(e2)
+            f = self.tokens(tokens.transpose(1, 2).reshape(n, d, grid, grid))
+            f = F.interpolate(f, size=e3.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.mid(torch.cat([e3, f], 1))
+            x = F.interpolate(x, size=e2.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.dec2(torch.cat([x, e2], 1))
+            x = F.interpolate(x, size=e1.shape[-2:], mode="bilinear", align_corners=False)
+            return self.dec1(torch.cat([x, e1], 1))
+
+        def forward(self, tokens, image):
+            return torch.softmax(self.logits(tokens, image), dim=1)
+
+    return SegmentationDecoder()
+
+
+def decoder_presence(hidden: int, patch: int, widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6):
+    """A series-level finding read off a two-class segmentation decoder: each slice's score is its
+    highest lesion probability averaged over 3x3 pixels (one noisy pixel is not a lesion); the
+    series' is the highest of its slices (``reads: slices`` in the manifest).
+    (N, T, D) tokens + (N, 1, S, S) slices -> (N,) probabilities."""
+    torch, nn, F = _torch()
+
+    class DecoderPresence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = segmentation_decoder(hidden, patch, 2, widths, windows)
+
+        def forward(self, tokens, image):
+            lesion = self.decoder(tokens, image)[:, 1:]
+            return F.avg_pool2d(lesion, 3, stride=1, padding=1).amax(dim=(1, 2, 3))
+
+    return DecoderPresence()
+
+
+@dataclass(frozen=True)
+class OwnHead:
+    """A head folder in pacs-node's format, read and checked against the backbone."""
+
+    name: str
+    architecture: str
+    config: dict  # config.json as written: sizes and the manifest's words for the head
+    folder: Path
+
+    def module(self, hidden: int, patch: int):
+        """The torch module with its weights loaded (strict: every tensor, none left over)."""
+        from safetensors.torch import load_file
+
+        c = self.config
+        shape = {"widths": tuple(c.get("widths", (8, 16, 32))), "windows": int(c.get("windows", 6))}
+        if self.architecture == SEGMENTATION:
+            module = segmentation_decoder(hidden, patch, len(c["labels"]) + 1, **shape)
+        else:
+            module = decoder_presence(hidden, patch, **shape)
+        path = self.folder / "model.safetensors"
+        if not path.exists():
+            raise ModelError(f"{self.folder}: no model.safetensors (the head's weights)")
+        try:
+            module.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as e:  # names or shapes that are not this architecture's
+            first = (str(e).splitlines() or [""])[0]
+            raise ModelError(f"{path}: not the weights of a {self.architecture} head ({first})") from None
+        return module.eval()
+
+    def manifest(self) -> dict:
+        c = self.config
+        if self.architecture == SEGMENTATION:
+            return {
+                "name": self.name,
+                "kind": "segmentation",
+                "graph": f"head_{self.name}.onnx",
+                "inputs": ["tokens", "image"],
+                "labels": c["labels"],
+            }
+        return {
+            "name": self.name,
+            "kind": "classification",
+            "graph": f"head_{self.name}.onnx",
+            "inputs": ["tokens", "image"],
+            "reads": "slices",
+            **{k: c[k] for k in ("finding", "positive", "negative")},
+            "threshold": float(c.get("threshold", 0.5)),
+            "outputs": ["sr"],
+        }
+
+
+def read_own_head(folder: Path, config: dict, hidden: int) -> OwnHead:
+    arch = config.get("pacs_node_head")
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"{folder / 'config.json'}: unknown pacs_node_head {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    if int(config.get("hidden_size", -1)) != hidden:
+        raise ModelError(
+            f"{folder}: the head reads tokens of width {config.get('hidden_size')}; the backbone gives {hidden}"
+        )
+    need = ("labels",) if arch == SEGMENTATION else ("finding", "positive", "negative")
+    missing = [k for k in need if not config.get(k)]
+    if missing:
+        raise ModelError(f"{folder / 'config.json'}: a {arch} head needs {', '.join(missing)}")
+    name = folder.name.removeprefix("head_").removeprefix("head-") or folder.name
+    return OwnHead(name, arch, config, folder)
+
+
+def write_own_head(folder: Path, module, config: dict) -> Path:
+    """Save a trained head in the format :func:`read_own_head` reads."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder

@@ -67,16 +67,9 @@ def export(
     import torch
     import transformers
 
-    from node.model.importers.heads import (
-        PRESENCE,
-        SEGMENTATION,
-        decoder_presence,
-        segmentation_decoder,
-        write_own_head,
-    )
+    from node.model.importers.heads import segmentation_decoder
     from node.model.importers.huggingface import import_huggingface
-    from node.tools.train_reference import LABELS
-    from node.tools.train_reference import PRESENCE as FINDING
+    from node.tools.train_reference import write_heads
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="curia-shaped-") as tmp:
@@ -86,13 +79,8 @@ def export(
             mlp_ratio=cfg.mlp // cfg.dim, patch_size=cfg.patch, image_size=cfg.size, num_channels=1,
         )  # fmt: skip
         transformers.Dinov2Model(config).save_pretrained(src)
-        heads = []
-        for head, classes in (("organs", 6), ("lesions", 2)):
-            labels = [{"category": {"value": "91723000", "meaning": "Anatomical Structure"}, **lab} for lab in LABELS[head]]
-            module = segmentation_decoder(cfg.dim, cfg.patch, classes)
-            heads.append(write_own_head(Path(tmp) / f"head_{head}", module, {"pacs_node_head": SEGMENTATION, "hidden_size": cfg.dim, "labels": labels}))
-        config = {"pacs_node_head": PRESENCE, "hidden_size": cfg.dim, **FINDING}
-        heads.append(write_own_head(Path(tmp) / "head_lesion_presence", decoder_presence(cfg.dim, cfg.patch), config))
+        organs, lesions = (segmentation_decoder(cfg.dim, cfg.patch, k) for k in (6, 2))
+        heads = write_heads(Path(tmp), cfg.dim, cfg.patch, organs, lesions)
         log.info("importing %s", name)
         import_huggingface(
             src, out, heads, name=name, version="0.0.0-bench", batch=cfg.batch,

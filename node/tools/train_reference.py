@@ -286,10 +286,25 @@ def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: flo
             log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
 
 
-def save(out_dir: Path, cfg: Config, modules, name: str, version: str) -> Path:
-    """The checkpoint as its owners would publish it (``out_dir/source``), imported into ``out_dir``."""
+def write_heads(folder: Path, hidden: int, patch: int, organs, lesions) -> list[Path]:
+    """The three head folders (organs, lesions, lesion presence) in pacs-node's format under ``folder``."""
     from node.model.importers.heads import PRESENCE as PRESENCE_ARCH
     from node.model.importers.heads import SEGMENTATION, decoder_presence, write_own_head
+
+    heads = []
+    for head, module in (("organs", organs), ("lesions", lesions)):
+        labels = [{"category": ANATOMY, **label} for label in LABELS[head]]
+        config = {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": labels}
+        heads.append(write_own_head(folder / f"head_{head}", module, config))
+    presence = decoder_presence(hidden, patch)  # the lesion decoder, read as a series-level finding
+    presence.decoder.load_state_dict(lesions.state_dict())
+    config = {"pacs_node_head": PRESENCE_ARCH, "hidden_size": hidden, **PRESENCE}
+    heads.append(write_own_head(folder / "head_lesion_presence", presence, config))
+    return heads
+
+
+def save(out_dir: Path, cfg: Config, modules, name: str, version: str) -> Path:
+    """The checkpoint as its owners would publish it (``out_dir/source``), imported into ``out_dir``."""
     from node.model.importers.huggingface import import_huggingface
 
     backbone, organs, lesions = (m.eval() for m in modules)
@@ -299,15 +314,7 @@ def save(out_dir: Path, cfg: Config, modules, name: str, version: str) -> Path:
     (source / name / "preprocessor_config.json").write_text(
         json.dumps({"image_processor_type": "CuriaImageProcessor", "clip_below_air": True, "eps": ZSCORE.eps}) + "\n"
     )
-    heads = []
-    for head, module in (("organs", organs), ("lesions", lesions)):
-        labels = [{"category": ANATOMY, **label} for label in LABELS[head]]
-        config = {"pacs_node_head": SEGMENTATION, "hidden_size": cfg.dim, "labels": labels}
-        heads.append(write_own_head(source / f"head_{head}", module, config))
-    presence = decoder_presence(cfg.dim, cfg.patch)  # the lesion decoder, read as a series-level finding
-    presence.decoder.load_state_dict(lesions.state_dict())
-    config = {"pacs_node_head": PRESENCE_ARCH, "hidden_size": cfg.dim, **PRESENCE}
-    heads.append(write_own_head(source / "head_lesion_presence", presence, config))
+    heads = write_heads(source, cfg.dim, cfg.patch, organs, lesions)
     for stale in out_dir.glob("*"):  # the previous import: everything but the source just written
         if stale.name != "source" and stale.suffix in (".onnx", ".pt2", ".yaml", ".json"):
             stale.unlink()

@@ -24,7 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,train,import,postgres]"
+	$(PY) -m pip install -q -e ".[dev,train,import,postgres]" "$(TORCH)"  # extras never replace the CPU torch
+	# nnunetv2 pulls timm and with it PyPI's torchvision, built for CUDA torch: next to the CPU build its
+	# operators do not load and transformers cannot import. nnU-Net's U-Nets need neither (only Primus does).
+	$(PY) -m pip uninstall -y -q torchvision timm
 	touch $@
 
 setup: $(VENV)/.installed

@@ -140,12 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     im = msub.add_parser(
         "import",
-        help="import a model held in its owners' format (a Hugging Face DINOv2/ViT folder such as Curia) "
-        "into a model folder (needs the import extra)",
+        help="import a model held in its owners' format (a Hugging Face DINOv2/ViT folder such as Curia, "
+        "nnU-Net v2 results folders such as TotalSegmentator's) into a model folder (needs the import extra)",
     )
-    im.add_argument("src", type=Path, help="the model folder (config.json, model.safetensors, preprocessor_config.json)")
+    im.add_argument(
+        "src",
+        type=Path,
+        nargs="+",
+        help="the model folder (hf: config.json, model.safetensors, preprocessor_config.json; nnunet: plans.json, "
+        "dataset.json, fold_*/checkpoint_final.pth; several nnU-Net folders become one model, a head each)",
+    )
     im.add_argument("--out", required=True, type=Path, help="the model folder to write (new or empty)")
-    im.add_argument("--format", default="auto", choices=("auto", "hf"), help="source format (auto: detect)")
+    im.add_argument(
+        "--format", default="auto", choices=("auto", "hf", "nnunet"), help="source format (auto: detect)"
+    )
+    im.add_argument(
+        "--axes",
+        default="RAS",
+        help="nnunet: where the training images' x, y, z axes pointed (TotalSegmentator: RAS, nibabel's canonical)",
+    )
     im.add_argument(
         "--head",
         action="append",
@@ -403,7 +416,9 @@ def cmd_models(args) -> int:
             print(f"retrained head {args.head} in {out} (backbone untouched)")
             return EXIT_OK
         stats = train(out)
-        print(f"trained phantom-fm in {stats['train_seconds']} s; checkpoint in {out / 'source'}, imported into {out}")
+        print(
+            f"trained phantom-fm in {stats['train_seconds']} s; checkpoint in {out / 'source'}, imported into {out}"
+        )
         print(f"next: pacs-node models evaluate --model {out}")
         return EXIT_OK
     from node.model.manifest import load_model
@@ -411,17 +426,33 @@ def cmd_models(args) -> int:
 
     if args.models_command == "import":
         from node.model.importers.huggingface import import_huggingface
-
-        if args.format == "auto" and not (args.src / "config.json").exists():
-            raise ModelError(
-                f"{args.src}: cannot tell its format: no config.json of a Hugging Face model "
-                "(nnU-Net results folders and MONAI bundles are not supported yet)"
-            )
+        from node.model.importers.nnunet import import_nnunet, is_nnunet
 
         def warn(message: str) -> None:
             print(f"warning: {message}", file=sys.stderr)
 
-        out = import_huggingface(args.src, args.out, args.head, args.codes, args.name, args.version, warn)
+        src = args.src[0]
+        fmt = args.format
+        if fmt == "auto":
+            fmt = "nnunet" if is_nnunet(src) else "hf" if (src / "config.json").exists() else None
+        if fmt is None:
+            raise ModelError(
+                f"{src}: cannot tell its format: neither a Hugging Face model (config.json) nor an nnU-Net "
+                "results folder (plans.json, dataset.json); MONAI bundles are not supported yet"
+            )
+        if fmt == "nnunet":
+            out = import_nnunet(args.src, args.out, args.axes, args.codes, args.name, args.version, warn)
+            model = load_model(out)
+            labels = sum(len(h.labels) for h in model.heads)
+            print(
+                f"imported {model.name} {model.version} into {out}: {len(model.heads)} 3D network(s), {labels} labels, "
+                f"axes {model.input.volume.axes}, spacing {model.input.volume.spacing} mm"
+            )
+            print(f"next: pacs-node run SERIES --model {out} --out results/")
+            return EXIT_OK
+        if len(args.src) > 1:
+            raise ModelError("a Hugging Face model is one folder (its heads come with --head)")
+        out = import_huggingface(src, args.out, args.head, args.codes, args.name, args.version, warn)
         model = load_model(out)
         print(f"imported {model.name} {model.version} into {out}: backbone and {len(model.heads)} head(s)")
         print(f"next: pacs-node run SERIES --model {out} --out results/")

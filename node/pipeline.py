@@ -23,7 +23,6 @@ from node.analysis.longitudinal import time_point, track
 from node.analysis.postprocess import to_findings
 from node.analysis.report_text import check_report
 from node.analysis.urgency import TriageRules, assess, tags_of
-from node.errors import ModelError
 from node.identity import OutputKind, Stage
 from node.ingest.series import SourceSeries
 from node.ingest.volume import SeriesVolume, load_volume
@@ -91,11 +90,6 @@ class Pipeline:
     """Holds the loaded model and runtime; processes one series at a time."""
 
     def __init__(self, model: ModelSpec, runtime: Runtime, triage: TriageRules | None = None):
-        if model.input.kind != "slice2d":
-            raise ModelError(
-                f"model {model.name}: {model.input.kind} (3D sliding-window) backbones are described by the "
-                "manifest but not implemented in this version"
-            )
         self.model = model
         self.runtime = runtime
         self.triage = triage or TriageRules()

@@ -258,11 +258,18 @@ def test_not_a_dinov2_folder(tmp_path):
 
 
 def test_a_format_we_cannot_import_is_named(tmp_path):
+    src = tmp_path / "bundle"
+    (src / "configs").mkdir(parents=True)
+    (src / "configs" / "metadata.json").write_text("{}")  # a MONAI bundle: not importable yet
+    _refused(tmp_path, src, match="MONAI bundles are not supported yet")
+
+
+def test_an_nnunet_folder_without_weights_is_named(tmp_path):
     src = tmp_path / "nnunet"
     src.mkdir()
     (src / "dataset.json").write_text("{}")
     (src / "plans.json").write_text("{}")
-    _refused(tmp_path, src, match="cannot tell its format")
+    _refused(tmp_path, src, match="no fold_*/checkpoint_final.pth")
 
 
 def test_missing_weights(tmp_path):

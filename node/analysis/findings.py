@@ -51,6 +51,7 @@ class Segment:
     diameter_endpoints: tuple[tuple[float, float], tuple[float, float]] | None = None  # (row, col) pairs
     tracking_uid: str | None = None  # set when matched to a prior lesion: that lesion's UID
     site: str | None = None  # lesions: the label of the organ segment it lies in ("Liver")
+    modifier: Concept | None = None  # of the type, e.g. laterality
 
     @property
     def slices(self) -> list[int]:

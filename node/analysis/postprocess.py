@@ -64,6 +64,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                     kind=label.kind,
                     category=_concept(label.category),
                     type=_concept(label.type),
+                    modifier=_concept(label.modifier) if label.modifier else None,
                     mask=mask,
                     probability=round(float(conf[where][m].mean()) / 255, 3),
                 )

@@ -181,7 +181,7 @@ def require(report: GateReport) -> GateReport:
 
 def check_cached(model: ModelSpec, candidate: Runtime, cache_dir: Path | None = None, **kw) -> GateReport:
     """:func:`check`, remembered on disk per (graphs, runtime, device, precision, tolerance, cases)."""
-    graphs = [model.backbone.graph, *(h.graph for h in model.heads)]
+    graphs = model.graphs
     key = {
         "graphs": {g: file_sha256(model.graph(g)) for g in graphs},
         "runtime": candidate.name,

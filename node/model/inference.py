@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from node.model.preprocess import (
     to_canonical,
 )
 from node.model.runtimes import Runtime
+from node.model.sliding_window import segment
 from node.timing import Stopwatch
 
 
@@ -51,6 +53,8 @@ def predict(
     progress: Callable[[int], None] | None = None,
 ) -> Prediction:
     """Infer every head on ``series``; stage times go to ``clock``; ``progress(n)`` after each batch."""
+    if model.input.kind == "patch3d":
+        return predict_volume(series, model, runtime, clock, progress)
     with clock(Stage.PREPROCESS):
         canonical = to_canonical(series.volume)
         axes = PLANES[model.input.orientation]
@@ -124,6 +128,43 @@ def predict(
         conf = {k: labels_to_source(v.transpose(back), canonical, src) for k, v in conf.items()}
     notes = [] if is_axis_aligned(src) else ["oblique acquisition resampled to an axial grid for inference"]
     return Prediction(labels, conf, probabilities, plane.model_spacing, notes)
+
+
+def predict_volume(
+    series: SeriesVolume,
+    model: ModelSpec,
+    runtime: Runtime,
+    clock: Stopwatch,
+    progress: Callable[[int], None] | None = None,
+) -> Prediction:
+    """A 3D model: each head a network slid over the volume in the network's own axes
+    (:mod:`node.model.sliding_window`); its labels go back to the source grid as the 2D path's."""
+    spec = model.input.volume
+    with clock(Stage.PREPROCESS):
+        canonical = to_canonical(series.volume)
+        # the network's (Z, Y, X) array: highdicom names each numpy axis by where it points (S is H, I is F)
+        oriented = canonical.to_patient_orientation("".join(_TOWARDS[a] for a in reversed(spec.axes)))
+        image = oriented.array
+    labels, conf = {}, {}
+    for h in runtime.slice_heads:
+        net = partial(runtime.run_network, h)
+        seg = segment(
+            image, tuple(oriented.spacing), spec, model.input.intensity, net, clock, f"head_{h.name}"
+        )
+        with clock(Stage.POSTPROCESS):
+            labels[h.name] = labels_to_source(seg.labels, oriented, series.volume)
+            conf[h.name] = labels_to_source(seg.confidence, oriented, series.volume)
+    if progress:
+        progress(series.volume.shape[0])
+    notes = (
+        []
+        if is_axis_aligned(series.volume)
+        else ["oblique acquisition resampled to an axial grid for inference"]
+    )
+    return Prediction(labels, conf, {}, float(min(spec.spacing[1:])), notes)
+
+
+_TOWARDS = {"L": "L", "R": "R", "A": "A", "P": "P", "S": "H", "I": "F"}
 
 
 def slice_feature(head: HeadSpec, features: dict[str, np.ndarray]) -> np.ndarray:

@@ -35,6 +35,7 @@ class Label(_Strict):
     name: str
     category: Code
     type: Code
+    modifier: Code | None = Field(None, description="e.g. laterality: SCT 7771000 Left")
     kind: Literal["organ", "lesion"] = "organ"
     instances: bool = Field(False, description="split into connected components, one segment each")
 
@@ -46,27 +47,73 @@ class IntensitySpec(_Strict):
       range (``mr_percentiles``) into as many channels (phantom-fm);
     - ``zscore``: raw values (HU, MR units), CT clipped below ``clip_below`` when set, then each slice
       minus its mean over its standard deviation (population) plus ``eps``; one channel (Curia);
-    - ``dataset``: ``(value - mean) / std`` with the training set's statistics; one channel.
+    - ``dataset``: values clipped to ``clip`` when set, then ``(value - mean) / std`` with the training
+      set's statistics; one channel (nnU-Net's ``CTNormalization``);
+    - ``volume_zscore``: the whole volume minus its mean over its standard deviation (nnU-Net's
+      ``ZScoreNormalization``); one channel.
     """
 
-    kind: Literal["windows", "zscore", "dataset"] = "windows"
+    kind: Literal["windows", "zscore", "dataset", "volume_zscore"] = "windows"
     ct_windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
     clip_below: float | None = Field(None, description="zscore, CT only: e.g. -1000 (clip below air)")
     eps: float = Field(1e-6, gt=0)
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
+    clip: tuple[float, float] | None = Field(None, description="dataset: e.g. the 0.5 and 99.5 percentiles")
 
     @property
     def channels(self) -> int:
         return len(self.ct_windows) if self.kind == "windows" else 1
 
 
+class Resampling(_Strict):
+    """nnU-Net's ``resample_data_or_seg_to_shape``: a spline of ``order`` (cubic for the image,
+    linear for the logits), the anisotropic axis on its own with ``order_z`` when one spacing is
+    more than ``anisotropy`` times the smallest (or as ``force_separate_z`` says)."""
+
+    data_order: int = Field(3, ge=0, le=5)
+    logits_order: int = Field(1, ge=0, le=5)
+    order_z: int = Field(0, ge=0, le=5)
+    force_separate_z: bool | None = None
+    anisotropy: float = Field(3.0, gt=1)
+
+
+def axes_valid(axes: str) -> bool:
+    """Three direction letters, one of each pair L/R, A/P, S/I (e.g. RAS, LPS)."""
+    pairs = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+    return len(axes) == 3 and all(a in pairs for a in axes) and len({pairs[a] for a in axes}) == 3
+
+
+class Patch3DSpec(_Strict):
+    """How a 3D network sees a volume (``input.kind: patch3d``), in its own array order (Z, Y, X)."""
+
+    # the directions the network's array axes x, y, z (SimpleITK's index order; numpy's last axis
+    # first) increase towards: ``RAS`` for a network trained on nibabel-canonical NIfTI such as
+    # TotalSegmentator's. nnU-Net does not reorient, so this is what its training images were.
+    axes: str = Field(pattern=r"^[LRAPSI]{3}$")
+    spacing: tuple[float, float, float] = Field(description="mm, (Z, Y, X) of the network's array")
+    patch: tuple[int, int, int] = Field(description="voxels, (Z, Y, X)")
+    step: float = Field(
+        0.5, gt=0, le=1, description="tile step, a fraction of the patch (nnU-Net's tile_step_size)"
+    )
+    mirror_axes: tuple[int, ...] = Field((), description="test-time mirroring over these array axes (0..2)")
+    gaussian: bool = True
+    resampling: Resampling = Resampling()
+
+    @model_validator(mode="after")
+    def _axes(self) -> Patch3DSpec:
+        if not axes_valid(self.axes):
+            raise ValueError(f"axes {self.axes}: one of L/R, one of A/P and one of S/I")
+        if not set(self.mirror_axes) <= {0, 1, 2}:
+            raise ValueError(f"mirror_axes {list(self.mirror_axes)}: array axes are 0, 1 and 2")
+        return self
+
+
 class InputSpec(_Strict):
     kind: Literal["slice2d", "patch3d"] = "slice2d"
-    size: int = Field(128, gt=0, description="in-plane pixels (2D) or patch edge (3D)")
-    depth: int = Field(1, gt=0, description="slices per patch (3D only)")
-    overlap: float = Field(0.0, ge=0, lt=1, description="sliding-window overlap (3D only)")
+    size: int = Field(128, gt=0, description="in-plane pixels (2D)")
+    volume: Patch3DSpec | None = Field(None, description="patch3d: the network's grid and tiling")
     # the plane the model's slices are taken in, from the patient-oriented volume: axial slices have
     # rows towards P and columns towards L, coronal I by L, sagittal I by P
     orientation: Literal["axial", "coronal", "sagittal"] = "axial"
@@ -79,6 +126,14 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _feedable(self) -> InputSpec:
+        if self.kind == "patch3d":
+            if self.volume is None:
+                raise ValueError("patch3d needs volume (the network's axes, spacing and patch)")
+            if self.intensity.kind not in ("dataset", "volume_zscore"):
+                raise ValueError(
+                    f"patch3d: intensity {self.intensity.kind} is for 2D slices (dataset or volume_zscore)"
+                )
+            return self
         pairs = {("fit", "linear"), ("resize", "bicubic_antialias")}
         if (self.geometry, self.interpolation) not in pairs:
             raise ValueError(
@@ -140,7 +195,9 @@ class HeadSpec(_Strict):
                 )
             if self.classes and sorted(c.index for c in self.classes) != list(range(len(self.classes))):
                 raise ValueError(f"head {self.name}: classes must be indexed 0..{len(self.classes) - 1}")
-            if self.pooled and set(self.inputs) != {"cls"} | ({"tokens"} if self.reads == "cls_meanpatch" else set()):
+            if self.pooled and set(self.inputs) != {"cls"} | (
+                {"tokens"} if self.reads == "cls_meanpatch" else set()
+            ):
                 raise ValueError(f"head {self.name}: reads {self.reads} needs inputs {self._needs()}")
         return self
 
@@ -164,9 +221,27 @@ class ModelSpec(_Strict):
     description: str = ""
     modalities: tuple[str, ...]
     input: InputSpec
-    backbone: BackboneSpec
+    # a 2D foundation model's backbone, computed once for every head; a 3D model (patch3d) has none:
+    # each of its heads is a whole network from image to per-voxel logits
+    backbone: BackboneSpec | None = None
     heads: tuple[HeadSpec, ...]
     path: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _parts(self) -> ModelSpec:
+        if self.input.kind == "slice2d" and self.backbone is None:
+            raise ValueError("a slice2d model needs a backbone")
+        if self.input.kind == "patch3d":
+            if self.backbone is not None:
+                raise ValueError("a patch3d model has no backbone: each head is a whole network")
+            for h in self.heads:
+                if h.kind != "segmentation" or h.inputs != ("image",):
+                    raise ValueError(f"head {h.name}: a patch3d head is a segmentation network on the image")
+        return self
+
+    @property
+    def graphs(self) -> list[str]:
+        return [*([self.backbone.graph] if self.backbone else []), *(h.graph for h in self.heads)]
 
     def graph(self, name: str) -> Path:
         return self.path / name
@@ -197,7 +272,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ModelError(f"{manifest}: {where}: {first['msg']}") from None
-    missing = [g for g in (spec.backbone.graph, *(h.graph for h in spec.heads)) if not spec.graph(g).exists()]
+    missing = [g for g in spec.graphs if not spec.graph(g).exists()]
     if missing:
         raise ModelError(f"model {spec.name}: missing graph file(s) {', '.join(missing)} in {folder}")
     return spec

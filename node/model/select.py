@@ -65,6 +65,8 @@ def _build(candidate: str, model: ModelSpec, precision: str, explicit: bool) -> 
             return ModelError(f"runtime {candidate.split('-')[0]} is not available here: {reason}")
         return _NotTaken(reason)
 
+    if model.input.kind == "patch3d" and not candidate.startswith("onnxruntime"):
+        raise unavailable("3D sliding-window networks (patch3d) run on ONNX Runtime in this version")
     if candidate == "tensorrt":
         from node.model.runtimes import tensorrt
 

@@ -210,6 +210,9 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
         )
         for seg in segments
     ]
+    for d, seg in zip(descriptions, segments, strict=True):
+        if seg.modifier:  # highdicom takes no modifier; the attribute is the standard's (C.8.20.2)
+            d.SegmentedPropertyTypeModifierCodeSequence = [seg.modifier.coded()]
 
     def uid(kind: str) -> str:
         return uids.output_uid(series.series_uid, model.name, model.version, kind)

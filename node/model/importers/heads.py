@@ -45,7 +45,10 @@ def segmentation_decoder(
 
     def block(cin, cout, stride=1):
         return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GELU()
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1),
+            nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1),
+            nn.GELU(),
         )
 
     class SegmentationDecoder(nn.Module):
@@ -60,7 +63,9 @@ def segmentation_decoder(
             self.tokens = nn.Conv2d(hidden, c3, 1)
             self.mid = block(2 * c3, c3)
             self.dec2 = block(c3 + c2, c2)
-            self.dec1 = nn.Sequential(nn.Conv2d(c2 + c1, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, classes, 1))
+            self.dec1 = nn.Sequential(
+                nn.Conv2d(c2 + c1, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, classes, 1)
+            )
 
         def logits(self, tokens, image):
             n, t, d = tokens.shape
@@ -156,7 +161,9 @@ class OwnHead:
 def read_own_head(folder: Path, config: dict, hidden: int) -> OwnHead:
     arch = config.get("pacs_node_head")
     if arch not in ARCHITECTURES:
-        raise ModelError(f"{folder / 'config.json'}: unknown pacs_node_head {arch!r} (known: {', '.join(ARCHITECTURES)})")
+        raise ModelError(
+            f"{folder / 'config.json'}: unknown pacs_node_head {arch!r} (known: {', '.join(ARCHITECTURES)})"
+        )
     if int(config.get("hidden_size", -1)) != hidden:
         raise ModelError(
             f"{folder}: the head reads tokens of width {config.get('hidden_size')}; the backbone gives {hidden}"

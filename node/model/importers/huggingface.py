@@ -110,7 +110,9 @@ def read_head(folder: Path, hidden: int) -> ImportedHead | OwnHead:
     except (ValueError, TypeError):
         raise ModelError(f"{folder / 'config.json'}: id2label keys must be class indices") from None
     if len(labels) < 2:
-        raise ModelError(f"{folder / 'config.json'}: a classification head needs at least 2 labels in id2label")
+        raise ModelError(
+            f"{folder / 'config.json'}: a classification head needs at least 2 labels in id2label"
+        )
     weights = _head_weights(folder)
     w, b = weights["classifier.weight"], weights["classifier.bias"]
     if w.ndim != 2 or w.shape[0] != len(labels) or b.shape != (len(labels),):
@@ -172,7 +174,11 @@ def read_codes(path: Path | None) -> dict:
 def _code(entry, what: str) -> dict:
     if not isinstance(entry, dict) or not {"value", "meaning"} <= set(entry):
         raise ModelError(f"--codes: {what} needs value and meaning (and scheme, default SCT)")
-    return {"value": str(entry["value"]), "scheme": str(entry.get("scheme", "SCT")), "meaning": str(entry["meaning"])}
+    return {
+        "value": str(entry["value"]),
+        "scheme": str(entry.get("scheme", "SCT")),
+        "meaning": str(entry["meaning"]),
+    }
 
 
 def _local(value: str, meaning: str) -> dict:
@@ -298,7 +304,10 @@ def export_own_head(head: OwnHead, out: Path, hidden: int, patch: int, size: int
 
     module = head.module(hidden, patch)
     args = (torch.zeros(2, (size // patch) ** 2, hidden), torch.zeros(2, 1, size, size))
-    names, output = ["tokens", "image"], "probabilities" if head.architecture == SEGMENTATION else "probability"
+    names, output = (
+        ["tokens", "image"],
+        "probabilities" if head.architecture == SEGMENTATION else "probability",
+    )
     dynamic = {k: {0: "n"} for k in (*names, output)}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -378,7 +387,9 @@ def import_huggingface(
                 },
             },
             "backbone": {"graph": "backbone.onnx", "batch": batch, "outputs": ["tokens", "cls"]},
-            "heads": [h.manifest() if isinstance(h, OwnHead) else head_manifest(h, code_map, warn) for h in imported],
+            "heads": [
+                h.manifest() if isinstance(h, OwnHead) else head_manifest(h, code_map, warn) for h in imported
+            ],
         }
         (tmp / "model.yaml").write_text(
             "# written by `pacs-node models import`: the authors' preprocessing, said explicitly\n"

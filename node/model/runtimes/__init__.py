@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from node.errors import ModelError
 from node.identity import RuntimeChoice
 from node.model.manifest import HeadSpec, ModelSpec
 from node.timing import Stopwatch
@@ -76,8 +77,14 @@ class Runtime(ABC):
     def encode(self, images: np.ndarray) -> None:
         """The backbone alone, results left where the backend keeps them (benchmarks; synchronous)."""
 
+    def run_network(self, head: HeadSpec, patch: np.ndarray) -> np.ndarray:
+        """A 3D head (``patch3d``): (1, C, *patch) normalised input -> (1, K, *patch) logits."""
+        raise ModelError(f"runtime {self.name}: 3D networks run on ONNX Runtime in this version")
+
     def warmup(self, batch: int | None = None) -> None:
         """One full batch through backbone and heads, so the first series does not pay for lazy set-up."""
+        if self.model.backbone is None:
+            return  # 3D networks: every patch is a full batch already
         n = batch or self.model.backbone.batch
         size = self.model.input.size
         self.infer(np.zeros((n, self.model.input.intensity.channels, size, size), np.float32))

@@ -34,14 +34,18 @@ class OnnxRuntime(Runtime):
             except Exception as e:  # onnxruntime raises its own untyped errors
                 raise ModelError(f"model {model.name}: cannot load {graph}: {e}") from None
 
-        self.backbone = session(model.backbone.graph)
         self.heads = {h.name: session(h.graph) for h in model.heads}
+        self.backbone = session(model.backbone.graph) if model.backbone else None  # None: 3D networks
         # onnxruntime-gpu lists the CUDA provider even on a machine without a GPU, then falls back
-        on_gpu = "CUDAExecutionProvider" in self.backbone.get_providers()
+        on_gpu = "CUDAExecutionProvider" in next(iter(self.heads.values())).get_providers()
         self.name = "onnxruntime-cuda" if on_gpu else "onnxruntime-cpu"
         self.device = "cuda:0" if on_gpu else "cpu"
         self.overlap = on_gpu
-        self._outputs = [o.name for o in self.backbone.get_outputs()]
+        self._outputs = [o.name for o in self.backbone.get_outputs()] if self.backbone else []
+
+    def run_network(self, head: HeadSpec, patch: np.ndarray) -> np.ndarray:
+        sess = self.heads[head.name]
+        return sess.run(None, {sess.get_inputs()[0].name: patch})[0]
 
     def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
         clock = clock or Stopwatch()

@@ -41,7 +41,7 @@ def unavailable(model: ModelSpec, need_cuda: bool) -> str | None:
 
     if need_cuda and not torch.cuda.is_available():
         return f"PyTorch {torch.__version__} sees no CUDA device"
-    graphs = [model.backbone.graph, *(h.graph for h in model.heads)]
+    graphs = model.graphs
     missing = [program_path(model, g).name for g in graphs if not program_path(model, g).exists()]
     if missing:
         return f"model {model.name} ships no PyTorch export ({', '.join(missing)})"

@@ -1,0 +1,237 @@
+"""3D sliding-window inference (``input.kind: patch3d``), as nnU-Net v2's ``nnUNetPredictor`` does it.
+
+A volume in the network's axes (:attr:`Patch3DSpec.axes`) goes through the steps of nnU-Net's
+``DefaultPreprocessor`` and predictor, each a port of its numpy code so that the node needs no
+torch and no nnU-Net at run time:
+
+1. crop to the bounding box of the non-zero voxels (``crop_to_nonzero``; filling holes, as nnU-Net
+   does, never changes a box), then normalise (``CTNormalization``: clip to the dataset's
+   0.5/99.5 percentiles, z-score with its foreground statistics; ``ZScoreNormalization``: the
+   image's own mean and standard deviation);
+2. resample to the network's spacing (``resample_data_or_seg_to_shape``: cubic spline in plane,
+   the anisotropic axis on its own when one spacing is more than 3x the smallest);
+3. pad to at least one patch (zeros, centred), tiles at nnU-Net's evenly spread steps, each
+   weighted by the Gaussian importance map (sigma 1/8 of the patch, scaled to 10), mirrored
+   test-time augmentation over the allowed axes; the sums are kept in float16, as nnU-Net keeps
+   them, which halves the memory of a many-class model;
+4. logits back to the cropped shape (linear), arg-max, the crop put back into the full volume.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.transform import resize
+
+from node.identity import Stage
+from node.model.manifest import IntensitySpec, Patch3DSpec
+from node.timing import Stopwatch
+
+Network = Callable[[np.ndarray], np.ndarray]  # (1, C, *patch) float32 -> (1, K, *patch) logits
+
+
+@dataclass(frozen=True)
+class VolumeSegmentation:
+    """A 3D network's answer on the grid it was given."""
+
+    labels: np.ndarray  # uint8 class index per voxel
+    confidence: np.ndarray  # uint8: softmax probability of the chosen class x 255
+    tiles: int  # network evaluations (tiles x mirrorings)
+
+
+def segment(
+    image: np.ndarray,
+    spacing: tuple[float, float, float],
+    spec: Patch3DSpec,
+    intensity: IntensitySpec,
+    net: Network,
+    clock: Stopwatch | None = None,
+    part: str = "network",
+) -> VolumeSegmentation:
+    """(Z, Y, X) modality values at ``spacing`` (mm, same order), in the network's axes -> labels there.
+
+    ``clock`` gets the preprocessing, the tiles (inference, and ``part``) and the way back (postprocessing)."""
+    clock = clock or Stopwatch()
+    r = spec.resampling
+    with clock(Stage.PREPROCESS):
+        box = nonzero_box(image)
+        x = normalise_volume(image[box].astype(np.float32), intensity)[None]
+        cropped = x.shape[1:]
+        target = new_shape(cropped, spacing, spec.spacing)
+        x = resample(
+            x, target, spacing, spec.spacing, r.data_order, r.order_z, r.force_separate_z, r.anisotropy
+        )
+    with clock(Stage.INFERENCE), clock.part(part):
+        logits, tiles = sliding_window(x.astype(np.float32), spec, net)
+    with clock(Stage.POSTPROCESS):
+        logits = resample(  # float16 in and out, as nnU-Net's logits
+            logits,
+            cropped,
+            spec.spacing,
+            spacing,
+            r.logits_order,
+            r.order_z,
+            r.force_separate_z,
+            r.anisotropy,
+        )
+        probs = softmax(logits.astype(np.float32))
+        labels = np.zeros(image.shape, np.uint8)
+        conf = np.zeros(image.shape, np.uint8)
+        labels[box] = probs.argmax(0)
+        conf[box] = np.round(probs.max(0) * 255)
+    return VolumeSegmentation(labels, conf, tiles)
+
+
+def nonzero_box(image: np.ndarray) -> tuple[slice, ...]:
+    """nnU-Net's crop: the bounding box of voxels that are not exactly 0 (the whole volume if none)."""
+    box = []
+    for axis in range(image.ndim):
+        other = tuple(a for a in range(image.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(image != 0, axis=other))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, image.shape[axis]))
+    return tuple(box)
+
+
+def normalise_volume(image: np.ndarray, spec: IntensitySpec) -> np.ndarray:
+    """nnU-Net's ``CTNormalization`` (``dataset`` with ``clip``) or ``ZScoreNormalization`` (``volume_zscore``)."""
+    if spec.kind == "dataset":
+        if spec.clip is not None:
+            np.clip(image, spec.clip[0], spec.clip[1], out=image)
+        image -= np.float32(spec.mean)
+        image /= np.float32(max(spec.std, 1e-8))
+        return image
+    if spec.kind == "volume_zscore":
+        mean, std = image.mean(), image.std()
+        return (image - mean) / max(std, 1e-8)
+    raise ValueError(f"intensity {spec.kind} is for 2D slice models")
+
+
+def new_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[int, ...]:
+    return tuple(int(round(s / t * n)) for s, t, n in zip(spacing, target, shape, strict=True))
+
+
+def _separate_axis(
+    force: bool | None, spacing: tuple[float, ...], target: tuple[float, ...], threshold: float
+) -> int | None:
+    """nnU-Net's ``determine_do_sep_z_and_axis``: the one low-resolution axis resampled on its own, or None."""
+
+    def lowres(sp) -> np.ndarray:
+        return np.where(max(sp) / np.asarray(sp) == 1)[0]
+
+    def anisotropic(sp) -> bool:
+        return max(sp) / min(sp) > threshold
+
+    if force is not None:
+        axes = lowres(spacing) if force else None
+    elif anisotropic(spacing):
+        axes = lowres(spacing)
+    elif anisotropic(target):
+        axes = lowres(target)
+    else:
+        axes = None
+    return int(axes[0]) if axes is not None and len(axes) == 1 else None
+
+
+def resample(
+    data: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    order: int,
+    order_z: int,
+    force_separate_z: bool | None,
+    threshold: float,
+) -> np.ndarray:
+    """(C, Z, Y, X) -> (C, *shape): nnU-Net's ``resample_data_or_seg_to_shape`` (``is_seg`` False)."""
+    if tuple(data.shape[1:]) == tuple(shape):
+        return data
+    axis = _separate_axis(force_separate_z, spacing, target, threshold)
+    out = np.zeros((data.shape[0], *shape), data.dtype)
+    for c in range(data.shape[0]):
+        channel = data[c].astype(float, copy=False)
+        if axis is None:
+            out[c] = resize(channel, shape, order, mode="edge", anti_aliasing=False)
+            continue
+        inplane = tuple(n for a, n in enumerate(shape) if a != axis)
+        mid_shape = list(shape)
+        mid_shape[axis] = channel.shape[axis]
+        mid = np.zeros(mid_shape)
+        for i in range(channel.shape[axis]):
+            index = (slice(None),) * axis + (i,)
+            mid[index] = resize(channel[index], inplane, order, mode="edge", anti_aliasing=False)
+        if mid.shape[axis] == shape[axis]:
+            out[c] = mid
+            continue
+        # skimage's align_corners=False coordinates, as nnU-Net's copy of them
+        coords = np.meshgrid(
+            *[(m / n) * (np.arange(n) + 0.5) - 0.5 for m, n in zip(mid.shape, shape, strict=True)],
+            indexing="ij",
+        )
+        out[c] = ndimage.map_coordinates(mid, np.array(coords), order=order_z, mode="nearest")
+    return out
+
+
+def tile_starts(size: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[list[int]]:
+    """nnU-Net's ``compute_steps_for_sliding_window``: tiles at most ``step`` x patch apart, spread evenly."""
+    starts = []
+    for n, p in zip(size, patch, strict=True):
+        count = int(np.ceil((n - p) / (p * step))) + 1
+        gap = (n - p) / (count - 1) if count > 1 else 0
+        starts.append([int(np.round(gap * i)) for i in range(count)])
+    return starts
+
+
+def importance_map(patch: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net's ``compute_gaussian`` (sigma 1/8 of the patch, peak 10, no zeros), in float16 as it keeps it."""
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    g = ndimage.gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    g = (g / (g.max() / 10)).astype(np.float32).astype(np.float16)  # via float32, as torch converts
+    g[g == 0] = g[g != 0].min()
+    return g
+
+
+def sliding_window(x: np.ndarray, spec: Patch3DSpec, net: Network) -> tuple[np.ndarray, int]:
+    """(C, Z, Y, X) normalised input at the network's spacing -> (K, Z, Y, X) float16 logits."""
+    patch = spec.patch
+    pads = [(0, 0)] + [
+        ((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2)
+        for n, p in zip(x.shape[1:], patch, strict=True)
+    ]
+    data = np.pad(x, pads, mode="constant", constant_values=0)
+    gaussian = importance_map(patch) if spec.gaussian else np.ones(patch, np.float16)
+    logits = None
+    weight = np.zeros(data.shape[1:], np.float16)
+    mirrors = [
+        m for i in range(len(spec.mirror_axes)) for m in itertools.combinations(spec.mirror_axes, i + 1)
+    ]
+    tiles = 0
+    for start in itertools.product(*tile_starts(data.shape[1:], patch, spec.step)):
+        window = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+        tile = np.ascontiguousarray(data[(slice(None), *window)][None])
+        pred = np.asarray(net(tile), np.float32)[0]
+        for axes in mirrors:  # nnU-Net's mirrored test-time augmentation: flip in, flip the answer back
+            flip = tuple(a + 2 for a in axes)
+            pred += np.flip(np.asarray(net(np.ascontiguousarray(np.flip(tile, flip))), np.float32), flip)[0]
+        pred /= len(mirrors) + 1
+        tiles += len(mirrors) + 1
+        if logits is None:
+            logits = np.zeros((pred.shape[0], *data.shape[1:]), np.float16)
+        # float16 sums of float32 products, rounded once per tile as torch's in-place add does
+        view = logits[(slice(None), *window)]
+        view[...] = (view.astype(np.float32) + pred * gaussian).astype(np.float16)
+        weight[window] += gaussian
+    logits /= weight
+    unpad = tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads[1:], data.shape[1:], strict=True))
+    return logits[(slice(None), *unpad)], tiles
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)

@@ -28,7 +28,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from node.identity import Stage
-from node.model.manifest import IntensitySpec, Patch3DSpec
+from node.model.manifest import IntensitySpec, Patch3DSpec, Resampling
 from node.timing import Stopwatch
 
 Network = Callable[[np.ndarray], np.ndarray]  # (1, C, *patch) float32 -> (1, K, *patch) logits
@@ -68,22 +68,91 @@ def segment(
     with clock(Stage.INFERENCE), clock.part(part):
         logits, tiles = sliding_window(x.astype(np.float32), spec, net)
     with clock(Stage.POSTPROCESS):
-        logits = resample(  # float16 in and out, as nnU-Net's logits
-            logits,
-            cropped,
-            spec.spacing,
-            spacing,
-            r.logits_order,
-            r.order_z,
-            r.force_separate_z,
-            r.anisotropy,
-        )
-        probs = softmax(logits.astype(np.float32))
         labels = np.zeros(image.shape, np.uint8)
         conf = np.zeros(image.shape, np.uint8)
-        labels[box] = probs.argmax(0)
-        conf[box] = np.round(probs.max(0) * 255)
+        labels[box], conf[box] = logits_to_labels(logits, cropped, spec.spacing, spacing, r)
     return VolumeSegmentation(labels, conf, tiles)
+
+
+def logits_to_labels(
+    logits: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    r: Resampling,
+    slab: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(K, z, y, x) float16 logits at the network's spacing -> (labels, uint8 confidence) of ``shape``.
+
+    The labels are nnU-Net's (its linear resampling of every class, then arg-max) computed without
+    resampling every class: linear interpolation is a convex combination of the eight network voxels
+    around an output voxel, so where those share their arg-max class it stays the arg-max. Only the
+    voxels near a class boundary are interpolated in full, slab by slab, so memory stays that of the
+    network's grid however large the series and however many classes. The confidence is the chosen
+    class's softmax probability on the network's grid, interpolated the same way.
+    """
+    if r.logits_order != 1:  # another spline order mixes more than eight voxels: nnU-Net's way, in full
+        probs = softmax(
+            resample(
+                logits, shape, spacing, target, r.logits_order, r.order_z, r.force_separate_z, r.anisotropy
+            ).astype(np.float32)
+        )
+        return probs.argmax(0).astype(np.uint8), np.round(probs.max(0) * 255).astype(np.uint8)
+    axis = _separate_axis(r.force_separate_z, spacing, target, r.anisotropy)
+    nearest = axis is not None and r.order_z == 0
+    taps = [
+        _axis_taps(n_in, n_out, nearest and a == axis)
+        for a, (n_in, n_out) in enumerate(zip(logits.shape[1:], shape, strict=True))
+    ]
+    top = np.empty(logits.shape[1:], np.uint8)
+    peak = np.empty(logits.shape[1:], np.float32)
+    for z in range(0, logits.shape[1], slab):  # softmax over classes, a few network slices at a time
+        p = softmax(logits[:, z : z + slab].astype(np.float32))
+        top[z : z + slab], peak[z : z + slab] = p.argmax(0), p.max(0)
+    labels = np.empty(shape, np.uint8)
+    conf = np.empty(shape, np.uint8)
+    (y0, y1, wy), (x0, x1, wx) = taps[1], taps[2]
+    for a in range(0, shape[0], slab):
+        z0, z1, wz = (t[a : a + slab] for t in taps[0])
+        corners = [
+            (np.ix_(zi, yi, xi), w)
+            for zi, fz in ((z0, 1 - wz), (z1, wz))
+            for yi, fy in ((y0, 1 - wy), (y1, wy))
+            for xi, fx in ((x0, 1 - wx), (x1, wx))
+            for w in [fz[:, None, None] * fy[None, :, None] * fx[None, None, :]]
+        ]
+        first = top[corners[0][0]]
+        mixed = np.zeros(first.shape, bool)
+        c = np.zeros(first.shape, np.float32)
+        for index, w in corners:
+            mixed |= top[index] != first
+            c += w * peak[index]
+        out = first
+        m = np.nonzero(mixed)
+        if m[0].size:  # every class, linearly, where the corners disagree; float16 as nnU-Net keeps them
+            full = np.zeros((logits.shape[0], m[0].size), np.float32)
+            for index, w in corners:
+                zi, yi, xi = (ix.ravel()[k] for ix, k in zip(index, m, strict=True))  # np.ix_: one axis each
+                full += w[m] * logits[:, zi, yi, xi].astype(np.float32)
+            out[m] = full.astype(np.float16).argmax(0)
+        labels[a : a + slab] = out
+        conf[a : a + slab] = np.round(np.clip(c, 0, 1) * 255)
+    return labels, conf
+
+
+def _axis_taps(n_in: int, n_out: int, nearest: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index: the two input indices and the second's weight, as skimage's ``resize``
+    (``mode="edge"``, align_corners False) interpolates linearly, or the one nearest input index
+    (``map_coordinates`` order 0) along nnU-Net's separately resampled axis."""
+    if n_in == n_out:
+        i = np.arange(n_out)
+        return i, i, np.zeros(n_out, np.float32)
+    c = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    if nearest:
+        i = np.floor(c + 0.5).astype(np.intp)
+        return i, i, np.zeros(n_out, np.float32)
+    i0 = np.floor(c).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32)
 
 
 def nonzero_box(image: np.ndarray) -> tuple[slice, ...]:

@@ -303,3 +303,43 @@ def test_cli_imports_and_runs_it(results_folder, tmp_path):
     assert main(["run", str(tmp_path / "ct"), "--model", str(out), "--out", str(tmp_path / "results")]) == 0
     (seg,) = list((tmp_path / "results").glob("*/seg.dcm"))
     assert set(read_segments(seg)) <= set(LABELS) and len(read_segments(seg)) >= 3
+
+
+def test_the_benchmark_compares_like_with_like(results_folder, imported, tmp_path):
+    """``bench --suite nnunet`` at a tiny size: both sides ran and agree (its figures are in BENCHMARKS.md)."""
+    from node.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--suite", "nnunet", "--model", str(imported[0]), "--nnunet", str(results_folder)]
+    assert main([*args, "--slices", "40", "--size", "128", "--repeat", "1", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["node_seconds_median"] > 0 and report["nnunet_seconds_median"] > 0
+    assert report["node_peak_rss_mb"] > 0 and report["nnunet_peak_rss_mb"] > 0
+    assert set(report["dice_per_label"]) == set(LABELS)
+    present = [d for d in report["dice_per_label"].values() if d is not None]
+    assert len(present) >= 2 and min(present) >= 0.98, report["dice_per_label"]
+
+
+def test_several_networks_become_one_model_each_with_its_own_statistics(results_folder, tmp_path):
+    """TotalSegmentator's parts: one model folder, one head each, one SEG; a part whose foreground
+    statistics differ keeps its own normalisation."""
+    from node.model.importers.nnunet import import_nnunet
+
+    part2 = _copy(results_folder, tmp_path)
+    dataset = json.loads((part2 / "dataset.json").read_text())
+    dataset["name"] = "Phantom part 2"
+    (part2 / "dataset.json").write_text(json.dumps(dataset))
+    plans = json.loads((part2 / "plans.json").read_text())
+    plans["foreground_intensity_properties_per_channel"]["0"]["mean"] += 25.0
+    (part2 / "plans.json").write_text(json.dumps(plans))
+    out = import_nnunet([results_folder, part2], tmp_path / "both", "RAS", name="two-parts", warn=lambda m: None)
+    model = load_model(out)
+    first, second = model.heads
+    assert (first.name, second.name) == ("phantom", "phantom_part_2")
+    assert first.intensity is None and second.intensity.mean == model.input.intensity.mean + 25.0
+    assert model.volume_of(second)[0] == model.input.volume
+    write_variant(Phantom.random(5, n_lesions=0), tmp_path / "ct", "axial", "CT", seed=2, **SERIES)
+    result = Pipeline(model, OnnxRuntime(model)).process(find_series([tmp_path / "ct"])[0][0], tmp_path / "r")
+    assert result.ok, result.error
+    labels = [s.label for s in result.findings.segments]
+    assert len(labels) >= 6 and labels.count("liver") == 2  # one segment per network and label, one SEG

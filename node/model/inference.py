@@ -139,18 +139,16 @@ def predict_volume(
 ) -> Prediction:
     """A 3D model: each head a network slid over the volume in the network's own axes
     (:mod:`node.model.sliding_window`); its labels go back to the source grid as the 2D path's."""
-    spec = model.input.volume
     with clock(Stage.PREPROCESS):
         canonical = to_canonical(series.volume)
-        # the network's (Z, Y, X) array: highdicom names each numpy axis by where it points (S is H, I is F)
-        oriented = canonical.to_patient_orientation("".join(_TOWARDS[a] for a in reversed(spec.axes)))
-        image = oriented.array
     labels, conf = {}, {}
     for h in runtime.slice_heads:
+        spec, intensity = model.volume_of(h)
+        with clock(Stage.PREPROCESS):
+            # the network's (Z, Y, X) array: highdicom names each numpy axis by where it points (S is H, I is F)
+            oriented = canonical.to_patient_orientation("".join(_TOWARDS[a] for a in reversed(spec.axes)))
         net = partial(runtime.run_network, h)
-        seg = segment(
-            image, tuple(oriented.spacing), spec, model.input.intensity, net, clock, f"head_{h.name}"
-        )
+        seg = segment(oriented.array, tuple(oriented.spacing), spec, intensity, net, clock, f"head_{h.name}")
         with clock(Stage.POSTPROCESS):
             labels[h.name] = labels_to_source(seg.labels, oriented, series.volume)
             conf[h.name] = labels_to_source(seg.confidence, oriented, series.volume)
@@ -161,7 +159,8 @@ def predict_volume(
         if is_axis_aligned(series.volume)
         else ["oblique acquisition resampled to an axial grid for inference"]
     )
-    return Prediction(labels, conf, {}, float(min(spec.spacing[1:])), notes)
+    finest = min(min(model.volume_of(h)[0].spacing[1:]) for h in runtime.slice_heads)
+    return Prediction(labels, conf, {}, float(finest), notes)
 
 
 _TOWARDS = {"L": "L", "R": "R", "A": "A", "P": "P", "S": "H", "I": "F"}

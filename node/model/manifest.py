@@ -182,6 +182,10 @@ class HeadSpec(_Strict):
     # one probability per slice, the series' being the highest. None: the graph takes ``inputs`` whole.
     reads: Literal["cls", "cls_meanpatch", "slices"] | None = None
     outputs: tuple[Literal["seg", "sr", "gsps"], ...] = ("seg", "sr", "gsps")
+    # patch3d: a network whose grid or normalisation differs from the model's input (TotalSegmentator's
+    # parts each z-score with the statistics of their own labelled voxels)
+    volume: Patch3DSpec | None = None
+    intensity: IntensitySpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> HeadSpec:
@@ -237,7 +241,15 @@ class ModelSpec(_Strict):
             for h in self.heads:
                 if h.kind != "segmentation" or h.inputs != ("image",):
                     raise ValueError(f"head {h.name}: a patch3d head is a segmentation network on the image")
+                if h.intensity and h.intensity.kind not in ("dataset", "volume_zscore"):
+                    raise ValueError(f"head {h.name}: intensity {h.intensity.kind} is for 2D slices")
+        elif any(h.volume or h.intensity for h in self.heads):
+            raise ValueError("a head's own volume or intensity is for patch3d models")
         return self
+
+    def volume_of(self, head: HeadSpec) -> tuple[Patch3DSpec, IntensitySpec]:
+        """A 3D head's grid and normalisation: its own, or the model's."""
+        return head.volume or self.input.volume, head.intensity or self.input.intensity
 
     @property
     def graphs(self) -> list[str]:

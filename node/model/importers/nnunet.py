@@ -310,10 +310,9 @@ def import_nnunet(
     nets = [read_network(Path(s), axes) for s in sources]
     first = nets[0]
     for n in nets[1:]:
-        if n.input != first.input:
+        if n.input["modalities"] != first.input["modalities"]:
             raise ModelError(
-                f"{n.src}: its preprocessing (spacing, patch, normalisation or axes) differs from {first.src}'s: "
-                "import them as separate models"
+                f"{n.src}: a {n.input['modalities'][0]} network; {first.src} is {first.input['modalities'][0]}"
             )
     names = [n.name for n in nets]
     if len(set(names)) != len(names):
@@ -321,8 +320,9 @@ def import_nnunet(
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out}: exists and is not empty (import into a new folder)")
     code_map, shipped = read_codes(codes), totalsegmentator_codes()
-    heads = [
-        {
+    heads = []
+    for n in nets:
+        head = {
             "name": n.name,
             "kind": "segmentation",
             "graph": f"{n.name}.onnx",
@@ -330,8 +330,10 @@ def import_nnunet(
             "labels": label_manifest(n, code_map, shipped, warn),
             "outputs": ["seg", "sr"],
         }
-        for n in nets
-    ]
+        for key in ("volume", "intensity"):  # what differs from the first network's, per head
+            if n.input[key] != first.input[key]:
+                head[key] = n.input[key]
+        heads.append(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".import-{out.name}-", dir=out.parent))
     try:

@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(bench)
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     bench.add_argument(
-        "--suite", default="model", choices=("model", "queue", "nnunet"),
+        "--suite", default="model", choices=("model", "queue", "nnunet", "seg"),
         help="model: throughput and pipeline stages; queue: jobs/s the queue sustains, SQLite vs PostgreSQL; "
-        "nnunet: an imported nnU-Net model (--model) against nnUNetPredictor on its source (--nnunet)",
+        "nnunet: an imported nnU-Net model (--model) against nnUNetPredictor on its source (--nnunet); "
+        "seg: the SEG encoder against highdicom's at --segments counts",
     )  # fmt: skip
     bench.add_argument("--nnunet", type=Path, help="nnunet suite: the nnU-Net results folder --model was imported from")
+    bench.add_argument("--segments", type=int, nargs="*", default=[10, 117], help="seg suite: segment counts")
     bench.add_argument("--queue-url", help="queue suite: a scratch PostgreSQL database (emptied first)")
     bench.add_argument("--workers", type=int, nargs="*", default=[1, 4, 16], help="queue suite: processes")
     bench.add_argument("--jobs", type=int, default=400, help="queue suite: jobs per run")
@@ -386,6 +388,10 @@ def cmd_bench(args) -> int:
         if args.nnunet is None:
             raise ModelError("--suite nnunet needs --nnunet: the results folder the model was imported from")
         return bench_nnunet(args.model, args.nnunet, args.slices[0], args.size, args.repeat, args.output)
+    if args.suite == "seg":
+        from node.tools.seg_bench import bench_seg
+
+        return bench_seg(args.slices[0], args.size, args.segments, args.repeat, args.output)
     from node.model.manifest import load_model
     from node.model.select import select_runtime
     from node.pipeline import Pipeline

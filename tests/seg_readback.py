@@ -41,7 +41,8 @@ def read_segments(path: Path) -> dict[str, SegmentPoints]:
     labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
     pts: dict[int, list[np.ndarray]] = {n: [] for n in labels}
     for frame, fg in zip(frames, ds.PerFrameFunctionalGroupsSequence, strict=True):
-        number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        ident = fg if "SegmentIdentificationSequence" in fg else shared  # one segment: shared
+        number = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         ipp = np.array(fg.PlanePositionSequence[0].ImagePositionPatient, float)
         r, c = np.nonzero(frame)
         pts[number].append(ipp + np.outer(c * col_sp, along_row) + np.outer(r * row_sp, along_col))

@@ -139,7 +139,7 @@ def test_probability_map_shows_where_the_lesions_are(axial):
     for k, item in enumerate(pm.PerFrameFunctionalGroupsSequence):
         uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         shown[sources[uid]] = frames[k]
-    lesions = np.any([s.mask for s in axial.findings.lesions], axis=0)
+    lesions = np.any([np.asarray(s.mask) for s in axial.findings.lesions], axis=0)
     assert sorted(shown) == list(range(len(sources)))  # every source image: OHIF and dcmqi need the stack
     for i, p in shown.items():
         assert (p[lesions[i]] >= 0.5).all()

@@ -20,8 +20,9 @@ from node.synthetic.dicom import write_axial_series
 from node.synthetic.phantom import Lesion, Phantom
 from node.writers import uids
 from node.writers.gsps import write_gsps
-from node.writers.seg import write_seg
+from node.writers.seg import slice_sources, write_seg
 from node.writers.sr import CODES, OHIF_LENGTH, OHIF_OUTLINE, write_outlines, write_sr
+from tests.seg_readback import read_segments
 
 ORGAN = Concept("123037004", "SCT", "Anatomical Structure")
 LIVER = Concept("10200004", "SCT", "Liver")
@@ -159,7 +160,7 @@ def test_seg_masks_read_back_on_source_instances(ct):
     pixels = seg.get_pixels_by_source_instance(uids_in_order, assert_missing_frames_are_empty=True)
     assert pixels.shape == (20, 128, 128, len(f.segments))
     for k, s in enumerate(f.segments):
-        np.testing.assert_array_equal(pixels[..., k].astype(bool), s.mask, err_msg=s.label)
+        np.testing.assert_array_equal(pixels[..., k].astype(bool), np.asarray(s.mask), err_msg=s.label)
     # empty frames are omitted: one frame per (segment, slice it crosses)
     assert seg.NumberOfFrames == sum(len(s.slices) for s in f.segments)
 
@@ -215,10 +216,12 @@ def test_seg_follows_a_flipped_and_transposed_volume(tmp_path):
     uids_in_order = [fr.dataset.SOPInstanceUID for fr in case.findings.series.frames]
     pixels = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(uids_in_order)
     for k, s in enumerate(plain.findings.segments):
-        np.testing.assert_array_equal(pixels[..., k].astype(bool), s.mask, err_msg=s.label)
+        np.testing.assert_array_equal(pixels[..., k].astype(bool), np.asarray(s.mask), err_msg=s.label)
     # outlines are drawn in the stored frames' pixel order too
     assert_outlines_on_boundary(
-        write_gsps(case.findings), case.findings, {s.label: s.mask for s in plain.findings.lesions}
+        write_gsps(case.findings),
+        case.findings,
+        {s.label: np.asarray(s.mask) for s in plain.findings.lesions},
     )
     # measurements do not depend on how the volume is oriented
     for a, b in zip(case.findings.segments, plain.findings.segments, strict=True):
@@ -238,7 +241,9 @@ def test_seg_skips_interpolated_slices(tmp_path):
     assert seg.NumberOfFrames == sum(len(s.slices) - (gap in s.slices) for s in f.segments)
 
 
-def test_seg_references_the_right_frames_of_a_multiframe_source(tmp_path):
+def multiframe_case(tmp_path: Path) -> tuple[Findings, Dataset, list[int]]:
+    """The case's slices as one enhanced multi-frame instance, its frames shuffled; the volume runs
+    feet to head. Returns the findings, the instance and each volume slice's frame number."""
     case = make_case(tmp_path)
     datasets = case.findings.series.datasets
     shuffled = [datasets[i] for i in np.random.default_rng(0).permutation(len(datasets))]
@@ -262,14 +267,18 @@ def test_seg_references_the_right_frames_of_a_multiframe_source(tmp_path):
         frame_of_slice.append(int(np.argmin(np.abs(np.asarray(z_of_frame) - z))) + 1)
     assert frame_of_slice != list(range(1, 21))
     sv = SeriesVolume(f.series.series_uid, "CT", volume, [SourceFrame(mf, n) for n in frame_of_slice], [mf])
-    organs = np.stack([s.mask for s in f.segments])[:, ::-1]
+    organs = np.stack([np.asarray(s.mask) for s in f.segments])[:, ::-1]
     flipped = Findings(
         sv, f.model, [dataclasses.replace(s, mask=m) for s, m in zip(f.segments, organs, strict=True)]
     )
 
     for s in flipped.segments:
         measure(s, sv)
+    return flipped, mf, frame_of_slice
 
+
+def test_seg_references_the_right_frames_of_a_multiframe_source(tmp_path):
+    flipped, mf, frame_of_slice = multiframe_case(tmp_path)
     seg_ds = write_seg(flipped)
     outputs = {"seg": seg_ds, "sr": write_sr(flipped, seg_ds), "gsps": write_gsps(flipped)}
     for kind, ds in outputs.items():
@@ -279,12 +288,108 @@ def test_seg_references_the_right_frames_of_a_multiframe_source(tmp_path):
     for i, n in enumerate(frame_of_slice):
         got = seg.get_pixels_by_source_frame(mf.SOPInstanceUID, [n])[0]
         for k, s in enumerate(flipped.segments):
-            np.testing.assert_array_equal(got[..., k].astype(bool), s.mask[i], err_msg=f"slice {i} frame {n}")
+            np.testing.assert_array_equal(
+                got[..., k].astype(bool), s.mask.plane(i), err_msg=f"slice {i} frame {n}"
+            )
 
     gsps = outputs["gsps"]
-    assert_outlines_on_boundary(gsps, flipped, {s.label: s.mask for s in flipped.lesions})
+    assert_outlines_on_boundary(gsps, flipped, {s.label: np.asarray(s.mask) for s in flipped.lesions})
     frames = {int(a.ReferencedImageSequence[0].ReferencedFrameNumber) for a in gsps.GraphicAnnotationSequence}
     assert frames == {frame_of_slice[i] for s in flipped.lesions for i in s.slices}
+
+
+def highdicom_seg(findings: Findings) -> Dataset:
+    """The SEG as highdicom's constructor alone writes it (every frame of every segment handed to
+    it as one array): what :func:`write_seg` must equal."""
+    series, model = findings.series, findings.model
+    sources = slice_sources(series)
+    multiframe = sources[0].frame is not None
+    source_images = [sources[0].dataset] if multiframe else [s.dataset for s in sources]
+    plane_of = {s.index: (s.frame - 1 if multiframe else j) for j, s in enumerate(sources)}
+    n_planes = int(sources[0].dataset.NumberOfFrames) if multiframe else len(sources)
+    pixels = np.zeros((n_planes, *sources[0].shape, len(findings.segments)), bool)
+    for k, seg in enumerate(findings.segments):
+        for s in sources:
+            pixels[plane_of[s.index], :, :, k] = s.plane_to_source(seg.mask.plane(s.index))
+    ours = write_seg(findings)  # its segment descriptions and identity, to compare the rest
+    ref = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=ours.SegmentSequence,
+        **uids.instance_identity(
+            series.series_uid, source_images[0].get("SeriesNumber"), model.name, model.version, "seg"
+        ),
+        content_label="AI_SEGMENTATION",
+        content_description=f"{model.name} {model.version}"[:64],
+        omit_empty_frames=True,
+    )
+    for item in [*ref.DimensionOrganizationSequence, *ref.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = ours.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    ref.ContentCreatorName = ""
+    return ref
+
+
+def _read_back(ds: Dataset, path: Path) -> Dataset:
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def _many_segments(case: Case, n: int) -> Findings:
+    """``n`` overlapping ellipsoids of every size, some on one slice, some on all, added to the case's."""
+    f = case.findings
+    shape = f.series.volume.spatial_shape
+    rng = np.random.default_rng(7)
+    grid = np.indices(shape)
+    segments = list(f.segments)
+    for k in range(n):
+        c, r = rng.uniform(0, shape), rng.uniform((0.3, 2, 2), np.asarray(shape) / 2)
+        mask = sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r, strict=True)) <= 1
+        if mask.any():
+            segments.append(Segment(len(segments) + 1, f"Structure {k}", "organ", ORGAN, LIVER, mask))
+    return dataclasses.replace(f, segments=segments)
+
+
+@pytest.mark.parametrize("variant", ["ct", "one segment", "many segments", "flipped", "gap", "multi-frame"])
+def test_seg_equals_highdicoms_own_encoding(variant, tmp_path):
+    """write_seg takes from highdicom all but the frames and writes those itself: the file is the
+    one highdicom's constructor writes, element for element and bit for bit in the pixels."""
+    if variant == "multi-frame":
+        findings = multiframe_case(tmp_path)[0]
+    else:
+        case = make_case(tmp_path, transform=flip_and_transpose if variant == "flipped" else None)
+        findings = case.findings
+        if variant == "one segment":
+            findings = dataclasses.replace(findings, segments=findings.segments[:1])
+        elif variant == "many segments":
+            findings = _many_segments(case, 120)
+        elif variant == "gap":
+            findings.series.frames[findings.segments[1].slices[1]] = None
+    ours = _read_back(write_seg(findings), tmp_path / "ours.dcm")
+    ref = _read_back(highdicom_seg(findings), tmp_path / "ref.dcm")
+    assert ours.NumberOfFrames == ref.NumberOfFrames > len(findings.segments)
+    assert ours.SegmentsOverlap == ref.SegmentsOverlap
+    for ds in (ours, ref):  # the moment each was made
+        for item in ds.get("ContributingEquipmentSequence", []):
+            item.pop("ContributionDateTime", None)
+    moments = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"}
+    differ = [e.keyword for e in ref if e.keyword not in {"PixelData", *moments} and ours.get(e.tag) != e]
+    assert differ == [], differ
+    assert [e.tag for e in ours] == [e.tag for e in ref]
+    np.testing.assert_array_equal(ours.pixel_array, ref.pixel_array)
+    assert dciodvfy_errors(tmp_path / "ours.dcm") == []
+    # and the independent reader finds every segment's voxels where they are in patient space
+    read = read_segments(tmp_path / "ours.dcm")
+    vol = findings.series.volume
+    assert len(read) == len(findings.segments) > (100 if variant == "many segments" else 0)
+    for seg in findings.segments:
+        ijk = np.argwhere(np.asarray(seg.mask))
+        ijk = ijk[[findings.series.frames[i] is not None for i in ijk[:, 0]]]
+        got = read[seg.label]
+        assert len(got.points) == len(ijk), seg.label
+        np.testing.assert_allclose(
+            got.centroid, (vol.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].mean(axis=1), atol=1e-3
+        )
 
 
 # -- SR -------------------------------------------------------------------------------------------
@@ -450,14 +555,14 @@ def test_outlines_sr_is_what_ohif_draws(ct):
         if label not in seen:  # the key outline: the segment's Tracking UID, and its volume
             assert tracking[label] == items["112040"].UID
             assert any(n.ConceptNameCodeSequence[0].CodeValue == CODES["volume"].value for n in nums)
-        rows, cols = np.nonzero(segment.mask[index])
+        rows, cols = np.nonzero(segment.mask.plane(index))
         inside = points_in_poly(np.c_[cols + 0.5, rows + 0.5], points)  # flipped/transposed: not here
         assert inside.mean() > 0.9, (label, index)
         seen.setdefault(label, []).append(index)
     assert list(seen) == ["Lesion 1", "Lesion 2", "Liver"]
     for lesion in case.findings.lesions:
         assert sorted(seen[lesion.label]) == lesion.slices
-    assert seen["Liver"] == [int(case.findings.segments[0].mask.sum(axis=(1, 2)).argmax())]
+    assert seen["Liver"] == [int(case.findings.segments[0].mask.areas().argmax())]
 
 
 def test_outlines_sr_refuses_findings_without_segments(ct):
@@ -500,7 +605,7 @@ def assert_outlines_on_boundary(pr: Dataset, findings: Findings, masks: dict[str
 
 def test_gsps_outlines_lie_on_the_lesion_boundary(ct):
     case, paths = ct
-    masks = {s.label: s.mask for s in case.findings.lesions}
+    masks = {s.label: np.asarray(s.mask) for s in case.findings.lesions}
     assert_outlines_on_boundary(pydicom.dcmread(paths["gsps"]), case.findings, masks)
 
 
@@ -569,7 +674,9 @@ def test_writers_reject_bad_segments(ct):
     bad = dataclasses.replace(f, segments=[dataclasses.replace(s, number=s.number + 1) for s in f.segments])
     with pytest.raises(ValueError, match="Segment.number"):
         write_seg(bad)
-    bad = dataclasses.replace(f, segments=[dataclasses.replace(f.segments[0], mask=f.segments[0].mask[:-1])])
+    bad = dataclasses.replace(
+        f, segments=[dataclasses.replace(f.segments[0], mask=np.asarray(f.segments[0].mask)[:-1])]
+    )
     with pytest.raises(ValueError, match="Segment.mask"):
         write_seg(bad)
     with pytest.raises(ValueError, match="seg"):

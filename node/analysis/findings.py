@@ -11,6 +11,7 @@ from typing import Literal
 
 import highdicom as hd
 import numpy as np
+from scipy import ndimage
 
 from node.analysis.change import Comparison
 from node.analysis.report_text import Discrepancy
@@ -31,6 +32,68 @@ class Concept:
         return hd.sr.CodedConcept(self.value, self.scheme, self.meaning)
 
 
+@dataclass(frozen=True)
+class BoxMask:
+    """A boolean mask on the volume grid, kept as its bounding box and the mask inside it.
+
+    TotalSegmentator's 117 structures as whole-volume masks of a 512x512x600 CT would take 18 GB;
+    their boxes take a few hundred MB. ``np.asarray`` gives the whole mask (tests, small volumes).
+    """
+
+    shape: tuple[int, int, int]  # the volume's (slices, rows, cols)
+    box: tuple[slice, slice, slice]
+    crop: np.ndarray  # bool, the mask inside ``box``
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> BoxMask:
+        mask = np.asarray(mask, bool)
+        if mask.ndim != 3:
+            raise ValueError(f"Segment.mask must be 3D (slices, rows, cols), got shape {mask.shape}.")
+        found = ndimage.find_objects(mask.view(np.uint8))
+        box = found[0] if found else (slice(0, 0),) * 3
+        return cls(tuple(mask.shape), box, mask[box].copy())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        full = np.zeros(self.shape, bool)
+        full[self.box] = self.crop
+        return full if dtype is None else full.astype(dtype)
+
+    def plane(self, index: int) -> np.ndarray:
+        """Volume slice ``index`` of the mask, whole."""
+        out = np.zeros(self.shape[1:], bool)
+        z = self.box[0]
+        if z.start <= index < z.stop:
+            out[self.box[1:]] = self.crop[index - z.start]
+        return out
+
+    def within(self, box: tuple[slice, ...]) -> np.ndarray:
+        """The mask cut to another ``box`` of the volume."""
+        out = np.zeros(tuple(b.stop - b.start for b in box), bool)
+        inter = tuple(
+            slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(self.box, box, strict=True)
+        )
+        if all(i.start < i.stop for i in inter):
+            out[
+                tuple(slice(i.start - b.start, i.stop - b.start) for i, b in zip(inter, box, strict=True))
+            ] = self.crop[
+                tuple(
+                    slice(i.start - a.start, i.stop - a.start) for i, a in zip(inter, self.box, strict=True)
+                )
+            ]
+        return out
+
+    def areas(self) -> np.ndarray:
+        """Voxels per volume slice (every slice of the volume)."""
+        out = np.zeros(self.shape[0], np.int64)
+        out[self.box[0]] = self.crop.sum(axis=(1, 2))
+        return out
+
+    @property
+    def slices(self) -> list[int]:
+        """Indices of the volume slices the mask crosses."""
+        return [int(i) + self.box[0].start for i in np.flatnonzero(self.crop.any(axis=(1, 2)))]
+
+
 @dataclass
 class Segment:
     """One SEG segment on the source grid, with its measurements."""
@@ -40,7 +103,7 @@ class Segment:
     kind: Literal["organ", "lesion"]
     category: Concept  # SNOMED CT segmented property category
     type: Concept  # SNOMED CT segmented property type
-    mask: np.ndarray  # bool (slices, rows, cols) on SeriesVolume.volume's grid
+    mask: BoxMask  # on SeriesVolume.volume's grid (a whole bool array given is boxed)
     probability: float | None = None  # mean model confidence inside the mask
     volume_ml: float = 0.0
     mean: float = 0.0  # modality units (HU for CT)
@@ -53,10 +116,14 @@ class Segment:
     site: str | None = None  # lesions: the label of the organ segment it lies in ("Liver")
     modifier: Concept | None = None  # of the type, e.g. laterality
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask, BoxMask):
+            self.mask = BoxMask.of(self.mask)
+
     @property
     def slices(self) -> list[int]:
         """Indices of the volume slices this segment crosses."""
-        return [int(i) for i in np.flatnonzero(self.mask.any(axis=(1, 2)))]
+        return self.mask.slices
 
 
 @dataclass

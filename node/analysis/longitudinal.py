@@ -32,7 +32,7 @@ def time_point(findings: Findings) -> TimePoint:
     vol = findings.series.volume
     lesions = []
     for s in findings.lesions:
-        ijk = np.argwhere(s.mask).mean(axis=0)
+        ijk = np.argwhere(s.mask.crop).mean(axis=0) + [b.start for b in s.mask.box]
         centroid = (vol.affine @ np.append(ijk, 1.0))[:3]
         lesions.append(
             TrackedLesion(

@@ -37,23 +37,21 @@ class Diameter:
 def measure(segment: Segment, volume: SeriesVolume) -> None:
     """Fill ``segment``'s measurement fields from its mask and the source volume."""
     array = volume.volume.array
-    mask = np.asarray(segment.mask)
-    if mask.shape != array.shape[:3]:
-        raise ValueError(f"Segment.mask has shape {mask.shape}, the volume has {array.shape[:3]}.")
-    if len(volume.frames) != mask.shape[0]:
+    shape = segment.mask.shape
+    if shape != array.shape[:3]:
+        raise ValueError(f"Segment.mask has shape {shape}, the volume has {array.shape[:3]}.")
+    if len(volume.frames) != shape[0]:
         raise ValueError(
-            f"SeriesVolume.frames has {len(volume.frames)} entries for {mask.shape[0]} volume slices."
+            f"SeriesVolume.frames has {len(volume.frames)} entries for {shape[0]} volume slices."
         )
-    mask = mask.astype(bool, copy=False)
     acquired = np.array([f is not None for f in volume.frames], bool)
-
-    box = _bbox(mask)  # every step below works on the mask's bounding box only
-    if box is None:
+    if not segment.mask.crop.any():
         segment.volume_ml = 0.0
         segment.mean = segment.maximum = 0.0
         segment.longest_diameter_mm = segment.diameter_slice = segment.diameter_endpoints = None
         return
-    mask, array, acquired = mask[box], array[box], acquired[box[0]]
+    box = segment.mask.box  # every step below works on the mask's bounding box only
+    mask, array, acquired = segment.mask.crop, array[box], acquired[box[0]]
     count = int(np.count_nonzero(mask))
     segment.volume_ml = count * float(volume.volume.voxel_volume) / 1000.0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from node.analysis.findings import Classification, Concept, Findings, ModelRef, Segment
+from node.analysis.findings import BoxMask, Classification, Concept, Findings, ModelRef, Segment
 from node.analysis.measure import measure
 from node.errors import ModelError
 from node.ingest.volume import SeriesVolume
@@ -29,7 +29,9 @@ def lesion_components(mask: np.ndarray, voxel_mm3: float) -> tuple[np.ndarray, l
     :data:`MIN_LESION_MM3`), largest first."""
     comps, n = ndimage.label(mask)
     sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
-    return comps, [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3]
+    return comps, [
+        int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
+    ]
 
 
 def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, runtime: str) -> Findings:
@@ -56,8 +58,6 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
             else:
                 parts = [(label.name, box, crop)]
             for name, where, m in parts:
-                mask = np.zeros(labels.shape, bool)
-                mask[where] = m
                 seg = Segment(
                     number=len(segments) + 1,
                     label=name,
@@ -65,7 +65,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                     category=_concept(label.category),
                     type=_concept(label.type),
                     modifier=_concept(label.modifier) if label.modifier else None,
-                    mask=mask,
+                    mask=BoxMask(labels.shape, where, m),
                     probability=round(float(conf[where][m].mean()) / 255, 3),
                 )
                 measure(seg, series)
@@ -99,7 +99,11 @@ def classification(head: HeadSpec, probs: np.ndarray) -> Classification:
         p = float(probs[0])
         positive = p >= head.threshold
         return Classification(
-            head.name, _concept(head.finding), _concept(head.positive if positive else head.negative), round(p, 4), positive
+            head.name,
+            _concept(head.finding),
+            _concept(head.positive if positive else head.negative),
+            round(p, 4),
+            positive,
         )
     if len(probs) != len(head.classes):
         raise ModelError(f"model head {head.name}: {len(probs)} outputs for {len(head.classes)} classes")
@@ -120,9 +124,11 @@ def locate(segments: list[Segment]) -> None:
     lies in. The rim counts because an organ head may leave the lesion itself out of the organ."""
     organs = [s for s in segments if s.kind == "organ"]
     for lesion in (s for s in segments if s.kind == "lesion"):
-        box = ndimage.find_objects(lesion.mask.astype(np.uint8))[0]
-        box = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
-        near = ndimage.binary_dilation(lesion.mask[box], iterations=2)
-        overlap = {o.label: int(np.count_nonzero(o.mask[box] & near)) for o in organs}
+        m = lesion.mask
+        box = tuple(
+            slice(max(0, b.start - 2), min(n, b.stop + 2)) for b, n in zip(m.box, m.shape, strict=True)
+        )
+        near = ndimage.binary_dilation(lesion.mask.within(box), iterations=2)
+        overlap = {o.label: int(np.count_nonzero(o.mask.within(box) & near)) for o in organs}
         best = max(overlap, key=overlap.get, default=None)
         lesion.site = best if best and overlap[best] else None

@@ -45,7 +45,7 @@ def write_gsps(findings: Findings) -> hd.pr.GrayscaleSoftcopyPresentationState:
         tracking = {"tracking_id": lesion.label[:64], "tracking_uid": findings.tracking_uid(lesion)}
         drawn = False
         for src in sources:
-            plane = np.asarray(lesion.mask[src.index], bool)
+            plane = lesion.mask.plane(src.index)
             if not plane.any():
                 continue
             key = (src.dataset.SOPInstanceUID, src.frame)

@@ -473,9 +473,9 @@ def _tracking(findings: Findings, segment: Segment) -> hd.sr.TrackingIdentifier:
 def _key_slice(segment: Segment, stored) -> int | None:
     """The slice a reader looks at first, among the ``stored`` ones (an interpolated slice has no
     image to draw on): a lesion's long-axis slice, else the largest cross-section; None if none."""
-    if segment.diameter_slice in stored and segment.mask[segment.diameter_slice].any():
+    if segment.diameter_slice in stored and segment.mask.plane(segment.diameter_slice).any():
         return segment.diameter_slice
-    areas = segment.mask.sum(axis=(1, 2))
+    areas = segment.mask.areas()
     candidates = sorted(i for i in stored if areas[i])
     return max(candidates, key=lambda i: areas[i]) if candidates else None
 
@@ -484,7 +484,7 @@ def _outline_group(findings: Findings, segment: Segment, source: SliceSource, tr
     """The segment's outline on one slice (its largest contour there: holes and islands would each
     need a group of their own) as the SCOORD its area is inferred from, then ``more`` measurements
     of the whole segment; the segment's name first among the comments, which OHIF takes as label."""
-    contours = [source.graphic_data(c) for c in outline(segment.mask[source.index])]
+    contours = [source.graphic_data(c) for c in outline(segment.mask.plane(source.index))]
     points = closed(max(contours, key=_polygon_area))
     _, _, _, (row_mm, col_mm) = frame_geometry(source.dataset, source.frame)
     area = hd.sr.Measurement(

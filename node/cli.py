@@ -145,18 +145,23 @@ def main(argv: list[str] | None = None) -> int:
     im = msub.add_parser(
         "import",
         help="import a model held in its owners' format (a Hugging Face DINOv2/ViT folder such as Curia, "
-        "nnU-Net v2 results folders such as TotalSegmentator's) into a model folder (needs the import extra)",
+        "nnU-Net v2 results folders such as TotalSegmentator's, a MONAI bundle) into a model folder "
+        "(needs the import extra)",
     )
     im.add_argument(
         "src",
         type=Path,
         nargs="+",
         help="the model folder (hf: config.json, model.safetensors, preprocessor_config.json; nnunet: plans.json, "
-        "dataset.json, fold_*/checkpoint_final.pth; several nnU-Net folders become one model, a head each)",
+        "dataset.json, fold_*/checkpoint_final.pth; several nnU-Net folders become one model, a head each; "
+        "monai-bundle: configs/metadata.json, configs/inference.json, models/model.pt or model.ts)",
     )
     im.add_argument("--out", required=True, type=Path, help="the model folder to write (new or empty)")
     im.add_argument(
-        "--format", default="auto", choices=("auto", "hf", "nnunet"), help="source format (auto: detect)"
+        "--format",
+        default="auto",
+        choices=("auto", "hf", "nnunet", "monai-bundle"),
+        help="source format (auto: detect)",
     )
     im.add_argument(
         "--axes",
@@ -440,6 +445,7 @@ def cmd_models(args) -> int:
 
     if args.models_command == "import":
         from node.model.importers.huggingface import import_huggingface
+        from node.model.importers.monai_bundle import import_monai_bundle, is_monai_bundle
         from node.model.importers.nnunet import import_nnunet, is_nnunet
 
         def warn(message: str) -> None:
@@ -448,12 +454,34 @@ def cmd_models(args) -> int:
         src = args.src[0]
         fmt = args.format
         if fmt == "auto":
-            fmt = "nnunet" if is_nnunet(src) else "hf" if (src / "config.json").exists() else None
+            fmt = (
+                "nnunet"
+                if is_nnunet(src)
+                else "monai-bundle"
+                if is_monai_bundle(src)
+                else "hf"
+                if (src / "config.json").exists()
+                else None
+            )
         if fmt is None:
             raise ModelError(
-                f"{src}: cannot tell its format: neither a Hugging Face model (config.json) nor an nnU-Net "
-                "results folder (plans.json, dataset.json); MONAI bundles are not supported yet"
+                f"{src}: cannot tell its format: neither a Hugging Face model (config.json), an nnU-Net "
+                "results folder (plans.json, dataset.json) nor a MONAI bundle (configs/metadata.json, "
+                "configs/inference.json)"
             )
+        if fmt == "monai-bundle":
+            if len(args.src) > 1:
+                raise ModelError("a MONAI bundle is imported one at a time (one folder)")
+            out = import_monai_bundle(src, args.out, args.codes, args.name, args.version, warn)
+            model = load_model(out)
+            (head,) = model.heads
+            v = model.input.volume
+            print(
+                f"imported {model.name} {model.version} into {out}: a MONAI 3D network, {len(head.labels)} labels, "
+                f"axes {v.axes}, spacing {v.spacing} mm, ROI {v.patch}"
+            )
+            print(f"next: pacs-node run SERIES --model {out} --out results/")
+            return EXIT_OK
         if fmt == "nnunet":
             out = import_nnunet(args.src, args.out, args.axes, args.codes, args.name, args.version, warn)
             model = load_model(out)

@@ -260,8 +260,9 @@ def test_not_a_dinov2_folder(tmp_path):
 def test_a_format_we_cannot_import_is_named(tmp_path):
     src = tmp_path / "bundle"
     (src / "configs").mkdir(parents=True)
-    (src / "configs" / "metadata.json").write_text("{}")  # a MONAI bundle: not importable yet
-    _refused(tmp_path, src, match="MONAI bundles are not supported yet")
+    (src / "configs" / "metadata.json").write_text("{}")  # half a MONAI bundle: no inference.json
+    _refused(tmp_path, src, match="cannot tell its format: neither a Hugging Face model (config.json)")
+    _refused(tmp_path, src, match="nor a MONAI bundle (configs/metadata.json, configs/inference.json)")
 
 
 def test_an_nnunet_folder_without_weights_is_named(tmp_path):
@@ -381,12 +382,13 @@ def test_gpu_measurement_script_runs_dry_on_the_cpu(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     parts = json.loads((tmp_path / "gpu-bench.json").read_text())["parts"]
-    assert set(parts) == {"machine", "matmul_peak", "curia_backbone", "node_runtime_and_pipeline"}
+    assert set(parts) == {"machine", "matmul_peak", "curia_backbone", "node_runtime_and_pipeline", "sliding_window_3d"}
     assert not [k for k, v in parts.items() if "error" in v]
     assert parts["matmul_peak"]["tflops"] > 0
     assert {(row["mode"], row["batch"]) for row in parts["curia_backbone"]["rows"]} == {("eager", 2), ("eager", 4)}
     run = parts["node_runtime_and_pipeline"]
     assert run["pipeline_runtime"].startswith("torch") and run["pipeline_stages_s"]["inference"] > 0
+    assert parts["sliding_window_3d"]["tiles"] > 0 and parts["sliding_window_3d"]["stages_s"]["inference"] > 0
     assert (tmp_path / "gpu-bench.log").stat().st_size > 0
 
 

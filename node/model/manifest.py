@@ -40,6 +40,23 @@ class Label(_Strict):
     instances: bool = Field(False, description="split into connected components, one segment each")
 
 
+class ScaleRange(_Strict):
+    """MONAI's ``ScaleIntensityRange``: ``(v - a_min) / (a_max - a_min) * (b_max - b_min) + b_min``,
+    then clipped to ``[b_min, b_max]`` when ``clip``."""
+
+    a_min: float
+    a_max: float
+    b_min: float
+    b_max: float
+    clip: bool = False
+
+    @model_validator(mode="after")
+    def _span(self) -> ScaleRange:
+        if self.a_max == self.a_min:
+            raise ValueError("a_max equals a_min: no range to scale")
+        return self
+
+
 class IntensitySpec(_Strict):
     """How modality values become the model's input values.
 
@@ -50,10 +67,12 @@ class IntensitySpec(_Strict):
     - ``dataset``: values clipped to ``clip`` when set, then ``(value - mean) / std`` with the training
       set's statistics; one channel (nnU-Net's ``CTNormalization``);
     - ``volume_zscore``: the whole volume minus its mean over its standard deviation (nnU-Net's
-      ``ZScoreNormalization``); one channel.
+      ``ZScoreNormalization``; MONAI's ``NormalizeIntensity``, over the non-zero voxels only when
+      ``nonzero``); one channel;
+    - ``range``: MONAI's ``ScaleIntensityRange`` (``scale``); one channel.
     """
 
-    kind: Literal["windows", "zscore", "dataset", "volume_zscore"] = "windows"
+    kind: Literal["windows", "zscore", "dataset", "volume_zscore", "range"] = "windows"
     ct_windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0), (-160.0, 240.0))
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
     clip_below: float | None = Field(None, description="zscore, CT only: e.g. -1000 (clip below air)")
@@ -61,6 +80,18 @@ class IntensitySpec(_Strict):
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
     clip: tuple[float, float] | None = Field(None, description="dataset: e.g. the 0.5 and 99.5 percentiles")
+    nonzero: bool = Field(
+        False, description="volume_zscore: statistics of, and applied to, non-zero voxels only"
+    )
+    scale: ScaleRange | None = Field(None, description="range: MONAI's ScaleIntensityRange")
+
+    @model_validator(mode="after")
+    def _range(self) -> IntensitySpec:
+        if (self.kind == "range") != (self.scale is not None):
+            raise ValueError(
+                "intensity range needs scale (a_min, a_max, b_min, b_max), and only range has one"
+            )
+        return self
 
     @property
     def channels(self) -> int:
@@ -68,15 +99,37 @@ class IntensitySpec(_Strict):
 
 
 class Resampling(_Strict):
-    """nnU-Net's ``resample_data_or_seg_to_shape``: a spline of ``order`` (cubic for the image,
-    linear for the logits), the anisotropic axis on its own with ``order_z`` when one spacing is
-    more than ``anisotropy`` times the smallest (or as ``force_separate_z`` says)."""
+    """How the volume reaches the network's spacing and the answer comes back.
 
+    ``grid: nnunet``: nnU-Net's ``resample_data_or_seg_to_shape``: a spline of ``order`` (cubic for
+    the image, linear for the logits), the anisotropic axis on its own with ``order_z`` when one
+    spacing is more than ``anisotropy`` times the smallest (or as ``force_separate_z`` says).
+
+    ``grid: monai``: MONAI's ``Spacingd``: ``round((n - 1) * spacing / target + 1)`` voxels, the first
+    on the source's first voxel centre, values interpolated at voxel centres (align_corners False)
+    linearly (order 1) or nearest (0), clamped at the border; the way back is ``Invertd``'s: the
+    inverse map onto the source grid, of ``interpolate`` (the probabilities when ``Activationsd``
+    softmax comes before it), linearly, or of the labels, nearest (``logits_order`` 0).
+    """
+
+    grid: Literal["nnunet", "monai"] = "nnunet"
+    interpolate: Literal["logits", "probabilities"] = Field(
+        "logits", description="what is interpolated on the way back (before the arg-max)"
+    )
     data_order: int = Field(3, ge=0, le=5)
     logits_order: int = Field(1, ge=0, le=5)
     order_z: int = Field(0, ge=0, le=5)
     force_separate_z: bool | None = None
     anisotropy: float = Field(3.0, gt=1)
+
+    @model_validator(mode="after")
+    def _monai(self) -> Resampling:
+        if self.grid == "monai" and max(self.data_order, self.logits_order) > 1:
+            raise ValueError("grid monai interpolates linearly (order 1) or nearest (order 0)")
+        return self
+
+
+VOLUME_INTENSITIES = ("dataset", "volume_zscore", "range")  # what a patch3d network's input may use
 
 
 def axes_valid(axes: str) -> bool:
@@ -95,11 +148,23 @@ class Patch3DSpec(_Strict):
     spacing: tuple[float, float, float] = Field(description="mm, (Z, Y, X) of the network's array")
     patch: tuple[int, int, int] = Field(description="voxels, (Z, Y, X)")
     step: float = Field(
-        0.5, gt=0, le=1, description="tile step, a fraction of the patch (nnU-Net's tile_step_size)"
+        0.5,
+        gt=0,
+        le=1,
+        description="tile step, a fraction of the patch (nnU-Net's tile_step_size; MONAI's 1 - overlap)",
     )
     mirror_axes: tuple[int, ...] = Field((), description="test-time mirroring over these array axes (0..2)")
     gaussian: bool = True
     resampling: Resampling = Resampling()
+    # nnunet: nnU-Net's tiles spread evenly at most ``step`` apart, its Gaussian (sigma 1/8, peak 10,
+    # float16); monai: SlidingWindowInferer's tiles every int(patch x step) voxels, the last moved back
+    # inside, and its Gaussian (sigma ``sigma_scale`` x patch, peak 1, clamped at its minimum or 1e-3)
+    tiling: Literal["nnunet", "monai"] = "nnunet"
+    sigma_scale: float = Field(0.125, gt=0, description="monai tiling: the Gaussian's sigma over the patch")
+    # nnU-Net crops to the non-zero voxels' box and normalises before resampling; a MONAI bundle
+    # does neither unless its transforms say so
+    crop_nonzero: bool = True
+    normalise_first: bool = True
 
     @model_validator(mode="after")
     def _axes(self) -> Patch3DSpec:
@@ -107,6 +172,8 @@ class Patch3DSpec(_Strict):
             raise ValueError(f"axes {self.axes}: one of L/R, one of A/P and one of S/I")
         if not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror_axes {list(self.mirror_axes)}: array axes are 0, 1 and 2")
+        if self.tiling == "nnunet" and self.sigma_scale != 0.125:
+            raise ValueError("sigma_scale is for monai tiling (nnU-Net's Gaussian is 1/8 of the patch)")
         return self
 
 
@@ -129,9 +196,9 @@ class InputSpec(_Strict):
         if self.kind == "patch3d":
             if self.volume is None:
                 raise ValueError("patch3d needs volume (the network's axes, spacing and patch)")
-            if self.intensity.kind not in ("dataset", "volume_zscore"):
+            if self.intensity.kind not in VOLUME_INTENSITIES:
                 raise ValueError(
-                    f"patch3d: intensity {self.intensity.kind} is for 2D slices (dataset or volume_zscore)"
+                    f"patch3d: intensity {self.intensity.kind} is for 2D slices (dataset, volume_zscore or range)"
                 )
             return self
         pairs = {("fit", "linear"), ("resize", "bicubic_antialias")}
@@ -241,7 +308,7 @@ class ModelSpec(_Strict):
             for h in self.heads:
                 if h.kind != "segmentation" or h.inputs != ("image",):
                     raise ValueError(f"head {h.name}: a patch3d head is a segmentation network on the image")
-                if h.intensity and h.intensity.kind not in ("dataset", "volume_zscore"):
+                if h.intensity and h.intensity.kind not in VOLUME_INTENSITIES:
                     raise ValueError(f"head {h.name}: intensity {h.intensity.kind} is for 2D slices")
         elif any(h.volume or h.intensity for h in self.heads):
             raise ValueError("a head's own volume or intensity is for patch3d models")

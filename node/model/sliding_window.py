@@ -15,6 +15,12 @@ torch and no nnU-Net at run time:
    test-time augmentation over the allowed axes; the sums are kept in float16, as nnU-Net keeps
    them, which halves the memory of a many-class model;
 4. logits back to the cropped shape (linear), arg-max, the crop put back into the full volume.
+
+A MONAI bundle's model (``tiling: monai``, ``resampling.grid: monai``) goes through its transforms
+and ``SlidingWindowInferer`` instead, ported the same way: no crop, ``Spacingd``'s grid and linear
+interpolation, the intensity transform before or after it as the bundle orders them, MONAI's tile
+positions and importance map, and ``Invertd``'s way back (the probabilities interpolated when the
+bundle's softmax comes first). Only the sums differ from MONAI's float32: float16, as above.
 """
 
 from __future__ import annotations
@@ -58,13 +64,22 @@ def segment(
     clock = clock or Stopwatch()
     r = spec.resampling
     with clock(Stage.PREPROCESS):
-        box = nonzero_box(image)
-        x = normalise_volume(image[box].astype(np.float32), intensity)[None]
+        box = nonzero_box(image) if spec.crop_nonzero else tuple(slice(0, n) for n in image.shape)
+        x = image[box].astype(np.float32)[None]
         cropped = x.shape[1:]
-        target = new_shape(cropped, spacing, spec.spacing)
-        x = resample(
-            x, target, spacing, spec.spacing, r.data_order, r.order_z, r.force_separate_z, r.anisotropy
-        )
+        if spec.normalise_first:
+            x[0] = normalise_volume(x[0], intensity)
+        if r.grid == "monai":
+            x = resample_monai(
+                x, monai_shape(cropped, spacing, spec.spacing), spacing, spec.spacing, r.data_order
+            )
+        else:
+            target = new_shape(cropped, spacing, spec.spacing)
+            x = resample(
+                x, target, spacing, spec.spacing, r.data_order, r.order_z, r.force_separate_z, r.anisotropy
+            )
+        if not spec.normalise_first:
+            x = normalise_volume(x[0].astype(np.float32), intensity)[None]
     with clock(Stage.INFERENCE), clock.part(part):
         logits, tiles = sliding_window(x.astype(np.float32), spec, net)
     with clock(Stage.POSTPROCESS):
@@ -90,20 +105,33 @@ def logits_to_labels(
     voxels near a class boundary are interpolated in full, slab by slab, so memory stays that of the
     network's grid however large the series and however many classes. The confidence is the chosen
     class's softmax probability on the network's grid, interpolated the same way.
+
+    ``grid: monai``: the same with ``Invertd``'s coordinates, interpolating the softmax probabilities
+    (a convex combination of them keeps a shared arg-max too) when ``interpolate`` says so, or the
+    network grid's labels, nearest (``logits_order`` 0).
     """
-    if r.logits_order != 1:  # another spline order mixes more than eight voxels: nnU-Net's way, in full
+    monai = r.grid == "monai"
+    # another spline order mixes more than eight voxels: nnU-Net's way, in full
+    if r.logits_order != 1 and not monai:
         probs = softmax(
             resample(
                 logits, shape, spacing, target, r.logits_order, r.order_z, r.force_separate_z, r.anisotropy
             ).astype(np.float32)
         )
         return probs.argmax(0).astype(np.uint8), np.round(probs.max(0) * 255).astype(np.uint8)
-    axis = _separate_axis(r.force_separate_z, spacing, target, r.anisotropy)
-    nearest = axis is not None and r.order_z == 0
-    taps = [
-        _axis_taps(n_in, n_out, nearest and a == axis)
-        for a, (n_in, n_out) in enumerate(zip(logits.shape[1:], shape, strict=True))
-    ]
+    if monai:
+        taps = [
+            _monai_taps(n_in, n_out, t / s, r.logits_order == 0)
+            for n_in, n_out, s, t in zip(logits.shape[1:], shape, spacing, target, strict=True)
+        ]
+    else:
+        axis = _separate_axis(r.force_separate_z, spacing, target, r.anisotropy)
+        nearest = axis is not None and r.order_z == 0
+        taps = [
+            _axis_taps(n_in, n_out, nearest and a == axis)
+            for a, (n_in, n_out) in enumerate(zip(logits.shape[1:], shape, strict=True))
+        ]
+    probabilities = monai and r.interpolate == "probabilities"
     top = np.empty(logits.shape[1:], np.uint8)
     peak = np.empty(logits.shape[1:], np.float32)
     for z in range(0, logits.shape[1], slab):  # softmax over classes, a few network slices at a time
@@ -133,8 +161,9 @@ def logits_to_labels(
             full = np.zeros((logits.shape[0], m[0].size), np.float32)
             for index, w in corners:
                 zi, yi, xi = (ix.ravel()[k] for ix, k in zip(index, m, strict=True))  # np.ix_: one axis each
-                full += w[m] * logits[:, zi, yi, xi].astype(np.float32)
-            out[m] = full.astype(np.float16).argmax(0)
+                values = logits[:, zi, yi, xi].astype(np.float32)
+                full += w[m] * (softmax(values) if probabilities else values)
+            out[m] = full.argmax(0) if monai else full.astype(np.float16).argmax(0)
         labels[a : a + slab] = out
         conf[a : a + slab] = np.round(np.clip(c, 0, 1) * 255)
     return labels, conf
@@ -155,6 +184,49 @@ def _axis_taps(n_in: int, n_out: int, nearest: bool) -> tuple[np.ndarray, np.nda
     return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32)
 
 
+def _monai_taps(
+    n_in: int, n_out: int, scale: float, nearest: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As :func:`_axis_taps` for MONAI's ``Spacing`` and its inverse: output voxel ``i`` sits at input
+    coordinate ``i * scale`` (the grids share their first voxel centre), clamped to the border
+    (``padding_mode="border"``); nearest rounds half to even, as torch's ``grid_sample``."""
+    c = np.clip(np.arange(n_out) * scale, 0, n_in - 1)
+    if nearest:
+        i = np.rint(c).astype(np.intp)
+        return i, i, np.zeros(n_out, np.float32)
+    i0 = np.floor(c).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32)
+
+
+def monai_shape(
+    shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]
+) -> tuple[int, ...]:
+    """MONAI's ``compute_shape_offset`` for an axis-aligned grid: voxel centres span ``(n - 1) * spacing``."""
+    return tuple(int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(shape, spacing, target, strict=True))
+
+
+def resample_monai(
+    data: np.ndarray,
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    order: int,
+) -> np.ndarray:
+    """(C, Z, Y, X) -> (C, *shape) float32: MONAI's ``Spacing`` (float64 arithmetic, as its default dtype).
+
+    Trilinear interpolation is the product of three linear ones, so it runs one axis at a time
+    (no coordinate arrays of the volume's size)."""
+    out = data.astype(np.float64)
+    for axis, (n_out, s, t) in enumerate(zip(shape, spacing, target, strict=True)):
+        i0, i1, w = _monai_taps(out.shape[axis + 1], n_out, t / s, order == 0)
+        if order == 0:
+            out = out.take(i0, axis + 1)
+            continue
+        w = w.astype(np.float64).reshape([-1 if a == axis + 1 else 1 for a in range(out.ndim)])
+        out = out.take(i0, axis + 1) * (1 - w) + out.take(i1, axis + 1) * w
+    return out.astype(np.float32)
+
+
 def nonzero_box(image: np.ndarray) -> tuple[slice, ...]:
     """nnU-Net's crop: the bounding box of voxels that are not exactly 0 (the whole volume if none)."""
     box = []
@@ -173,9 +245,21 @@ def normalise_volume(image: np.ndarray, spec: IntensitySpec) -> np.ndarray:
         image -= np.float32(spec.mean)
         image /= np.float32(max(spec.std, 1e-8))
         return image
+    if spec.kind == "volume_zscore" and spec.nonzero:  # MONAI's NormalizeIntensity(nonzero=True)
+        mask = image != 0
+        if mask.any():
+            values = image[mask]
+            std = values.std()
+            image[mask] = (values - values.mean()) / (std if std != 0 else 1.0)
+        return image
     if spec.kind == "volume_zscore":
         mean, std = image.mean(), image.std()
         return (image - mean) / max(std, 1e-8)
+    if spec.kind == "range":  # MONAI's ScaleIntensityRange, in its order of operations
+        r = spec.scale
+        image = (image - np.float32(r.a_min)) / np.float32(r.a_max - r.a_min)
+        image = image * np.float32(r.b_max - r.b_min) + np.float32(r.b_min)
+        return np.clip(image, r.b_min, r.b_max) if r.clip else image
     raise ValueError(f"intensity {spec.kind} is for 2D slice models")
 
 
@@ -256,6 +340,27 @@ def tile_starts(size: tuple[int, ...], patch: tuple[int, ...], step: float) -> l
     return starts
 
 
+def tile_starts_monai(size: tuple[int, ...], patch: tuple[int, ...], step: float) -> list[list[int]]:
+    """MONAI's ``_get_scan_interval`` and ``dense_patch_slices``: every ``int(patch * (1 - overlap))``
+    voxels (one tile where the patch is the size), the last tile moved back inside the volume."""
+    starts = []
+    for n, p in zip(size, patch, strict=True):
+        interval = p if p == n else max(int(p * step), 1)
+        count = next((d for d in range(int(np.ceil(n / interval))) if d * interval + p >= n), 0) + 1
+        starts.append([i * interval - max(i * interval + p - n, 0) for i in range(count)])
+    return starts
+
+
+def importance_map_monai(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    """MONAI's ``compute_importance_map`` (gaussian): the product of 1D Gaussians of sigma
+    ``sigma_scale`` x patch, peak 1, float32, clamped below at its minimum or 1e-3."""
+    g = np.ones((), np.float32)
+    for p in patch:
+        x = np.arange(-(p - 1) / 2.0, (p - 1) / 2.0 + 1, dtype=np.float32)
+        g = np.multiply.outer(g, np.exp(x**2 / np.float32(-2 * (p * sigma_scale) ** 2)))
+    return np.maximum(g, max(float(g.min()), 1e-3)).astype(np.float32)
+
+
 def importance_map(patch: tuple[int, ...]) -> np.ndarray:
     """nnU-Net's ``compute_gaussian`` (sigma 1/8 of the patch, peak 10, no zeros), in float16 as it keeps it."""
     impulse = np.zeros(patch)
@@ -274,14 +379,21 @@ def sliding_window(x: np.ndarray, spec: Patch3DSpec, net: Network) -> tuple[np.n
         for n, p in zip(x.shape[1:], patch, strict=True)
     ]
     data = np.pad(x, pads, mode="constant", constant_values=0)
-    gaussian = importance_map(patch) if spec.gaussian else np.ones(patch, np.float16)
+    if spec.tiling == "monai":  # MONAI's float32 weights; its padding is the same (zeros, centred)
+        gaussian = (
+            importance_map_monai(patch, spec.sigma_scale) if spec.gaussian else np.ones(patch, np.float32)
+        )
+        starts = tile_starts_monai(data.shape[1:], patch, spec.step)
+    else:
+        gaussian = importance_map(patch) if spec.gaussian else np.ones(patch, np.float16)
+        starts = tile_starts(data.shape[1:], patch, spec.step)
     logits = None
-    weight = np.zeros(data.shape[1:], np.float16)
+    weight = np.zeros(data.shape[1:], gaussian.dtype)
     mirrors = [
         m for i in range(len(spec.mirror_axes)) for m in itertools.combinations(spec.mirror_axes, i + 1)
     ]
     tiles = 0
-    for start in itertools.product(*tile_starts(data.shape[1:], patch, spec.step)):
+    for start in itertools.product(*starts):
         window = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
         tile = np.ascontiguousarray(data[(slice(None), *window)][None])
         pred = np.asarray(net(tile), np.float32)[0]

@@ -27,6 +27,7 @@ from node.model.runtimes.onnxruntime import OnnxRuntime
 from node.pipeline import Pipeline
 from node.synthetic.dicom import write_variant
 from node.synthetic.phantom import Phantom
+from tests.framework_compare import node_points, points_dice
 from tests.seg_readback import read_segments
 
 torch = pytest.importorskip("torch")
@@ -94,21 +95,6 @@ def _nnunet_points(folder: Path, series_dir: Path, tmp: Path) -> dict[str, np.nd
     return out
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    key = lambda pts: {tuple(p) for p in np.round(pts, 1)}  # noqa: E731 - the same voxel centres
-    sa, sb = key(a), key(b)
-    return 2 * len(sa & sb) / max(len(sa) + len(sb), 1)
-
-
-def _node_points(model_dir: Path, series_dir: Path, out: Path) -> dict[str, np.ndarray]:
-    model = load_model(model_dir)
-    series = find_series([series_dir])[0][0]
-    result = Pipeline(model, OnnxRuntime(model)).process(series, out)
-    assert result.ok, result.error
-    seg = next(w.path for w in result.outputs if w.kind == "seg")
-    return {name: s.points for name, s in read_segments(seg).items()}
-
-
 def test_import_states_what_nnunet_does(results_folder, imported):
     out, warnings = imported
     model = load_model(out)
@@ -146,11 +132,11 @@ def test_node_segments_where_nnunet_does(results_folder, imported, tmp_path, var
     write_variant(phantom, stored, variant, "CT", seed=3, **SERIES)
     axial = tmp_path / "axial-reference"
     write_variant(phantom, axial, "axial", "CT", seed=3, **SERIES)
-    ours = _node_points(imported[0], stored, tmp_path / "out")
+    ours = node_points(imported[0], stored, tmp_path / "out")
     theirs = _nnunet_points(results_folder, axial, tmp_path)
     for name in LABELS:
         assert len(theirs[name]) > 500, f"{name}: the trained network should find it"
-        assert _dice(ours.get(name, np.zeros((0, 3))), theirs[name]) >= 0.98, name
+        assert points_dice(ours.get(name, np.zeros((0, 3))), theirs[name]) >= 0.98, name
 
 
 def test_sliding_window_steps_and_weights_are_nnunets():

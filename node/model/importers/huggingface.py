@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ import numpy as np
 import yaml
 
 from node.errors import ModelError
+from node.model.importers import staged_model_folder
 from node.model.importers.heads import SEGMENTATION, OwnHead, read_own_head
 
 log = logging.getLogger(__name__)
@@ -353,11 +352,7 @@ def import_huggingface(
     names = [h.name for h in imported]
     if len(set(names)) != len(names):
         raise ModelError(f"head folders must have distinct names, got {names}")
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out}: exists and is not empty (import into a new folder)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".import-{out.name}-", dir=out.parent))
-    try:
+    with staged_model_folder(out) as tmp:
         export_backbone(src, tmp / "backbone.onnx", size)
         patch = int(config.get("patch_size", 16))
         for h in imported:
@@ -403,13 +398,4 @@ def import_huggingface(
             "preprocessor_config": processor,
         }
         (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
-        from node.model.manifest import load_model
-
-        load_model(tmp)  # what was written loads, or the import fails here
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from node.errors import ModelError
+from node.model.importers import staged_model_folder
 from node.model.importers.huggingface import OPSET, _read_json, _sha256, read_codes
 from node.model.importers.nnunet import _head_name, label_manifest, totalsegmentator_codes
 from node.model.manifest import axes_valid
@@ -439,12 +438,8 @@ def import_monai_bundle(
     """Import the MONAI bundle ``src`` into the model folder ``out`` (one 3D head)."""
     src, out = Path(src), Path(out)
     bundle = read_bundle(src)
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out}: exists and is not empty (import into a new folder)")
     labels = label_manifest(bundle, read_codes(codes), totalsegmentator_codes(), warn)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".import-{out.name}-", dir=out.parent))
-    try:
+    with staged_model_folder(out) as tmp:
         export_bundle(bundle, tmp / f"{bundle.name}.onnx")
         manifest = {
             "name": name or bundle.name,
@@ -474,13 +469,4 @@ def import_monai_bundle(
             "files": {str(p.relative_to(src)): _sha256(p) for p in (*files, bundle.weights)},
         }
         (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
-        from node.model.manifest import load_model
-
-        load_model(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

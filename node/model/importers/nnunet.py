@@ -27,8 +27,6 @@ import csv
 import io
 import json
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from node.errors import ModelError
+from node.model.importers import staged_model_folder
 from node.model.importers.huggingface import LOCAL_SCHEME, OPSET, _read_json, _sha256, read_codes
 from node.model.manifest import axes_valid
 
@@ -317,8 +316,6 @@ def import_nnunet(
     names = [n.name for n in nets]
     if len(set(names)) != len(names):
         raise ModelError(f"the sources must have distinct dataset names, got {names}")
-    if out.exists() and any(out.iterdir()):
-        raise ModelError(f"{out}: exists and is not empty (import into a new folder)")
     code_map, shipped = read_codes(codes), totalsegmentator_codes()
     heads = []
     for n in nets:
@@ -334,9 +331,7 @@ def import_nnunet(
             if n.input[key] != first.input[key]:
                 head[key] = n.input[key]
         heads.append(head)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".import-{out.name}-", dir=out.parent))
-    try:
+    with staged_model_folder(out) as tmp:
         for n in nets:
             export_network(n, tmp / f"{n.name}.onnx")
         spec_input = {k: v for k, v in first.input.items() if k != "modalities"}
@@ -373,13 +368,4 @@ def import_nnunet(
             "axes": axes,
         }
         (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
-        from node.model.manifest import load_model
-
-        load_model(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

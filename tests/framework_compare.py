@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ from node.ingest.series import find_series
 from node.model.manifest import load_model
 from node.model.runtimes.onnxruntime import OnnxRuntime
 from node.pipeline import Pipeline
+from node.synthetic.dicom import write_variant
+from node.synthetic.phantom import Phantom
 from tests.seg_readback import read_segments
+
+# the organs both phantom models (node/tools/nnunet_phantom.py, monai_phantom.py) learn, and the
+# series they are compared on
+LABELS = ("liver", "spleen", "kidney", "lung")
+SERIES = dict(shape=(40, 96, 96), pixel_spacing=3.5, slice_spacing=5.0)
 
 
 def points_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,3 +35,21 @@ def node_points(model_dir: Path, series_dir: Path, out: Path) -> dict[str, np.nd
     assert result.ok, result.error
     seg = next(w.path for w in result.outputs if w.kind == "seg")
     return {name: s.points for name, s in read_segments(seg).items()}
+
+
+def assert_lands_where_the_framework_does(
+    model_dir: Path, framework_points: Callable[[Path], dict[str, np.ndarray]], tmp_path: Path, variant: str
+) -> None:
+    """Dice >= 0.98 per label in patient space between the node's SEG of the series stored as
+    ``variant`` and the framework's answer for the same voxels stored axially."""
+    phantom = Phantom.random(4242, n_lesions=0)
+    stored = tmp_path / variant
+    write_variant(phantom, stored, variant, "CT", seed=3, **SERIES)
+    axial = tmp_path / "axial-reference"
+    write_variant(phantom, axial, "axial", "CT", seed=3, **SERIES)
+    ours = node_points(model_dir, stored, tmp_path / "out")
+    theirs = framework_points(axial)
+    for name in LABELS:
+        assert len(theirs[name]) > 500, f"{name}: the trained network should find it"
+        dice = points_dice(ours.get(name, np.zeros((0, 3))), theirs[name])
+        assert dice >= 0.98, (name, dice)

@@ -21,7 +21,11 @@ from node.errors import ModelError
 from node.model.manifest import Patch3DSpec, Resampling, load_model
 from node.synthetic.dicom import write_variant
 from node.synthetic.phantom import Phantom
-from tests.framework_compare import node_points, points_dice
+from tests.framework_compare import (
+    LABELS,
+    SERIES,
+    assert_lands_where_the_framework_does,
+)
 from tests.seg_readback import read_segments
 
 torch = pytest.importorskip("torch")
@@ -31,8 +35,6 @@ nib = pytest.importorskip("nibabel")
 
 pytestmark = pytest.mark.slow
 
-LABELS = ("liver", "spleen", "kidney", "lung")
-SERIES = dict(shape=(40, 96, 96), pixel_spacing=3.5, slice_spacing=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +118,9 @@ def test_import_states_what_the_bundle_does(bundle, imported):
 def test_node_segments_where_monai_does(bundle, imported, tmp_path, variant):
     """Dice >= 0.98 per label in patient space, against the bundle's own transforms and inferer; the
     sagittal storage of the same voxels must land where MONAI's answer for the axial series is."""
-    phantom = Phantom.random(4242, n_lesions=0)
-    stored = tmp_path / variant
-    write_variant(phantom, stored, variant, "CT", seed=3, **SERIES)
-    axial = tmp_path / "axial-reference"
-    write_variant(phantom, axial, "axial", "CT", seed=3, **SERIES)
-    ours = node_points(imported[0], stored, tmp_path / "out")
-    theirs = _monai_points(bundle, axial, tmp_path)
-    for name in LABELS:
-        assert len(theirs[name]) > 500, f"{name}: the trained network should find it"
-        dice = points_dice(ours.get(name, np.zeros((0, 3))), theirs[name])
-        assert dice >= 0.98, (name, dice)
+    assert_lands_where_the_framework_does(
+        imported[0], lambda axial: _monai_points(bundle, axial, tmp_path), tmp_path, variant
+    )
 
 
 @pytest.mark.parametrize(

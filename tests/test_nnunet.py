@@ -27,7 +27,11 @@ from node.model.runtimes.onnxruntime import OnnxRuntime
 from node.pipeline import Pipeline
 from node.synthetic.dicom import write_variant
 from node.synthetic.phantom import Phantom
-from tests.framework_compare import node_points, points_dice
+from tests.framework_compare import (
+    LABELS,
+    SERIES,
+    assert_lands_where_the_framework_does,
+)
 from tests.seg_readback import read_segments
 
 torch = pytest.importorskip("torch")
@@ -36,8 +40,6 @@ sitk = pytest.importorskip("SimpleITK")
 
 pytestmark = pytest.mark.slow
 
-LABELS = ("liver", "spleen", "kidney", "lung")
-SERIES = dict(shape=(40, 96, 96), pixel_spacing=3.5, slice_spacing=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +129,9 @@ def test_import_states_what_nnunet_does(results_folder, imported):
 def test_node_segments_where_nnunet_does(results_folder, imported, tmp_path, variant):
     """Dice >= 0.98 per label in patient space; the sagittal storage of the same voxels must land where
     nnU-Net's answer for the axial series is."""
-    phantom = Phantom.random(4242, n_lesions=0)
-    stored = tmp_path / variant
-    write_variant(phantom, stored, variant, "CT", seed=3, **SERIES)
-    axial = tmp_path / "axial-reference"
-    write_variant(phantom, axial, "axial", "CT", seed=3, **SERIES)
-    ours = node_points(imported[0], stored, tmp_path / "out")
-    theirs = _nnunet_points(results_folder, axial, tmp_path)
-    for name in LABELS:
-        assert len(theirs[name]) > 500, f"{name}: the trained network should find it"
-        assert points_dice(ours.get(name, np.zeros((0, 3))), theirs[name]) >= 0.98, name
+    assert_lands_where_the_framework_does(
+        imported[0], lambda axial: _nnunet_points(results_folder, axial, tmp_path), tmp_path, variant
+    )
 
 
 def test_sliding_window_steps_and_weights_are_nnunets():

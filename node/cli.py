@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="the study's text report: statements the image contradicts are flagged in the SR",
     )
-    _model_args(run)
+    _model_args(run, several=True)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ph = sub.add_parser("phantom", help="write a synthetic CT or MR phantom series (with known ground truth)")
@@ -204,19 +204,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="phantom-fm", help="model name in models/ or a model folder")
+def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        p.add_argument(
+            "--model",
+            action="append",
+            help="model name in models/ or a model folder (default phantom-fm); give it again for"
+            " several models: every series goes through each, into one SEG, SR and GSPS",
+        )
+    else:
+        p.add_argument("--model", default="phantom-fm", help="model name in models/ or a model folder")
     p.add_argument("--runtime", default="auto", choices=[r.value for r in RuntimeChoice])
 
 
-def _load(model_name: str, runtime_name: str):
+def _load(models: str | list[str], runtime_name: str):
     from node.model.manifest import load_model
     from node.model.select import select_runtime
-    from node.pipeline import Pipeline
+    from node.pipeline import Engine, Pipeline
 
-    model = load_model(model_name)
-    runtime, why = select_runtime(model, runtime_name)
-    return Pipeline(model, runtime), why
+    engines, whys = [], []
+    for name in [models] if isinstance(models, str) else models:
+        model = load_model(name)
+        runtime, why = select_runtime(model, runtime_name)
+        engines.append(Engine(model, runtime))
+        whys.append(why)
+    return Pipeline.of(engines), whys
 
 
 def cmd_run(args) -> int:
@@ -232,7 +244,7 @@ def cmd_run(args) -> int:
         args.out,
         args.prior,
         report,
-        args.model,
+        args.model or ["phantom-fm"],
         args.runtime,
         not args.no_progress,
         args.verbose,
@@ -244,7 +256,7 @@ def run_offline(
     out: Path,
     prior_inputs: list[Path],
     report: str | None,
-    model: str,
+    model: str | list[str],
     runtime: str,
     progress: bool = True,
     verbose: bool = False,
@@ -268,10 +280,9 @@ def run_offline(
         if not errors:
             print(f"error: no CT or MR series found in {', '.join(map(str, inputs))}", file=sys.stderr)
         return EXIT_INPUT
-    pipeline, why = _load(model, runtime)
-    console.print(
-        f"model {pipeline.model.name} {pipeline.model.version}, runtime {pipeline.runtime.name} ({why})"
-    )
+    pipeline, whys = _load(model, runtime)
+    for e, why in zip(pipeline.engines, whys, strict=True):
+        console.print(f"model {e.model.name} {e.model.version}, runtime {e.runtime.name} ({why})")
     results = []
     show = progress and sys.stderr.isatty()
     with Progress(
@@ -291,11 +302,14 @@ def run_offline(
             results.append(result)
             if not result.ok:
                 print(f"error: {result.error}", file=sys.stderr)
-            elif i < len(priors):
+            for m in result.models:
+                if m.error:  # the others' results are written; the SR says which model failed
+                    print(f"error: series {s.series_uid}: model {m.model} failed: {m.error}", file=sys.stderr)
+            if result.ok and i < len(priors):
                 prior = result.time_point
     _print_summary(console, results, out)
     done = sum(r.ok for r in results)
-    if done == len(results) and not errors:
+    if done == len(results) and not errors and not any(m.error for r in results for m in r.models):
         return EXIT_OK
     return EXIT_PARTIAL if done else EXIT_INPUT
 

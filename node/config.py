@@ -104,6 +104,15 @@ class Rule(_Strict):
     sop_classes: list[str] = []  # empty: any image SOP class
 
 
+class ModelRoute(_Strict):
+    """One model the node runs, and the series it runs on: a series goes through every model one of
+    whose rules it matches (its volume built once, each model's backbone once)."""
+
+    model: str  # a model name in models/ or a model folder
+    runtime: RuntimeChoice | None = None  # None: the node's ``runtime``
+    routing: list[Rule] = [Rule()]
+
+
 class PriorsConfig(_Strict):
     """Where and how far back the worker looks for a series' prior (see node/service/priors.py)."""
 
@@ -189,6 +198,8 @@ class NodeConfig(_Strict):
     check_called_ae: bool = True  # reject an association whose called AE title is not ae_title
 
     routing: list[Rule] = [Rule()]
+    # several models, each with its rules (see ModelRoute); unset: ``model`` with ``routing``
+    models: list[ModelRoute] = []
     triage: TriageRules = (
         TriageRules()
     )  # urgency rules; defaults and their reasons in node/analysis/urgency.py
@@ -221,6 +232,11 @@ class NodeConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"destinations: duplicate name {sorted(dup)[0]!r}")
+        if self.models and {"model", "routing"} & self.model_fields_set:
+            raise ValueError("models: give either models or model and routing, not both")
+        paths = [m.model for m in self.models]
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"models: {sorted(p for p in paths if paths.count(p) > 1)[0]!r} listed twice")
         ports = {"dicom_port": self.dicom_port, "http_port": self.http_port}
         if self.metrics_port:
             ports["metrics_port"] = self.metrics_port
@@ -228,7 +244,18 @@ class NodeConfig(_Strict):
             raise ValueError(f"ports must differ, got {ports}")
         return self
 
-    # --- derived paths -------------------------------------------------------------------
+    # --- derived ---------------------------------------------------------------------------
+    @property
+    def model_routes(self) -> list[ModelRoute]:
+        """Every model with its rules and runtime: ``models``, or ``model`` with ``routing``."""
+        routes = self.models or [ModelRoute(model=self.model, routing=self.routing)]
+        return [r if r.runtime else r.model_copy(update={"runtime": self.runtime}) for r in routes]
+
+    @property
+    def all_rules(self) -> list[Rule]:
+        """What makes a series a job: any model's rule."""
+        return [rule for route in self.model_routes for rule in route.routing]
+
     @property
     def queue_location(self) -> Path | str:
         """The queue: ``queue_url`` (PostgreSQL, shared by a cluster) or the SQLite file in data_dir."""

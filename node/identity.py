@@ -7,6 +7,7 @@ so they never change once released (add, never rename).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 # Manufacturer and model name of every object the node writes; the plugin never processes them
@@ -133,3 +134,23 @@ class Role(StrEnum):
     @property
     def infers(self) -> bool:
         return self is not Role.INGEST
+
+
+class ModelOutcome(StrEnum):
+    """A model's part in a job: ``pacs_node_model_runs_total{model, outcome}``."""
+
+    RAN = "ran"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model's part in a job: ``model`` is its name and version, ``error`` why it failed (one
+    line, no patient data) or None. A failed model never loses the results of the others."""
+
+    model: str
+    error: str | None = None
+
+    @property
+    def outcome(self) -> ModelOutcome:
+        return ModelOutcome.RAN if self.error is None else ModelOutcome.FAILED

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import Dataset
 
 from node.analysis.change import TimePoint
-from node.analysis.findings import Findings
+from node.analysis.findings import Findings, ModelRef
 from node.analysis.longitudinal import time_point, track
-from node.analysis.postprocess import to_findings
+from node.analysis.postprocess import merge, to_findings
 from node.analysis.report_text import check_report
 from node.analysis.urgency import TriageRules, assess, tags_of
-from node.identity import OutputKind, Stage
+from node.errors import InputError, ModelError
+from node.identity import ModelRun, OutputKind, Stage
 from node.ingest.series import SourceSeries
 from node.ingest.volume import SeriesVolume, load_volume
 from node.model.inference import predict
@@ -57,6 +58,7 @@ class SeriesResult:
     seconds: dict[str, float] = field(default_factory=dict)
     parts: dict[str, float] = field(default_factory=dict)  # inside inference: backbone, head_<name>
     time_point: TimePoint | None = None  # what a later series of the patient is compared with
+    models: list[ModelRun] = field(default_factory=list)  # each model's part, failed ones with why
     error: str | None = None
 
     @property
@@ -86,17 +88,47 @@ class SeriesResult:
         )
 
 
+@dataclass(frozen=True)
+class Engine:
+    """A loaded model and the runtime that runs it."""
+
+    model: ModelSpec
+    runtime: Runtime
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model.name, self.model.version, self.runtime.name)
+
+
 class Pipeline:
-    """Holds the loaded model and runtime; processes one series at a time."""
+    """Holds the loaded models and their runtimes; processes one series at a time."""
 
     def __init__(self, model: ModelSpec, runtime: Runtime, triage: TriageRules | None = None):
-        self.model = model
-        self.runtime = runtime
+        self.engines = [Engine(model, runtime)]
         self.triage = triage or TriageRules()
 
-    def load(self, series: SourceSeries, clock: Stopwatch) -> SeriesVolume:
+    @classmethod
+    def of(cls, engines: Sequence[Engine], triage: TriageRules | None = None) -> Pipeline:
+        """Several models: a series goes through those :meth:`process` is given (all by default)."""
+        pipeline = cls(engines[0].model, engines[0].runtime, triage)
+        pipeline.engines = list(engines)
+        return pipeline
+
+    @property
+    def model(self) -> ModelSpec:  # the first (usually the only) model
+        return self.engines[0].model
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.engines[0].runtime
+
+    def load(self, series: SourceSeries, clock: Stopwatch, engines: Sequence[Engine] | None = None) -> SeriesVolume:
+        """The series' volume, built once for every model (each checks its modalities itself)."""
+        engines = engines or self.engines
+        modalities = list(dict.fromkeys(m for e in engines for m in e.model.modalities))
+        name = engines[0].model.name if len(engines) == 1 else None
         with clock(Stage.LOAD):
-            return load_volume(series, self.model.modalities, model_name=self.model.name)
+            return load_volume(series, modalities, model_name=name)
 
     def process(
         self,
@@ -108,20 +140,41 @@ class Pipeline:
         report: str | None = None,
         prior_unavailable: str | None = None,
         clock: Stopwatch | None = None,
+        engines: Sequence[Engine] | None = None,
     ) -> SeriesResult:
         """Run one series end to end; an :class:`~node.errors.InputError` names what is wrong with the series.
 
         ``prior``: the time point to compare with; ``report``: the study's report text, checked
         against the image (contradictions are flagged in the SR, the report is never changed);
         ``prior_unavailable``: a prior was looked for and none could be used, and why (the SR says it);
-        ``clock``: times the stages (``clock.current`` names the stage an error happened in)."""
+        ``clock``: times the stages (``clock.current`` names the stage an error happened in);
+        ``engines``: the models to run (routing chose them; default all). Their results go into one
+        SEG, one SR, one GSPS, each segment and classification naming its model; a model that fails
+        is named with its reason in ``result.models`` and the others' results are kept. Only when
+        every model failed does the series fail, with the first model's error."""
         clock = clock or Stopwatch()
+        engines = engines or self.engines
         result = SeriesResult(series.series_uid, series.modality)
-        volume = volume or self.load(series, clock)
+        volume = volume or self.load(series, clock, engines)
         result.slices = volume.volume.shape[0]
-        prediction = predict(volume, self.model, self.runtime, clock, progress)
+        parts, first_error = [], None
+        for engine in engines:
+            try:
+                parts.append(self._infer(engine, volume, clock, progress, len(engines)))
+                result.models.append(ModelRun(f"{engine.model.name} {engine.model.version}"))
+            except Exception as e:
+                if len(engines) == 1:
+                    raise
+                first_error = first_error or e
+                result.models.append(ModelRun(f"{engine.model.name} {engine.model.version}", _one_line(e)))
+                log.warning("series %s: model %s failed: %s", series.series_uid, engine.model.name, _one_line(e))
+                if not isinstance(e, (InputError, ModelError)):
+                    log.debug("model %s", engine.model.name, exc_info=True)
+        if not parts:
+            raise first_error
+        findings = merge(parts)
+        findings.notes += [f"model {r.model} failed: {r.error}" for r in result.models if r.error]
         with clock(Stage.MEASURE):
-            findings = to_findings(volume, self.model, prediction, self.runtime.name)
             result.time_point = time_point(findings)
         findings.prior_unavailable = prior_unavailable
         if prior is not None:
@@ -150,6 +203,25 @@ class Pipeline:
         result.findings = findings
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
+
+
+    @staticmethod
+    def _infer(
+        engine: Engine, volume: SeriesVolume, clock: Stopwatch, progress: Callable[[int], None] | None, n: int
+    ) -> Findings:
+        """One model on the volume: its findings, or an error naming the model."""
+        model = engine.model
+        if volume.modality.upper() not in {m.upper() for m in model.modalities}:
+            raise InputError(f"it takes {', '.join(model.modalities)}, not {volume.modality}")
+        share = (lambda k: progress(k / n)) if progress and n > 1 else progress  # one bar for all models
+        prediction = predict(volume, model, engine.runtime, clock, share)
+        with clock(Stage.MEASURE):
+            return to_findings(volume, model, prediction, engine.runtime.name)
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, (InputError, ModelError)) else f"internal error: {type(e).__name__}: {text}"
 
 
 def _write_atomically(

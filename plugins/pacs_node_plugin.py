@@ -6,6 +6,7 @@ model or do heavy work; the worker process does that. Its settings come from
 the ``PacsNode`` section that ``pacs-node serve`` writes into Orthanc's config.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ if _CFG.get("Src") and _CFG["Src"] not in sys.path:
 from node.analysis.urgency import TriageRules, request_points  # noqa: E402
 from node.identity import NODE_NAME, ROUTED_MODALITIES, JobState, SkipRule  # noqa: E402
 from node.service.queue import JobQueue, to_json  # noqa: E402
+from node.service.routing import rule_matches  # noqa: E402
 
 # Never processed, whatever the rules say: non-images and the node's own outputs (no loops).
 NEVER_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC", "OT"}
@@ -45,24 +47,6 @@ def _warn(msg):
 
 def _get(uri):
     return json.loads(orthanc.RestApiGet(uri))
-
-
-def _rule_matches(rule, tags, modality, n_instances):
-    if modality not in [m.upper() for m in rule.get("modalities", ROUTED_MODALITIES)]:
-        return False
-    if n_instances < int(rule.get("min_instances", 1)):
-        return False
-    if rule.get("max_instances") and n_instances > int(rule["max_instances"]):
-        return False
-    if rule.get("sop_classes") and tags.get("SOPClassUID", "") not in rule["sop_classes"]:
-        return False
-    for key, pattern in (rule.get("tags") or {}).items():
-        if not re.fullmatch(pattern, str(tags.get(key, "")), re.IGNORECASE):
-            return False
-    return not any(
-        re.fullmatch(pattern, str(tags.get(key, "")), re.IGNORECASE)
-        for key, pattern in (rule.get("exclude_tags") or {}).items()
-    )
 
 
 def _modality_label(modality):
@@ -92,7 +76,7 @@ def decide(series):
     if "Rows" not in first:
         return False, SkipRule.NOT_AN_IMAGE, "not an image"
     for rule in _rules:
-        if _rule_matches(rule, tags, modality, len(instances)):
+        if rule_matches(rule, tags, modality, len(instances)):
             return True, None, "eligible"
     return False, SkipRule.NO_RULE, "%s series matches no routing rule" % (modality or "unknown")
 
@@ -263,7 +247,7 @@ def rest_jobs(output, uri, **request):
         _answer(output, {"error": f"unknown state {state!r}", "states": sorted(JOB_STATES)}, 400)
         return
     limit = int(args.get("limit", "100")) if str(args.get("limit", "100")).isdigit() else 100
-    jobs = [j.__dict__ for j in _queue.jobs.recent(state, limit)]
+    jobs = [dataclasses.asdict(j) for j in _queue.jobs.recent(state, limit)]
     _answer(output, jobs)
 
 

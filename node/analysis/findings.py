@@ -112,9 +112,12 @@ class Segment:
     longest_diameter_mm: float | None = None
     diameter_slice: int | None = None  # index along the volume's slice axis
     diameter_endpoints: tuple[tuple[float, float], tuple[float, float]] | None = None  # (row, col) pairs
-    tracking_uid: str | None = None  # set when matched to a prior lesion: that lesion's UID
+    # set when matched to a prior lesion (that lesion's UID), or when several models' findings are
+    # merged (the UID its own model gives it, so a merge renumbering the segments changes none)
+    tracking_uid: str | None = None
     site: str | None = None  # lesions: the label of the organ segment it lies in ("Liver")
     modifier: Concept | None = None  # of the type, e.g. laterality
+    model: ModelRef | None = None  # the model that found it, where a series went through several
 
     def __post_init__(self) -> None:
         if not isinstance(self.mask, BoxMask):
@@ -136,6 +139,7 @@ class Classification:
     probability: float  # of the positive class, or of the most probable class
     positive: bool = False  # a finding a reader should see (not "absent", not a "no finding" class)
     classes: tuple[tuple[Concept, float], ...] = ()  # multi-class heads: every class and its probability
+    model: ModelRef | None = None  # the model whose head it is, where a series went through several
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,18 @@ class ModelRef:
     name: str
     version: str
     runtime: str = "onnxruntime-cpu"
+
+    @classmethod
+    def combined(cls, refs: list[ModelRef]) -> ModelRef:
+        """The models of one series' results together: what names the documents (and seeds their
+        UIDs); each segment and classification names its own model."""
+        if len(refs) == 1:
+            return refs[0]
+
+        def joined(values) -> str:
+            return "+".join(dict.fromkeys(values))[:64]  # LO
+
+        return cls(joined(r.name for r in refs), joined(r.version for r in refs), joined(r.runtime for r in refs))
 
 
 @dataclass

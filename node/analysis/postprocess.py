@@ -132,3 +132,34 @@ def locate(segments: list[Segment]) -> None:
         overlap = {o.label: int(np.count_nonzero(o.mask.within(box) & near)) for o in organs}
         best = max(overlap, key=overlap.get, default=None)
         lesion.site = best if best and overlap[best] else None
+
+
+def merge(parts: list[Findings]) -> Findings:
+    """Several models' findings on one series as one: their segments numbered on in order (each
+    keeping its model and the tracking UID its model gave it), every classification, the lesion
+    probability of the first model that gives one, and each lesion's site among every model's organs
+    (one model's lesion may lie in another's organ)."""
+    if len(parts) == 1:
+        return parts[0]
+    segments, classifications = [], []
+    for part in parts:
+        for seg in part.segments:
+            seg.tracking_uid = part.tracking_uid(seg)  # before renumbering: it depends on the number
+            seg.model = seg.model or part.model
+            seg.number = len(segments) + 1
+            segments.append(seg)
+        for c in part.classifications:
+            c.model = c.model or part.model
+            classifications.append(c)
+    if any(s.kind == "lesion" and s.site is None for s in segments):
+        unplaced = [s for s in segments if s.kind == "organ" or (s.kind == "lesion" and s.site is None)]
+        locate(unplaced)
+    probabilities = [p.lesion_probability for p in parts if p.lesion_probability is not None]
+    return Findings(
+        series=parts[0].series,
+        model=ModelRef.combined([p.model for p in parts]),
+        segments=segments,
+        classifications=classifications,
+        notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+        lesion_probability=probabilities[0] if probabilities else None,
+    )

@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
@@ -124,6 +124,12 @@ class QueueCollector:
                 f"{p}_report_discrepancies",
                 "Report statements the image contradicts (flagged in the SR, never changed).",
             ),
+            CounterMetricFamily(
+                f"{p}_model_runs",
+                "Models run on series, by model (name and version) and outcome (ran; failed: the job"
+                " names why, the other models' results were kept).",
+                labels=["model", "outcome"],
+            ),
         )
 
     def collect(self) -> Iterable[Metric]:
@@ -131,7 +137,7 @@ class QueueCollector:
         (received, jobs, in_state, depth, oldest, deliveries, retries, d_state, pending, d_oldest) = families[
             :10
         ]
-        urgency, discrepancies = families[10:]
+        urgency, discrepancies, model_runs = families[10:]
         try:
             s = self.queue.counters.stats()
         except Exception:  # a locked or missing file must not break the scrape: report nothing from it
@@ -152,6 +158,8 @@ class QueueCollector:
                 urgency.add_metric([label], value)
             elif name == Tally.DISCREPANCIES:
                 discrepancies.add_metric([], value)
+            elif name == Tally.MODEL_RUNS:
+                model_runs.add_metric([label, sub], value)
         for outcome in JOB_OUTCOMES:
             if outcome not in seen_jobs and outcome is not JobEvent.SKIPPED:
                 jobs.add_metric([outcome, ""], 0)
@@ -366,10 +374,17 @@ class NodeMetrics:
         self.model: ModelInfo | None = None
 
     # --- recording ---------------------------------------------------------------------------
-    def set_model(self, info: ModelInfo) -> None:
-        self.model = info
+    def set_model(self, *infos: ModelInfo) -> None:
+        """The loaded models (one ``model_info`` row each); the stage and job histograms name them
+        together (``a+b``), as the worker's configuration does not change while it runs."""
         self.model_info.clear()
-        self.model_info.labels(info.model, info.version, info.runtime, info.device, info.precision).set(1)
+        for info in infos:
+            self.model_info.labels(info.model, info.version, info.runtime, info.device, info.precision).set(1)
+
+        def joined(values) -> str:
+            return "+".join(dict.fromkeys(values))
+
+        self.model = ModelInfo(*(joined(getattr(i, f.name) for i in infos) for f in fields(ModelInfo)))
 
     def _labels(self) -> tuple[str, str]:
         return (self.model.model, self.model.runtime) if self.model else ("", "")

@@ -123,7 +123,7 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
         "PacsNode": {
             "Queue": str(cfg.queue_location),
             "Src": str(SRC_DIR),
-            "Routing": [r.model_dump(mode="json") for r in cfg.routing],
+            "Routing": [r.model_dump(mode="json") for r in cfg.all_rules],
             "MaxAttempts": cfg.worker.max_attempts,
             "Triage": cfg.model_dump(mode="json")["triage"],
             "Watermarks": {

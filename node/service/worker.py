@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.analysis.findings import ModelRef
 from node.analysis.urgency import Category
 from node.config import ConfigError, NodeConfig, WebhookDestination, load_config, read_resolved
 from node.errors import InputError, ModelError
@@ -30,7 +31,7 @@ from node.identity import JobState, OutputKind, Stage
 from node.ingest.series import SourceSeries, find_series
 from node.model.manifest import load_model
 from node.model.select import select_runtime
-from node.pipeline import Pipeline, SeriesResult
+from node.pipeline import Engine, Pipeline, SeriesResult
 from node.service.delivery import Deliverer
 from node.service.egress import TriageNotice
 from node.service.metrics import WORKER_EXIT_ENV, WORKER_METRICS_ENV, MetricsServer, ModelInfo, NodeMetrics
@@ -38,14 +39,16 @@ from node.service.orthanc import OrthancClient, OrthancError
 from node.service.priors import PriorLookup, Priors, study_report
 from node.service.queue import Job, JobQueue, Output, Route
 from node.service.queue.time_points import TimePoints
+from node.service.routing import header_tags, rule_matches
 from node.timing import Stopwatch
 
 log = logging.getLogger("node.service.worker")
 QUEUE_RETRY_S = 5
 
 
-class Stopping(Exception):
-    """Raised in the main thread by SIGTERM/SIGINT: give the job back and exit."""
+class Stopping(BaseException):
+    """Raised in the main thread by SIGTERM/SIGINT: give the job back and exit (a BaseException, so
+    that no ``except Exception`` on the way, such as one model's failure, takes it for an error)."""
 
 
 @dataclass
@@ -110,19 +113,45 @@ class Worker:
 
     @property
     def pipeline(self) -> Pipeline:
-        if self._pipeline is None:  # loaded once, lazily: a config-only start stays fast
-            model = load_model(self.cfg.model)
-            runtime, why = select_runtime(model, self.cfg.runtime)
-            log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
-            self._pipeline = Pipeline(model, runtime, self.cfg.triage)
+        """Every configured model, loaded once, lazily (a config-only start stays fast)."""
+        if self._pipeline is None:
+            engines = []
+            for route in self.cfg.model_routes:
+                model = load_model(route.model)
+                runtime, why = select_runtime(model, route.runtime)
+                log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
+                engines.append(Engine(model, runtime))
+            self._pipeline = Pipeline.of(engines, self.cfg.triage)
             self._model_info(self._pipeline)
         return self._pipeline
 
     def _model_info(self, pipeline: Pipeline) -> None:
-        model, runtime = pipeline.model, pipeline.runtime
         self.metrics.set_model(
-            ModelInfo(model.name, model.version, runtime.name, runtime.device, runtime.precision or "fp32")
+            *(
+                ModelInfo(e.model.name, e.model.version, e.runtime.name, e.runtime.device, e.runtime.precision or "fp32")
+                for e in pipeline.engines
+            )
         )
+
+    def route(self, series: SourceSeries) -> Pipeline:
+        """The models whose routing rules the series matches (the plugin made a job of it because one
+        of them did), as a pipeline of those only; an InputError if none does any more."""
+        pipeline, routes = self.pipeline, self.cfg.model_routes
+        if len(pipeline.engines) == 1:
+            return pipeline
+        keys = {"SOPClassUID"} | {
+            k for r in self.cfg.all_rules for k in (*r.tags, *r.exclude_tags)
+        }
+        tags = header_tags(series.datasets[0], sorted(keys))
+        n = len(series.datasets)
+        chosen = [
+            engine
+            for route, engine in zip(routes, pipeline.engines, strict=True)
+            if any(rule_matches(r.model_dump(), tags, series.modality, n) for r in route.routing)
+        ]
+        if not chosen:
+            raise InputError(f"series {series.series_uid}: no model's routing rule matches it (any more)")
+        return Pipeline.of(chosen, self.cfg.triage)
 
     # --- health ----------------------------------------------------------------------------------
     def start_metrics(self) -> MetricsServer | None:
@@ -136,7 +165,9 @@ class Worker:
                 None if self.orthanc.ready() else f"Orthanc at {self.orthanc.url} not reachable"
             ),
             "model": lambda: (
-                None if self._pipeline is not None else f"model {self.cfg.model} not loaded (yet)"
+                None
+                if self._pipeline is not None
+                else f"models {', '.join(r.model for r in self.cfg.model_routes)} not loaded (yet)"
             ),
             "queue": self.queue.writable,
         }
@@ -219,9 +250,10 @@ class Worker:
         """fetch -> context (prior, report) -> pipeline -> store -> outbox."""
         shutil.rmtree(run.folder, ignore_errors=True)
         series = self._fetch(run)
-        prior, report = self._context(run, series)
+        pipeline = self.route(series)
+        prior, report = self._context(run, series, pipeline)
         run.step = None  # the pipeline's clock says where it is
-        result = self.pipeline.process(
+        result = pipeline.process(
             series,
             run.folder / "out",
             prior=prior.time_point,
@@ -229,13 +261,14 @@ class Worker:
             prior_unavailable=prior.why_not,
             clock=run.clock,
         )
-        self.time_points.save(self._model_key, result.time_point)
+        self.time_points.save(_model_key(pipeline), result.time_point)
         self.metrics.observe_stages(result.seconds | result.parts)
         outputs = self._store(run, result)
         f = result.findings
         log.info(
-            "job %d: %s; stages %s",
+            "job %d: models %s: %s; stages %s",
             run.job.id,
+            ", ".join(f"{m.model} ({m.outcome})" for m in result.models),
             result.summary(),
             ", ".join(f"{k} {v:.2f}" for k, v in result.seconds.items()),
         )
@@ -246,6 +279,7 @@ class Worker:
             self._routes(f.urgency.category),
             f.urgency,
             len(f.discrepancies),
+            result.models,
         )
 
     @contextmanager
@@ -268,11 +302,12 @@ class Worker:
             raise InputError(f"Orthanc series {run.job.series_id}: no CT or MR image series in it")
         return series[0]
 
-    def _context(self, run: JobRun, series: SourceSeries) -> tuple[PriorLookup, str | None]:
-        """The prior to compare with (or why there is none) and the study's report text."""
+    def _context(self, run: JobRun, series: SourceSeries, pipeline: Pipeline) -> tuple[PriorLookup, str | None]:
+        """The prior to compare with (or why there is none; processed by the same models) and the
+        study's report text."""
         with self._stage(run, Stage.CONTEXT):
             prior = (
-                self.priors.lookup(series.datasets[0], self._model_key, run.folder, self.pipeline)
+                self.priors.lookup(series.datasets[0], _model_key(pipeline), run.folder, pipeline)
                 if self.priors
                 else PriorLookup(None)
             )
@@ -290,10 +325,6 @@ class Worker:
                 Output(w.kind, w.sop_uid, self.orthanc.store(w.path.read_bytes()).orthanc_id)
                 for w in result.outputs
             ]
-
-    @property
-    def _model_key(self) -> str:
-        return f"{self.pipeline.model.name} {self.pipeline.model.version}"
 
     def _routes(self, category: str) -> list[Route]:
         """Every DICOM destination's accepted kinds, and the webhooks whose ``min_category`` this
@@ -330,6 +361,13 @@ class Worker:
                     return
             except Exception:
                 log.exception("job %d: heartbeat failed", job_id)
+
+
+def _model_key(pipeline: Pipeline) -> str:
+    """What a series' time point is kept under: the models that processed it (another model's
+    lesions are not comparable)."""
+    ref = ModelRef.combined([e.ref for e in pipeline.engines])
+    return f"{ref.name} {ref.version}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,7 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
     if not union:
         raise ValueError("Findings.segments: every mask is empty on the acquired slices; nothing to write.")
 
-    algorithm = algorithm_identification(model)
+    algorithms = {m: algorithm_identification(m) for m in {seg.model or model for seg in segments}}
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=seg.number,
@@ -203,7 +203,7 @@ def write_seg(findings: Findings) -> hd.seg.Segmentation:
             segmented_property_category=seg.category.coded(),
             segmented_property_type=seg.type.coded(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
+            algorithm_identification=algorithms[seg.model or model],  # a series may go through several
             tracking_uid=findings.tracking_uid(seg),
             tracking_id=seg.label[:64],
         )

@@ -131,11 +131,12 @@ def write_sr(findings: Findings, seg: Dataset | None) -> hd.sr.Comprehensive3DSR
     sources = {s.index: s for s in slice_sources(findings.series)}
     groups = []
     for segment in findings.segments:
-        groups.append(_segment_group(findings, segment, seg, algorithm, uid))
+        made_by = _algorithm(findings, segment)
+        groups.append(_segment_group(findings, segment, seg, made_by, uid))
         if segment.longest_diameter_mm is not None and segment.diameter_slice in sources:
-            groups.append(_diameter_group(segment, sources[segment.diameter_slice], algorithm, uid))
+            groups.append(_diameter_group(segment, sources[segment.diameter_slice], made_by, uid))
     for k, c in enumerate(findings.classifications, start=1):
-        groups.append(_classification_group(c, k, algorithm, uid))
+        groups.append(_classification_group(c, k, _algorithm(findings, c), uid))
     if findings.comparison is not None:
         groups += _comparison_groups(findings, algorithm, uid)
     elif findings.prior_unavailable:
@@ -154,10 +155,10 @@ def write_outlines(findings: Findings, seg: Dataset) -> hd.sr.Comprehensive3DSR:
         raise ValueError("Findings.segments is empty: there is nothing to outline.")
     _check(findings, seg)
     uid = _uids(findings)
-    algorithm = _algorithm(findings)
     sources = {s.index: s for s in slice_sources(findings.series)}
     groups = []
     for segment in sorted(findings.segments, key=lambda s: s.kind != "lesion"):  # lesions first
+        algorithm = _algorithm(findings, segment)
         key = _key_slice(segment, sources)
         if key is None:  # only on interpolated slices: nothing a viewer can draw it on
             continue
@@ -201,8 +202,10 @@ def _uids(findings: Findings):
     return lambda kind: uids.output_uid(series.series_uid, model.name, model.version, kind)
 
 
-def _algorithm(findings: Findings) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=findings.model.name, version=findings.model.version)
+def _algorithm(findings: Findings, of: Segment | Classification | None = None) -> hd.sr.AlgorithmIdentification:
+    """The model that made ``of`` (a series may go through several), or the document's models."""
+    model = (of.model if of is not None else None) or findings.model
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
 
 
 def _document(findings: Findings, seg: Dataset | None, groups: list, title: Code, kind: OutputKind, local: bool):

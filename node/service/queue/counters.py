@@ -20,6 +20,7 @@ class Counter(StrEnum):
     DELIVERY_RETRIES = "delivery_retries"  # label: destination
     URGENCY = "urgency"  # label: triage category
     DISCREPANCIES = "discrepancies"
+    MODEL_RUNS = "model_runs"  # label: the model's name and version; sublabel: ModelOutcome
 
 
 def bump(db: sqlite3.Connection, name: Counter, label: str = "", sublabel: str = "", n: int = 1) -> None:

@@ -9,12 +9,13 @@ counter, so what operators read and what the metrics count never disagree.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from node.analysis.urgency import Urgency
-from node.identity import JobEvent, JobState
+from node.identity import JobEvent, JobState, ModelRun
 from node.service.queue.counters import Counter, bump
 from node.service.queue.outbox import Outbox, Output, Route
 from node.service.queue.store import Store, journal
@@ -47,9 +48,12 @@ class Job:
     urgency: str | None = None
     urgency_score: int | None = None
     discrepancies: int | None = None
+    models: tuple[ModelRun, ...] | str = ()  # each model's part (the column holds them as JSON)
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
+        if isinstance(self.models, str):
+            self.models = tuple(ModelRun(**m) for m in json.loads(self.models or "[]"))
 
 
 @dataclass(frozen=True)
@@ -241,11 +245,14 @@ class Jobs:
         routes: Iterable[Route],
         urgency: Urgency | None = None,
         discrepancies: int | None = None,
+        models: Iterable[ModelRun] = (),
     ) -> JobState | None:
         """Record the stored outputs and create one pending delivery per route, in one transaction.
 
         ``urgency`` and ``discrepancies`` are kept on the job for operators and metrics; the job's
-        deliveries go out in order of its score. Returns the job's new state (None: no such job).
+        deliveries go out in order of its score. ``models``: each model's part; the job's error names
+        those that failed (its results are those of the others). Returns the job's new state (None:
+        no such job).
         A job superseded while it ran keeps its outputs but delivers nothing: the newer job delivers
         the same UIDs. A job this worker no longer holds is left as it is.
         """
@@ -266,11 +273,17 @@ class Jobs:
             n = 0 if superseded else self.outbox.add(db, job_id, outputs, routes, now)
             state = JobState.SUPERSEDED if superseded else JobState.DELIVERING if n else JobState.DONE
             category, score = (urgency.category, urgency.score) if urgency else (None, None)
+            models = list(models)
+            failed = "; ".join(f"model {m.model} failed: {m.error}" for m in models if m.error) or None
             db.execute(
-                "UPDATE jobs SET state = ?, error = NULL, lease_owner = NULL, updated = ?, finished = ?,"
-                " urgency = ?, urgency_score = ?, discrepancies = ? WHERE id = ?",
-                (state, now, now, category, score, discrepancies, job_id),
+                "UPDATE jobs SET state = ?, error = ?, lease_owner = NULL, updated = ?, finished = ?,"
+                " urgency = ?, urgency_score = ?, discrepancies = ?, models = ? WHERE id = ?",
+                (state, failed, now, now, category, score, discrepancies, json.dumps([asdict(m) for m in models]), job_id),
             )
+            for m in models:
+                bump(db, Counter.MODEL_RUNS, m.model, m.outcome)
+                if m.error:
+                    journal(db, job_id, now, "model_failed", f"{m.model}: {m.error}")
             if category:
                 bump(db, Counter.URGENCY, category)
             if discrepancies:

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL DEFAULT 0,  -- urgency points of the request: higher is leased first
     urgency TEXT,                         -- routine, priority, urgent (after inference)
     urgency_score INTEGER,
-    discrepancies INTEGER                 -- report statements the image contradicts
+    discrepancies INTEGER,                -- report statements the image contradicts
+    models TEXT NOT NULL DEFAULT ''       -- JSON: each model's part (node.identity.ModelRun)
 );
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_id);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -122,6 +123,7 @@ MIGRATIONS = {
         "urgency": "TEXT",
         "urgency_score": "INTEGER",
         "discrepancies": "INTEGER",
+        "models": "TEXT NOT NULL DEFAULT ''",
     },
     "deliveries": {"payload": "TEXT NOT NULL DEFAULT ''"},
 }

@@ -95,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(bench)
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     bench.add_argument(
-        "--suite", default="model", choices=("model", "queue", "nnunet", "seg"),
+        "--suite", default="model", choices=("model", "queue", "nnunet", "seg", "memory3d"),
         help="model: throughput and pipeline stages; queue: jobs/s the queue sustains, SQLite vs PostgreSQL; "
         "nnunet: an imported nnU-Net model (--model) against nnUNetPredictor on its source (--nnunet); "
-        "seg: the SEG encoder against highdicom's at --segments counts",
+        "seg: the SEG encoder against highdicom's at --segments counts; "
+        "memory3d: peak RAM of a --classes 3D network on a --size x --size x --slices CT",
     )  # fmt: skip
+    bench.add_argument("--classes", type=int, default=105, help="memory3d suite: the network's outputs")
     bench.add_argument("--nnunet", type=Path, help="nnunet suite: the nnU-Net results folder --model was imported from")
     bench.add_argument("--segments", type=int, nargs="*", default=[10, 117], help="seg suite: segment counts")
     bench.add_argument("--queue-url", help="queue suite: a scratch PostgreSQL database (emptied first)")
@@ -407,6 +409,10 @@ def cmd_bench(args) -> int:
         if args.nnunet is None:
             raise ModelError("--suite nnunet needs --nnunet: the results folder the model was imported from")
         return bench_nnunet(args.model, args.nnunet, args.slices[0], args.size, args.repeat, args.output)
+    if args.suite == "memory3d":
+        from node.tools.memory_bench import bench_memory3d
+
+        return bench_memory3d(args.classes, args.slices[0], args.size, args.output)
     if args.suite == "seg":
         from node.tools.seg_bench import bench_seg
 

@@ -13,8 +13,11 @@ torch and no nnU-Net at run time:
 3. pad to at least one patch (zeros, centred), tiles at nnU-Net's evenly spread steps, each
    weighted by the Gaussian importance map (sigma 1/8 of the patch, scaled to 10), mirrored
    test-time augmentation over the allowed axes; the sums are kept in float16, as nnU-Net keeps
-   them, which halves the memory of a many-class model;
-4. logits back to the cropped shape (linear), arg-max, the crop put back into the full volume.
+   them, and only a patch deep: rows no later tile reaches go on to step 4 at once
+   (:class:`SlidingWindow`), so a 100+-class network's memory does not grow with the series;
+4. logits back to the cropped shape (linear), arg-max, the crop put back into the full volume,
+   slab by slab as the rows arrive (:func:`labels_from_slabs`). The result equals nnU-Net's whole-
+   array computation: streaming changes when a voxel is computed, never how.
 
 A MONAI bundle's model (``tiling: monai``, ``resampling.grid: monai``) goes through its transforms
 and ``SlidingWindowInferer`` instead, ported the same way: no crop, ``Spacingd``'s grid and linear
@@ -26,7 +29,7 @@ bundle's softmax comes first). Only the sums differ from MONAI's float32: float1
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,13 +83,24 @@ def segment(
             )
         if not spec.normalise_first:
             x = normalise_volume(x[0].astype(np.float32), intensity)[None]
-    with clock(Stage.INFERENCE), clock.part(part):
-        logits, tiles = sliding_window(x.astype(np.float32), spec, net)
+    # the tiles and the way back run interleaved (the sums of every class are never held whole):
+    # the network's time is inference, the rest (summing, arg-max, resampling) postprocessing
+    tiles_clock = Stopwatch()
+
+    def timed(tile: np.ndarray) -> np.ndarray:
+        with tiles_clock(Stage.INFERENCE):
+            return net(tile)
+
     with clock(Stage.POSTPROCESS):
+        windows = SlidingWindow(x.astype(np.float32), spec, timed)
         labels = np.zeros(image.shape, np.uint8)
         conf = np.zeros(image.shape, np.uint8)
-        labels[box], conf[box] = logits_to_labels(logits, cropped, spec.spacing, spacing, r)
-    return VolumeSegmentation(labels, conf, tiles)
+        labels[box], conf[box] = labels_from_slabs(windows, x.shape[1:], cropped, spec.spacing, spacing, r)
+    network = tiles_clock.seconds[Stage.INFERENCE]
+    clock.seconds[Stage.POSTPROCESS] -= network
+    clock.seconds[Stage.INFERENCE] += network
+    clock.parts[part] += network
+    return VolumeSegmentation(labels, conf, windows.tiles)
 
 
 def logits_to_labels(
@@ -97,14 +111,30 @@ def logits_to_labels(
     r: Resampling,
     slab: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(K, z, y, x) float16 logits at the network's spacing -> (labels, uint8 confidence) of ``shape``.
+    """(K, z, y, x) float16 logits at the network's spacing -> (labels, uint8 confidence) of ``shape``;
+    :func:`labels_from_slabs` with the logits in one piece."""
+    return labels_from_slabs([(0, logits)], logits.shape[1:], shape, spacing, target, r, slab)
+
+
+def labels_from_slabs(
+    slabs: Iterable[tuple[int, np.ndarray]],
+    grid: tuple[int, ...],
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    r: Resampling,
+    slab: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits on the network's ``grid`` at ``spacing``, given as ``(first row, (K, rows, y, x))`` in
+    order along z (as :class:`SlidingWindow` gives them) -> (labels, uint8 confidence) of ``shape``.
 
     The labels are nnU-Net's (its linear resampling of every class, then arg-max) computed without
     resampling every class: linear interpolation is a convex combination of the eight network voxels
     around an output voxel, so where those share their arg-max class it stays the arg-max. Only the
-    voxels near a class boundary are interpolated in full, slab by slab, so memory stays that of the
-    network's grid however large the series and however many classes. The confidence is the chosen
-    class's softmax probability on the network's grid, interpolated the same way.
+    voxels near a class boundary are interpolated in full, slab by slab, and each output slab as soon
+    as the network rows it reads have come: so only those few rows of every class are held, however
+    large the series and however many classes. The confidence is the chosen class's softmax
+    probability on the network's grid, interpolated the same way.
 
     ``grid: monai``: the same with ``Invertd``'s coordinates, interpolating the softmax probabilities
     (a convex combination of them keeps a shared arg-max too) when ``interpolate`` says so, or the
@@ -113,6 +143,7 @@ def logits_to_labels(
     monai = r.grid == "monai"
     # another spline order mixes more than eight voxels: nnU-Net's way, in full
     if r.logits_order != 1 and not monai:
+        logits = np.concatenate([block for _, block in slabs], axis=1)
         probs = softmax(
             resample(
                 logits, shape, spacing, target, r.logits_order, r.order_z, r.force_separate_z, r.anisotropy
@@ -122,50 +153,59 @@ def logits_to_labels(
     if monai:
         taps = [
             _monai_taps(n_in, n_out, t / s, r.logits_order == 0)
-            for n_in, n_out, s, t in zip(logits.shape[1:], shape, spacing, target, strict=True)
+            for n_in, n_out, s, t in zip(grid, shape, spacing, target, strict=True)
         ]
     else:
         axis = _separate_axis(r.force_separate_z, spacing, target, r.anisotropy)
         nearest = axis is not None and r.order_z == 0
         taps = [
             _axis_taps(n_in, n_out, nearest and a == axis)
-            for a, (n_in, n_out) in enumerate(zip(logits.shape[1:], shape, strict=True))
+            for a, (n_in, n_out) in enumerate(zip(grid, shape, strict=True))
         ]
     probabilities = monai and r.interpolate == "probabilities"
-    top = np.empty(logits.shape[1:], np.uint8)
-    peak = np.empty(logits.shape[1:], np.float32)
-    for z in range(0, logits.shape[1], slab):  # softmax over classes, a few network slices at a time
-        p = softmax(logits[:, z : z + slab].astype(np.float32))
-        top[z : z + slab], peak[z : z + slab] = p.argmax(0), p.max(0)
+    top = np.empty(grid, np.uint8)
+    peak = np.empty(grid, np.float32)
     labels = np.empty(shape, np.uint8)
     conf = np.empty(shape, np.uint8)
     (y0, y1, wy), (x0, x1, wx) = taps[1], taps[2]
-    for a in range(0, shape[0], slab):
-        z0, z1, wz = (t[a : a + slab] for t in taps[0])
-        corners = [
-            (np.ix_(zi, yi, xi), w)
-            for zi, fz in ((z0, 1 - wz), (z1, wz))
-            for yi, fy in ((y0, 1 - wy), (y1, wy))
-            for xi, fx in ((x0, 1 - wx), (x1, wx))
-            for w in [fz[:, None, None] * fy[None, :, None] * fx[None, None, :]]
-        ]
-        first = top[corners[0][0]]
-        mixed = np.zeros(first.shape, bool)
-        c = np.zeros(first.shape, np.float32)
-        for index, w in corners:
-            mixed |= top[index] != first
-            c += w * peak[index]
-        out = first
-        m = np.nonzero(mixed)
-        if m[0].size:  # every class, linearly, where the corners disagree; float16 as nnU-Net keeps them
-            full = np.zeros((logits.shape[0], m[0].size), np.float32)
+    held, first_held, a = None, 0, 0  # the network rows [first_held, arrived) output rows from a on read
+    for z, block in slabs:
+        for s in range(0, block.shape[1], slab):  # softmax over classes, a few network slices at a time
+            p = softmax(block[:, s : s + slab].astype(np.float32))
+            rows = slice(z + s, z + s + p.shape[1])
+            top[rows], peak[rows] = p.argmax(0), p.max(0)
+        held = block if held is None else np.concatenate([held, block], axis=1)
+        arrived = z + block.shape[1]
+        while a < shape[0] and taps[0][1][min(a + slab, shape[0]) - 1] < arrived:
+            b = min(a + slab, shape[0])
+            z0, z1, wz = (t[a:b] for t in taps[0])
+            corners = [
+                (np.ix_(zi, yi, xi), w)
+                for zi, fz in ((z0, 1 - wz), (z1, wz))
+                for yi, fy in ((y0, 1 - wy), (y1, wy))
+                for xi, fx in ((x0, 1 - wx), (x1, wx))
+                for w in [fz[:, None, None] * fy[None, :, None] * fx[None, None, :]]
+            ]
+            first = top[corners[0][0]]
+            mixed = np.zeros(first.shape, bool)
+            c = np.zeros(first.shape, np.float32)
             for index, w in corners:
-                zi, yi, xi = (ix.ravel()[k] for ix, k in zip(index, m, strict=True))  # np.ix_: one axis each
-                values = logits[:, zi, yi, xi].astype(np.float32)
-                full += w[m] * (softmax(values) if probabilities else values)
-            out[m] = full.argmax(0) if monai else full.astype(np.float16).argmax(0)
-        labels[a : a + slab] = out
-        conf[a : a + slab] = np.round(np.clip(c, 0, 1) * 255)
+                mixed |= top[index] != first
+                c += w * peak[index]
+            out = first
+            m = np.nonzero(mixed)
+            if m[0].size:  # every class, linearly, where the corners disagree; float16 as nnU-Net keeps them
+                full = np.zeros((held.shape[0], m[0].size), np.float32)
+                for index, w in corners:
+                    zi, yi, xi = (ix.ravel()[k] for ix, k in zip(index, m, strict=True))  # np.ix_: one axis each
+                    values = held[:, zi - first_held, yi, xi].astype(np.float32)
+                    full += w[m] * (softmax(values) if probabilities else values)
+                out[m] = full.argmax(0) if monai else full.astype(np.float16).argmax(0)
+            labels[a:b] = out
+            conf[a:b] = np.round(np.clip(c, 0, 1) * 255)
+            a = b
+        if a < shape[0] and (drop := min(int(taps[0][0][a]), arrived) - first_held) > 0:  # read by none to come
+            held, first_held = held[:, drop:], first_held + drop
     return labels, conf
 
 
@@ -371,46 +411,86 @@ def importance_map(patch: tuple[int, ...]) -> np.ndarray:
     return g
 
 
-def sliding_window(x: np.ndarray, spec: Patch3DSpec, net: Network) -> tuple[np.ndarray, int]:
-    """(C, Z, Y, X) normalised input at the network's spacing -> (K, Z, Y, X) float16 logits."""
-    patch = spec.patch
-    pads = [(0, 0)] + [
-        ((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2)
-        for n, p in zip(x.shape[1:], patch, strict=True)
-    ]
-    data = np.pad(x, pads, mode="constant", constant_values=0)
-    if spec.tiling == "monai":  # MONAI's float32 weights; its padding is the same (zeros, centred)
-        gaussian = (
-            importance_map_monai(patch, spec.sigma_scale) if spec.gaussian else np.ones(patch, np.float32)
-        )
-        starts = tile_starts_monai(data.shape[1:], patch, spec.step)
-    else:
-        gaussian = importance_map(patch) if spec.gaussian else np.ones(patch, np.float16)
-        starts = tile_starts(data.shape[1:], patch, spec.step)
-    logits = None
-    weight = np.zeros(data.shape[1:], gaussian.dtype)
-    mirrors = [
-        m for i in range(len(spec.mirror_axes)) for m in itertools.combinations(spec.mirror_axes, i + 1)
-    ]
-    tiles = 0
-    for start in itertools.product(*starts):
-        window = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
-        tile = np.ascontiguousarray(data[(slice(None), *window)][None])
-        pred = np.asarray(net(tile), np.float32)[0]
+class SlidingWindow:
+    """The tiles' weighted sums, given back in order along the first (z) axis as they become final.
+
+    Tiles go z-outermost, so once every tile at one z start has been added, the rows before the next
+    z start are final: only a patch's depth of sums is held at a time, not the network's whole grid
+    (which, for a 105-class network on a 512x512x600 CT at 1.5 mm, is 6 GB of float16). Iterating
+    gives ``(first row, (K, rows, Y, X) float16 logits)`` in the unpadded grid, each row once."""
+
+    def __init__(self, x: np.ndarray, spec: Patch3DSpec, net: Network, rows: int = 16):
+        """``x``: (C, Z, Y, X) normalised input at the network's spacing; ``rows``: the most rows given at once."""
+        self.x, self.spec, self.net, self.rows = x, spec, net, rows
+        self.tiles = 0  # network evaluations so far (tiles x mirrorings)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        spec, patch = self.spec, self.spec.patch
+        pads = [(0, 0)] + [
+            ((max(p - n, 0)) // 2, max(p - n, 0) - max(p - n, 0) // 2)
+            for n, p in zip(self.x.shape[1:], patch, strict=True)
+        ]
+        data = np.pad(self.x, pads, mode="constant", constant_values=0) if any(map(any, pads)) else self.x
+        if spec.tiling == "monai":  # MONAI's float32 weights; its padding is the same (zeros, centred)
+            gaussian = (
+                importance_map_monai(patch, spec.sigma_scale) if spec.gaussian else np.ones(patch, np.float32)
+            )
+            starts = tile_starts_monai(data.shape[1:], patch, spec.step)
+        else:
+            gaussian = importance_map(patch) if spec.gaussian else np.ones(patch, np.float16)
+            starts = tile_starts(data.shape[1:], patch, spec.step)
+        mirrors = [
+            m for i in range(len(spec.mirror_axes)) for m in itertools.combinations(spec.mirror_axes, i + 1)
+        ]
+        depth, size = patch[0], data.shape[1:]
+        (z_lo, z_hi), plane = pads[1], tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads[2:], size[1:], strict=True))
+        sums = None  # the sums of padded rows [top, top + depth)
+        weight = np.zeros((depth, *size[1:]), gaussian.dtype)
+        z_starts = sorted(set(starts[0]))
+        for i, top in enumerate(z_starts):
+            for rest in itertools.product(*starts[1:]):
+                window = tuple(slice(s, s + p) for s, p in zip((top, *rest), patch, strict=True))
+                pred = self._predict(np.ascontiguousarray(data[(slice(None), *window)][None]), mirrors)
+                if sums is None:
+                    sums = np.zeros((pred.shape[0], depth, *size[1:]), np.float16)
+                here = (slice(None), slice(0, depth), *window[1:])
+                # float16 sums of float32 products, rounded once per tile as torch's in-place add does
+                # (in place: a 100+-class tile's float32 temporaries would be a gigabyte each)
+                pred *= gaussian
+                pred += sums[here]
+                sums[here] = pred
+                weight[here[1:]] += gaussian
+                del pred  # before the next tile's is made
+            final = (z_starts[i + 1] if i + 1 < len(z_starts) else size[0]) - top  # rows no later tile adds to
+            for a in range(0, final, self.rows):
+                b = min(a + self.rows, final)
+                lo, hi = max(top + a, z_lo), min(top + b, size[0] - z_hi)  # padding rows are not given
+                if lo < hi:
+                    rows = slice(lo - top, hi - top)
+                    given = (sums[:, rows] / weight[rows]).astype(np.float16, copy=False)
+                    yield lo - z_lo, given[(slice(None), slice(None), *plane)]
+            # the rows the next z start's tiles add to, moved to the front a piece at a time (pieces
+            # that do not overlap: numpy copies an overlapping source whole first)
+            for a in range(0, depth - final, final):
+                b = min(a + final, depth - final)
+                sums[:, a:b], weight[a:b] = sums[:, a + final : b + final], weight[a + final : b + final]
+            sums[:, depth - final :], weight[depth - final :] = 0, 0
+
+    def _predict(self, tile: np.ndarray, mirrors) -> np.ndarray:
+        pred = np.asarray(self.net(tile), np.float32)[0]
         for axes in mirrors:  # nnU-Net's mirrored test-time augmentation: flip in, flip the answer back
             flip = tuple(a + 2 for a in axes)
-            pred += np.flip(np.asarray(net(np.ascontiguousarray(np.flip(tile, flip))), np.float32), flip)[0]
+            pred += np.flip(np.asarray(self.net(np.ascontiguousarray(np.flip(tile, flip))), np.float32), flip)[0]
         pred /= len(mirrors) + 1
-        tiles += len(mirrors) + 1
-        if logits is None:
-            logits = np.zeros((pred.shape[0], *data.shape[1:]), np.float16)
-        # float16 sums of float32 products, rounded once per tile as torch's in-place add does
-        view = logits[(slice(None), *window)]
-        view[...] = (view.astype(np.float32) + pred * gaussian).astype(np.float16)
-        weight[window] += gaussian
-    logits /= weight
-    unpad = tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads[1:], data.shape[1:], strict=True))
-    return logits[(slice(None), *unpad)], tiles
+        self.tiles += len(mirrors) + 1
+        return pred
+
+
+def sliding_window(x: np.ndarray, spec: Patch3DSpec, net: Network) -> tuple[np.ndarray, int]:
+    """(C, Z, Y, X) normalised input at the network's spacing -> (K, Z, Y, X) float16 logits, whole
+    (the frameworks' comparison tests; inference streams them, :class:`SlidingWindow`)."""
+    window = SlidingWindow(x, spec, net)
+    return np.concatenate([block for _, block in window], axis=1), window.tiles
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ tests/test_nnunet.py and tests/test_monai_bundle.py compare with the frameworks 
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -80,3 +81,14 @@ def test_memory_does_not_grow_with_the_series():
     whole_long = classes * 640 * 48 * 48 * 2  # float16 sums of the long series' whole grid
     assert long < 1.1 * short, f"{short / 2**20:.1f} MiB for 160 rows, {long / 2**20:.1f} MiB for 640"
     assert long < whole_long / 4, f"{long / 2**20:.1f} MiB against {whole_long / 2**20:.0f} MiB whole"
+
+
+def test_the_memory_benchmark_runs_a_many_class_model(tmp_path):
+    from node.tools.memory_bench import bench_memory3d
+
+    out = tmp_path / "memory.json"
+    assert bench_memory3d(classes=6, slices=24, size=64, output=out) == 0
+    report = json.loads(out.read_text())
+    assert report["network_grid"] == [16, 267, 267] and report["classes"] == 6
+    assert 0 < report["rss_gb_after_reading"] <= report["peak_rss_gb"]
+    assert report["classes_found"] >= 2  # the convolution's classes reach the source grid

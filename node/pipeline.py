@@ -167,7 +167,7 @@ class Pipeline:
                     raise
                 first_error = first_error or e
                 result.models.append(ModelRun(f"{engine.model.name} {engine.model.version}", _one_line(e)))
-                log.warning("series %s: model %s failed: %s", series.series_uid, engine.model.name, _one_line(e))
+                log.info("model %s failed: %s", engine.model.name, _one_line(e))
                 if not isinstance(e, (InputError, ModelError)):
                     log.debug("model %s", engine.model.name, exc_info=True)
         if not parts:

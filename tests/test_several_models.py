@@ -275,3 +275,26 @@ def _at(pacs: Pacs, study_uid: str) -> dict[str, Path] | None:
     kinds = {"1.2.840.10008.5.1.4.1.1.66.4": "seg", "1.2.840.10008.5.1.4.1.1.88.34": "sr", "1.2.840.10008.5.1.4.1.1.11.1": "gsps"}
     got = {kinds[r.sop_class]: r.path for r in pacs.of_study(study_uid, "PACS") if r.sop_class in kinds}
     return got if len(got) == 3 else None
+
+
+def test_cli_runs_several_models_and_says_which_failed(ct, folders, tmp_path):
+    import sys
+
+    def run(*models: str) -> subprocess.CompletedProcess:
+        args = [a for m in models for a in ("--model", m)]
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", "run", str(ct.files[0].parent), "--out", str(tmp_path / "out"),
+             "--no-progress", *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    ok = run("phantom-fm", str(folders["chest-triage"]))
+    assert ok.returncode == 0, ok.stderr
+    assert "model phantom-fm 2.0.0" in ok.stdout and "model chest-triage 2.0.0" in ok.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / ct.series_uid).iterdir()) == [
+        "gsps.dcm", "outlines.dcm", "pmap.dcm", "seg.dcm", "sr.dcm",
+    ]  # fmt: skip
+    partial = run("phantom-fm", str(folders["mr-organs"]))
+    assert partial.returncode == 3, partial.stderr  # some of the work failed: the others' is written
+    assert partial.stderr.strip() == f"error: series {ct.series_uid}: model mr-organs 2.0.0 failed: it takes MR, not CT"
+    assert "Traceback" not in partial.stderr

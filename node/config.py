@@ -136,6 +136,10 @@ class WorkerConfig(_Strict):
     max_attempts: int = Field(default=3, ge=1)
     poll_s: float = Field(default=1.0, gt=0)
     fetch_threads: int = Field(default=8, ge=1, le=64)
+    # worker processes on this host, each leasing its own jobs from the one queue; with ``gpus``
+    # (CUDA device indices or UUIDs), worker i sees only gpus[i % len(gpus)]: one worker per GPU
+    processes: int = Field(default=1, ge=1, le=64)
+    gpus: list[str] = []
 
 
 class DiskConfig(_Strict):

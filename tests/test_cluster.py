@@ -178,3 +178,65 @@ def test_two_receivers_on_one_orthanc_index(postgres, pacs, tmp_path) -> None:
     for ct in cts:
         wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
         assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
+
+
+def test_several_workers_on_one_host(postgres, pacs, tmp_path) -> None:
+    """`worker.processes: 3` (a host with three GPUs, or cores to spare): three worker processes
+    lease from one queue; six series sent at once are each processed once, by more than one
+    worker, and delivered once; one worker killed mid-job gives its job back at once and is
+    restarted while the others go on. One scrape names each worker."""
+    import os
+    import signal
+
+    if not _plugin_has_psycopg():
+        pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
+    node = Node(
+        tmp_path / "node",
+        {
+            "ae_title": "PACSNODE",
+            "dicom_port": free_port(),
+            "http_port": free_port(),
+            "metrics_port": free_port(),
+            "data_dir": str(tmp_path / "node" / "data"),
+            "queue_url": postgres.database(),
+            "stable_age_s": 1,
+            "worker": {"poll_s": 0.2, "processes": 3, "lease_s": 60, "heartbeat_s": 1},
+            "destinations": [
+                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+            ],
+        },
+    )
+    cts = _cts(tmp_path, seed=90, n=6)
+    big = write_axial_series(
+        Phantom.random(97, n_lesions=1), tmp_path / "big", shape=(64, 128, 128), pixel_spacing=3.0,
+        slice_spacing=4.0, seed=97,
+    )  # fmt: skip
+    try:
+        node.start()
+        wait_for(lambda: len(re.findall(r"worker \S+ ready", node.log.read_text())) == 3, 60, "3 workers")
+        node.store_scu([f for ct in cts for f in ct.files])  # one association: stable together
+        done = [node.wait_job(ct.series_uid, ("done",), timeout=180) for ct in cts]
+        node.store_scu(list(big.files))
+        running = node.wait_job(big.series_uid, ("running",), timeout=60)
+        t0 = time.monotonic()
+        os.kill(int(running["lease_owner"].rsplit(":", 1)[1]), signal.SIGKILL)
+        again = node.wait_job(big.series_uid, ("done",), timeout=120)
+        given_back = time.monotonic() - t0
+        wait_for(lambda: len(re.findall(r"worker \S+ ready", node.log.read_text())) == 4, 60, "the restart")
+        _, metrics = node.get("/metrics")
+        _, ready = node.get("/readyz")
+    finally:
+        node.stop()
+    owners = {h["detail"].split(" by ")[1] for job in done for h in job["history"] if h["event"] == "leased"}
+    assert len(owners) >= 2, owners  # the series were shared out
+    assert all(len([h for h in j["history"] if h["event"] == "leased"]) == 1 for j in done)
+    assert again["attempts"] == 2 and given_back < 60  # given back at once, not after the lease
+    assert any("worker-" in h["detail"] and "killed by SIGKILL" in h["detail"] for h in again["history"])
+    for ct in [*cts, big]:
+        wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
+        assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
+    for k in (1, 2, 3):
+        assert f'pacs_node_worker_up{{worker="{k}"}} 1.0' in metrics
+    assert metrics.count("# HELP pacs_node_worker_up ") == 1
+    assert re.search(r'pacs_node_component_restarts_total\{component="worker-\d"\} 1\.0', metrics)
+    assert '"ready": true' in ready

@@ -50,7 +50,7 @@ def metric_names(expr: str) -> set[str]:
 
 def exported() -> set[str]:
     """What the worker and pacs-node serve's supervisor export (the supervisor's endpoint has both)."""
-    supervisor = SupervisorMetrics(":memory:", [], list, lambda: None, ".", "http://127.0.0.1:9")
+    supervisor = SupervisorMetrics(":memory:", [], list, lambda: None, ".", ["http://127.0.0.1:9"])
     return (
         exported_names(NodeMetrics().registry)
         | exported_names(NodeMetrics(queue_location=":memory:").registry)

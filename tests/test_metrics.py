@@ -119,9 +119,9 @@ def test_supervisor_metrics_add_processes_disk_intake_and_the_workers(tmp_path: 
         ),
     ]
     intake = {"accepting": False, "reason": "disk 93% full"}
-    m = SupervisorMetrics(tmp_path / "q.sqlite", ["pacs"], lambda: status, lambda: intake, tmp_path, "")
+    m = SupervisorMetrics(tmp_path / "q.sqlite", ["pacs"], lambda: status, lambda: intake, tmp_path, [])
     try:
-        m.worker_url = f"http://127.0.0.1:{worker_port}"
+        m.worker_urls = [f"http://127.0.0.1:{worker_port}"]
         text = m.exposition().decode()
     finally:
         server.stop()
@@ -133,8 +133,32 @@ def test_supervisor_metrics_add_processes_disk_intake_and_the_workers(tmp_path: 
     assert 0 < value(text, "pacs_node_disk_used_ratio") <= 1
     assert value(text, "pacs_node_queue_depth") == 0  # the queue's families come from the supervisor
     assert value(text, "pacs_node_worker_up") == 1  # and the worker's from its own endpoint
-    m.worker_url = "http://127.0.0.1:9"  # the worker is down: the supervisor's families still answer
+    m.worker_urls = ["http://127.0.0.1:9"]  # the worker is down: the supervisor's families still answer
     assert value(m.exposition().decode(), "pacs_node_component_up", component="orthanc") == 1
+
+
+def test_several_workers_are_one_scrape_each_sample_naming_its_worker(tmp_path: Path) -> None:
+    workers, servers = [NodeMetrics(), NodeMetrics()], []
+    workers[0].set_model(ModelInfo("phantom-fm", "1.0", "onnxruntime-cpu", "cpu", "fp32"))
+    workers[1].observe_stage("inference", 0.5)
+    try:
+        for w in workers:
+            servers.append(MetricsServer("127.0.0.1", free_port(), w, {}).start())
+        urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+        status = [ComponentStatus("worker-1", True, 2, False, None), ComponentStatus("worker-2", True, 1, False, None)]
+        m = SupervisorMetrics(tmp_path / "q.sqlite", [], lambda: status, lambda: None, tmp_path, urls + ["http://127.0.0.1:9"])
+        text = m.exposition().decode()
+    finally:
+        for s in servers:
+            s.stop()
+    assert value(text, "pacs_node_worker_up", worker="1") == 1
+    assert value(text, "pacs_node_worker_up", worker="2") == 1
+    assert not [k for k in samples(text) if ("worker", "3") in k[1]]  # the third is down: nothing of it
+    assert value(text, "pacs_node_model_info", worker="1", model="phantom-fm", version="1.0",
+                 runtime="onnxruntime-cpu", device="cpu", precision="fp32") == 1  # fmt: skip
+    assert value(text, "pacs_node_stage_duration_seconds_count", worker="2", stage="inference", model="", runtime="") == 1
+    assert text.count("# HELP pacs_node_worker_up ") == 1  # each family once: a valid exposition
+    assert value(text, "pacs_node_worker_restarts_total") == 3  # the host's workers together
 
 
 def test_health_endpoints_say_what_is_wrong(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import requests
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.analysis.urgency import CATEGORIES
 from node.identity import DeliveryState, JobEvent, JobState, Stage
@@ -276,12 +277,14 @@ class SupervisorCollector:
 
     def collect(self) -> Iterable[Metric]:
         up, restarts, gave_up, worker_restarts, disk, accepting = self._families()
-        for c in self.status():
+        statuses = self.status()
+        for c in statuses:
             up.add_metric([c.component], 1 if c.up else 0)
             restarts.add_metric([c.component], c.restarts)
             gave_up.add_metric([c.component], 1 if c.gave_up else 0)
-            if c.component == "worker":
-                worker_restarts.add_metric([], c.restarts)
+        workers = [c.restarts for c in statuses if c.component.startswith("worker")]
+        if workers:
+            worker_restarts.add_metric([], sum(workers))  # all of this host's worker processes
         try:
             usage = shutil.disk_usage(self.data_dir)
             disk.add_metric([], (usage.total - usage.free) / usage.total)
@@ -305,24 +308,47 @@ class SupervisorMetrics:
         status: Callable[[], list[ComponentStatus]],
         intake: Callable[[], dict | None],
         data_dir,
-        worker_url: str | None,  # None: this host runs no worker (role ingest)
+        worker_urls: list[str],  # none: this host runs no worker (role ingest)
     ):
         self.registry = CollectorRegistry()
         self.registry.register(QueueCollector(JobQueue(queue_location), destinations))
         self.registry.register(SupervisorCollector(status, intake, data_dir))
         self.ready = Gauge(f"{PREFIX}_ready", "1 when the node's /readyz passes.", registry=self.registry)
-        self.worker_url = worker_url
+        self.worker_urls = worker_urls
 
     def exposition(self) -> bytes:
         own = generate_latest(self.registry)
-        if self.worker_url is None:
-            return own
-        try:
-            r = requests.get(f"{self.worker_url}/metrics", timeout=2)
-            r.raise_for_status()
-            return own + r.content
-        except requests.RequestException:  # the worker is down or starting: its families are absent
-            return own
+        texts = []
+        for url in self.worker_urls:
+            try:
+                r = requests.get(f"{url}/metrics", timeout=2)
+                r.raise_for_status()
+                texts.append(r.content)
+            except requests.RequestException:  # down or starting: its families are absent
+                texts.append(None)
+        if len(texts) == 1:
+            return own + (texts[0] or b"")
+        return own + _labelled_by_worker(texts)
+
+
+def _labelled_by_worker(texts: list[bytes | None]) -> bytes:
+    """Several workers' expositions as one: each sample gains ``worker="1"``, ``"2"``... (the
+    families are the same in every worker; Prometheus takes each family once)."""
+    families: dict[str, Metric] = {}
+    for i, text in enumerate(texts, start=1):
+        for family in text_string_to_metric_families((text or b"").decode()):
+            merged = families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            merged.samples += [s._replace(labels={**s.labels, "worker": str(i)}) for s in family.samples]
+
+    class _Families:
+        def collect(self):
+            return families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry)
 
 
 class NodeMetrics:

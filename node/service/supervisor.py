@@ -299,39 +299,47 @@ class Supervisor:
         self.queue = JobQueue(cfg.queue_location)  # creates the schema before either child opens it
         self.client = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
         self.orthanc: Child | None = None
-        self.worker: Child | None = None
+        self.workers: list[Child] = []
         if role.receives:
             orthanc_json = data / "orthanc.json"
             write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
             self.orthanc = Child(
                 "orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.restart, data / "orthanc.log"
             )
-        self.worker_port = _free_port()
+        self.worker_ports: list[int] = []
         if role.infers:
-            self.worker = self._worker_child(config_path)
+            n = cfg.worker.processes
+            self.worker_ports = [_free_port() for _ in range(n)]
+            self.workers = [self._worker_child(config_path, i, n) for i in range(n)]
         self.health: MetricsServer | None = None
 
     @property
     def children(self) -> list[Child]:
         """The processes this host's role runs, in start order."""
-        return [c for c in (self.orthanc, self.worker) if c is not None]
+        return [c for c in (self.orthanc, *self.workers) if c is not None]
 
-    def _worker_child(self, config_path: Path | None) -> Child:
+    def _worker_child(self, config_path: Path | None, i: int, n: int) -> Child:
+        """Worker ``i`` of ``n``: its own internal metrics port and exit file (``worker``, or
+        ``worker-1`` ... when there are several), and its GPU when ``worker.gpus`` lists them."""
         cfg, data = self.cfg, self.cfg.data_dir
         if config_path is not None:  # the worker reads the config itself: its secrets stay references
             worker_config = config_path.resolve()
         else:
             worker_config = data / "node.json"
             write_private(worker_config, json.dumps(cfg.model_dump(mode="json"), indent=2))
+        name = "worker" if n == 1 else f"worker-{i + 1}"
+        env = {
+            WORKER_METRICS_ENV: f"127.0.0.1:{self.worker_ports[i]}",
+            WORKER_EXIT_ENV: str(data / f"{name}-exit.txt"),
+        }
+        if cfg.worker.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = cfg.worker.gpus[i % len(cfg.worker.gpus)]
         return Child(
-            "worker",
+            name,
             [sys.executable, "-m", "node.service.worker", "--config", str(worker_config)],
             cfg.restart,
-            env={
-                WORKER_METRICS_ENV: f"127.0.0.1:{self.worker_port}",
-                WORKER_EXIT_ENV: str(data / "worker-exit.txt"),
-            },
-            exit_file=data / "worker-exit.txt",
+            env=env,
+            exit_file=data / f"{name}-exit.txt",
         )
 
     # --- health ---------------------------------------------------------------------------------
@@ -341,9 +349,10 @@ class Supervisor:
         except OrthancError:
             return None
 
-    def _worker_ready(self) -> str | None:
+    @staticmethod
+    def _worker_ready(port: int) -> str | None:
         try:
-            r = requests.get(f"http://127.0.0.1:{self.worker_port}/readyz", timeout=2)
+            r = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
         except requests.RequestException:
             return "starting (its endpoint does not answer yet)"
         return (
@@ -359,8 +368,12 @@ class Supervisor:
                 return st.problem
             return None if self.client.ready() else f"Orthanc at {self.client.url} not reachable"
 
-        def worker() -> str | None:
-            return self.worker.status().problem or self._worker_ready()
+        def worker() -> str | None:  # every worker process must be ready
+            problems = []
+            for child, port in zip(self.workers, self.worker_ports, strict=True):
+                if problem := child.status().problem or self._worker_ready(port):
+                    problems.append(problem if len(self.workers) == 1 else f"{child.name}: {problem}")
+            return "; ".join(problems) or None
 
         def intake() -> str | None:
             state = self._intake()
@@ -384,7 +397,7 @@ class Supervisor:
             lambda: [c.status() for c in self.children],
             self._intake,
             self.cfg.data_dir,
-            f"http://127.0.0.1:{self.worker_port}" if self.worker else None,
+            [f"http://127.0.0.1:{port}" for port in self.worker_ports],
         )
         try:
             self.health = MetricsServer(
@@ -404,20 +417,20 @@ class Supervisor:
                     why += ": " + child.exit_file.read_text().strip()
                 elif child.log_path is not None and (errors := _tail(child.log_path, 2, errors_only=True)):
                     why += f": {errors}"
-                if child is self.worker:
-                    self._release(child.proc.pid, why)
+                if child in self.workers:
+                    self._release(child.proc.pid, f"{child.name} {why}")
                 child.died(why)
             if child.state is ChildState.WAITING and time.monotonic() >= child.next_start:
                 child.start()
 
     def _release(self, pid: int, why: str) -> None:
         try:
-            released = self.queue.jobs.release(f"{socket.gethostname()}:{pid}", f"worker {why}")
+            released = self.queue.jobs.release(f"{socket.gethostname()}:{pid}", why)
         except Exception as e:  # the queue unwritable (a full disk): the lease expires instead
             log.error("could not give back the dead worker's job: %s", e)
             return
         for job_id in released:
-            log.warning("job %d given back: the worker running it %s", job_id, why)
+            log.warning("job %d given back: %s (it was running it)", job_id, why)
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -491,8 +504,8 @@ def serve(config_path: Path | None, role: Role = Role.ALL) -> int:
     if sup.orthanc is None:
         log.info("role %s: working through Orthanc at %s", role, cfg.orthanc_url)
     sup.start_health()
-    if sup.worker is not None:
-        sup.worker.start()
+    for worker in sup.workers:
+        worker.start()
     try:
         while not stop["signal"]:
             time.sleep(0.2)

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import sys
+import time
 
 import orthanc
 
@@ -32,6 +33,7 @@ NEVER_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "
 log = logging.getLogger("pacs_node_plugin")
 JOB_STATES = {s.value for s in JobState}
 _queue = JobQueue(_CFG["Queue"])
+_STABLE_AGE = float(json.loads(orthanc.GetConfiguration()).get("StableAge", 60))
 _rules = _CFG.get("Routing") or [{"modalities": list(ROUTED_MODALITIES)}]
 _max_attempts = int(_CFG.get("MaxAttempts", 3))
 _triage = TriageRules.from_dict(_CFG.get("Triage") or {})
@@ -139,8 +141,9 @@ def pick_up():
         since = page["Last"]
         if page["Done"] or not page["Changes"]:
             break
-    failed = 0
-    for series_id in touched:
+    settled, growing = _settled(list(touched))
+    failed = len(growing)  # still growing: left to their stable event, and read again next start
+    for series_id in settled:
         try:
             handle(series_id, picked_up=True)
         except Exception as e:  # one bad series must not stop the others
@@ -149,6 +152,34 @@ def pick_up():
     if not failed:  # else the next start reads the same changes again (decided series are left alone)
         _queue.intake.set_change_seq(since)
     _info(f"pick-up at start: {len(touched)} series in the change log up to {since}, {failed} failed")
+
+
+def _fingerprint(series_id):
+    """(instances' hash, stable here) of a series, or None when it is gone."""
+    try:
+        series = _get(f"/series/{series_id}")
+    except Exception:
+        return None
+    instances = sorted(series.get("Instances", []))
+    return hashlib.sha1("\n".join(instances).encode()).hexdigest(), series.get("IsStable", True)
+
+
+def _settled(series_ids):
+    """(the series that stopped changing, in the order given; those still growing). On a shared index another
+    receiver may still be receiving a series that looks stable here (stability is each Orthanc's
+    own): an undecided one is looked at again after one stable age, and taken only if unchanged."""
+    seen = {sid: _fingerprint(sid) for sid in series_ids}
+    waiting = [
+        sid for sid, fp in seen.items() if fp and fp[1] and not _queue.intake.decided(sid, fp[0])
+    ]
+    for _ in range(10):  # a series still growing after ten stable ages is left to its stable event
+        if not waiting:
+            break
+        time.sleep(_STABLE_AGE)
+        now = {sid: _fingerprint(sid) for sid in waiting}
+        waiting = [sid for sid in waiting if now[sid] != seen[sid]]
+        seen.update(now)
+    return [sid for sid in series_ids if sid not in waiting], waiting
 
 
 def on_change(change_type, level, resource_id):

@@ -240,3 +240,91 @@ def test_several_workers_on_one_host(postgres, pacs, tmp_path) -> None:
     assert metrics.count("# HELP pacs_node_worker_up ") == 1
     assert re.search(r'pacs_node_component_restarts_total\{component="worker-\d"\} 1\.0', metrics)
     assert '"ready": true' in ready
+
+
+def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_receiver_is_killed(postgres, pacs, tmp_path) -> None:
+    """Two receivers on one Orthanc index, a worker host with three workers, two senders sending 20
+    series at once (two of them split across the receivers); one receiver's Orthanc is killed -9
+    mid-stream (its serve restarts it; the sender goes on to the other receiver). Every series is
+    one job, processed once, every output delivered once, and either receiver lists the same jobs."""
+    import os
+    import signal
+    import threading
+
+    if not _plugin_has_psycopg():
+        pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
+    if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
+        pytest.skip("Orthanc's PostgreSQL index plugin is not installed (Debian orthanc-postgresql)")
+    queue, index, storage = postgres.database(), postgres.database(), tmp_path / "storage"
+
+    def host(name: str, role: str, http: int, processes: int = 1) -> Node:
+        config = {
+            "ae_title": "PACSNODE",
+            "dicom_port": free_port(),
+            "http_port": http,
+            "metrics_port": free_port(),
+            "data_dir": str(tmp_path / name / "data"),
+            "queue_url": queue,
+            "orthanc_index_url": index,
+            "storage_dir": str(storage),
+            "stable_age_s": 3,
+            "worker": {"poll_s": 0.2, "processes": processes},
+            "destinations": [
+                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+            ],
+        }
+        return Node(tmp_path / name, config, args=("--role", role))
+
+    r0, r1 = (host(f"receiver{k}", "ingest", free_port()) for k in range(2))
+    workers = host("workers", "worker", r0.config["http_port"], processes=3)
+    cts = _cts(tmp_path, seed=100, n=20)
+    errors: list[BaseException] = []
+
+    def sender(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 (reported by the test below)
+                errors.append(e)
+
+        return threading.Thread(target=run)
+
+    def first_sender():
+        for ct in cts[:10]:
+            r0.store_scu(list(ct.files), calling_ae="CT1")
+
+    def second_sender():
+        for ct in cts[10:14]:
+            r1.store_scu(list(ct.files), calling_ae="CT2")
+        os.kill(r1.orthanc_pid(), signal.SIGKILL)  # acknowledged series may not be stable yet
+        for ct in cts[14:18]:  # the modality goes on to the other receiver
+            r0.store_scu(list(ct.files), calling_ae="CT2")
+
+    try:
+        for r in (r0, r1):
+            r.start(wait_worker=False)
+        workers.start()
+        senders = [sender(first_sender), sender(second_sender)]
+        for s in senders:
+            s.start()
+        for s in senders:
+            s.join(300)
+        wait_for(lambda: r1.client.ready(), 60, "the killed receiver back")
+        for ct in cts[18:]:  # split: half to each receiver
+            files = sorted(ct.files)
+            r0.store_scu(files[: len(files) // 2])
+            r1.store_scu(files[len(files) // 2 :])
+        for ct in cts:
+            r0.wait_job(ct.series_uid, ("done",), timeout=300)
+        time.sleep(4)  # a late second job of any series would show now
+        lists = [sorted((j["id"], j["series_id"], j["state"]) for j in r.jobs()) for r in (r0, r1)]
+    finally:
+        for n in (workers, r0, r1):
+            n.stop()
+    assert not errors, errors
+    assert "orthanc killed by SIGKILL" in r1.log.read_text()
+    assert lists[0] == lists[1]
+    assert len(lists[0]) == 20 and {state for _, _, state in lists[0]} == {"done"}, lists[0]
+    for ct in cts:
+        wait_for(lambda ct=ct: len(pacs.of_study(ct.study_uid)) >= 3, 60, "deliveries at the PACS")
+        assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]

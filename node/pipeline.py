@@ -99,6 +99,11 @@ class Engine:
     def ref(self) -> ModelRef:
         return ModelRef(self.model.name, self.model.version, self.runtime.name)
 
+    @property
+    def key(self) -> str:
+        """Its name and version, as jobs and metrics name it."""
+        return f"{self.model.name} {self.model.version}"
+
 
 class Pipeline:
     """Holds the loaded models and their runtimes; processes one series at a time."""
@@ -161,12 +166,12 @@ class Pipeline:
         for engine in engines:
             try:
                 parts.append(self._infer(engine, volume, clock, progress, len(engines)))
-                result.models.append(ModelRun(f"{engine.model.name} {engine.model.version}"))
+                result.models.append(ModelRun(engine.key))
             except Exception as e:
                 if len(engines) == 1:
                     raise
                 first_error = first_error or e
-                result.models.append(ModelRun(f"{engine.model.name} {engine.model.version}", _one_line(e)))
+                result.models.append(ModelRun(engine.key, _one_line(e)))
                 log.info("model %s failed: %s", engine.model.name, _one_line(e))
                 if not isinstance(e, (InputError, ModelError)):
                     log.debug("model %s", engine.model.name, exc_info=True)
@@ -204,12 +209,11 @@ class Pipeline:
         result.seconds, result.parts = dict(clock.seconds), dict(clock.parts)
         return result
 
-
     @staticmethod
     def _infer(
         engine: Engine, volume: SeriesVolume, clock: Stopwatch, progress: Callable[[int], None] | None, n: int
     ) -> Findings:
-        """One model on the volume: its findings, or an error naming the model."""
+        """One model's findings on the volume (the caller names the model of any error)."""
         model = engine.model
         if volume.modality.upper() not in {m.upper() for m in model.modalities}:
             raise InputError(f"it takes {', '.join(model.modalities)}, not {volume.modality}")

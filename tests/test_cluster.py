@@ -41,26 +41,32 @@ def _cts(folder, seed: int, n: int) -> list:
     ]  # fmt: skip
 
 
+def _host(tmp_path, name: str, pacs, queue: str, role: str | None = None, http: int | None = None, **extra) -> Node:
+    """One host of the cluster: ``pacs-node serve`` on the queue ``queue``, delivering to ``pacs``;
+    ``role`` its ``--role``, ``http`` Orthanc's port (a worker host's: the receiver's), ``extra``
+    keys over the defaults."""
+    config = {
+        "ae_title": "PACSNODE",
+        "dicom_port": free_port(),
+        "http_port": http or free_port(),
+        "metrics_port": free_port(),
+        "data_dir": str(tmp_path / name / "data"),
+        "queue_url": queue,
+        "stable_age_s": 1,
+        "worker": {"poll_s": 0.2},
+        "destinations": [
+            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+        ],
+        **extra,
+    }
+    return Node(tmp_path / name, config, args=("--role", role) if role else ())
+
+
 def test_node_on_a_postgresql_queue_processes_and_delivers_once(postgres, pacs, tmp_path) -> None:
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
     url = postgres.database()
-    node = Node(
-        tmp_path / "node",
-        {
-            "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
-            "http_port": free_port(),
-            "metrics_port": free_port(),
-            "data_dir": str(tmp_path / "node" / "data"),
-            "queue_url": url,
-            "stable_age_s": 1,
-            "worker": {"poll_s": 0.2},
-            "destinations": [
-                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
-            ],
-        },
-    )
+    node = _host(tmp_path, "node", pacs, url)
     cts = _cts(tmp_path, seed=60, n=2)
     try:
         node.start()
@@ -86,24 +92,9 @@ def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> No
     every series processed once, by a worker host, every output delivered once."""
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
-    url, http = postgres.database(), free_port()
-    destinations = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}]
-
-    def host(name: str, role: str) -> Node:
-        config = {
-            "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
-            "http_port": http,  # workers: the ingest host's Orthanc (orthanc_host, here the same machine)
-            "metrics_port": free_port(),
-            "data_dir": str(tmp_path / name / "data"),
-            "queue_url": url,
-            "stable_age_s": 1,
-            "worker": {"poll_s": 0.2},
-            "destinations": destinations,
-        }
-        return Node(tmp_path / name, config, args=("--role", role))
-
-    ingest, workers = host("ingest", "ingest"), [host(f"worker{k}", "worker") for k in range(2)]
+    url, http = postgres.database(), free_port()  # workers: the ingest host's Orthanc (here the same machine)
+    ingest = _host(tmp_path, "ingest", pacs, url, "ingest", http)
+    workers = [_host(tmp_path, f"worker{k}", pacs, url, "worker", http) for k in range(2)]
     cts = _cts(tmp_path, seed=70, n=3)
     try:
         ingest.start(wait_worker=False)
@@ -126,6 +117,14 @@ def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> No
         assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
 
 
+def _shared_index(postgres, tmp_path) -> dict:
+    """The config keys of receivers sharing one Orthanc index and one storage folder."""
+    if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
+        pytest.skip("Orthanc's PostgreSQL index plugin is not installed (Debian orthanc-postgresql)")
+    storage = str(tmp_path / "storage")
+    return {"orthanc_index_url": postgres.database(), "storage_dir": storage, "stable_age_s": 3}
+
+
 def test_two_receivers_on_one_orthanc_index(postgres, pacs, tmp_path) -> None:
     """Two `--role ingest` receivers on one Orthanc index in PostgreSQL (Debian orthanc-postgresql)
     and one shared storage folder, a `--role worker` host, one queue: a series sent to either, or
@@ -133,29 +132,9 @@ def test_two_receivers_on_one_orthanc_index(postgres, pacs, tmp_path) -> None:
     jobs."""
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
-    if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
-        pytest.skip("Orthanc's PostgreSQL index plugin is not installed (Debian orthanc-postgresql)")
-    queue, index, storage = postgres.database(), postgres.database(), tmp_path / "storage"
-    destinations = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}]
-
-    def host(name: str, role: str, http: int) -> Node:
-        config = {
-            "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
-            "http_port": http,
-            "metrics_port": free_port(),
-            "data_dir": str(tmp_path / name / "data"),
-            "queue_url": queue,
-            "orthanc_index_url": index,
-            "storage_dir": str(storage),
-            "stable_age_s": 3,
-            "worker": {"poll_s": 0.2},
-            "destinations": destinations,
-        }
-        return Node(tmp_path / name, config, args=("--role", role))
-
-    receivers = [host(f"receiver{k}", "ingest", free_port()) for k in range(2)]
-    worker = host("worker", "worker", receivers[0].config["http_port"])
+    queue, shared = postgres.database(), _shared_index(postgres, tmp_path)
+    receivers = [_host(tmp_path, f"receiver{k}", pacs, queue, "ingest", **shared) for k in range(2)]
+    worker = _host(tmp_path, "worker", pacs, queue, "worker", receivers[0].config["http_port"], **shared)
     cts = _cts(tmp_path, seed=80, n=3)
     try:
         for r in receivers:
@@ -190,22 +169,8 @@ def test_several_workers_on_one_host(postgres, pacs, tmp_path) -> None:
 
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
-    node = Node(
-        tmp_path / "node",
-        {
-            "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
-            "http_port": free_port(),
-            "metrics_port": free_port(),
-            "data_dir": str(tmp_path / "node" / "data"),
-            "queue_url": postgres.database(),
-            "stable_age_s": 1,
-            "worker": {"poll_s": 0.2, "processes": 3, "lease_s": 60, "heartbeat_s": 1},
-            "destinations": [
-                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
-            ],
-        },
-    )
+    worker = {"poll_s": 0.2, "processes": 3, "lease_s": 60, "heartbeat_s": 1}
+    node = _host(tmp_path, "node", pacs, postgres.database(), worker=worker)
     cts = _cts(tmp_path, seed=90, n=6)
     big = write_axial_series(
         Phantom.random(97, n_lesions=1), tmp_path / "big", shape=(64, 128, 128), pixel_spacing=3.0,
@@ -253,30 +218,10 @@ def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_receiver_is_kille
 
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
-    if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
-        pytest.skip("Orthanc's PostgreSQL index plugin is not installed (Debian orthanc-postgresql)")
-    queue, index, storage = postgres.database(), postgres.database(), tmp_path / "storage"
-
-    def host(name: str, role: str, http: int, processes: int = 1) -> Node:
-        config = {
-            "ae_title": "PACSNODE",
-            "dicom_port": free_port(),
-            "http_port": http,
-            "metrics_port": free_port(),
-            "data_dir": str(tmp_path / name / "data"),
-            "queue_url": queue,
-            "orthanc_index_url": index,
-            "storage_dir": str(storage),
-            "stable_age_s": 3,
-            "worker": {"poll_s": 0.2, "processes": processes},
-            "destinations": [
-                {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
-            ],
-        }
-        return Node(tmp_path / name, config, args=("--role", role))
-
-    r0, r1 = (host(f"receiver{k}", "ingest", free_port()) for k in range(2))
-    workers = host("workers", "worker", r0.config["http_port"], processes=3)
+    queue, shared = postgres.database(), _shared_index(postgres, tmp_path)
+    r0, r1 = (_host(tmp_path, f"receiver{k}", pacs, queue, "ingest", **shared) for k in range(2))
+    three = {"poll_s": 0.2, "processes": 3}
+    workers = _host(tmp_path, "workers", pacs, queue, "worker", r0.config["http_port"], worker=three, **shared)
     cts = _cts(tmp_path, seed=100, n=20)
     errors: list[BaseException] = []
 

@@ -15,7 +15,7 @@ from node.identity import ROUTED_MODALITIES
 
 def rule_matches(rule: Mapping, tags: Mapping[str, str], modality: str, n_instances: int) -> bool:
     """Every condition ``rule`` gives holds; regular expressions match whole values, any case."""
-    if modality.upper() not in [m.upper() for m in rule.get("modalities") or ROUTED_MODALITIES]:
+    if modality.upper() not in [m.upper() for m in rule.get("modalities", ROUTED_MODALITIES)]:
         return False
     if n_instances < int(rule.get("min_instances") or 1):
         return False

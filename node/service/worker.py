@@ -126,12 +126,11 @@ class Worker:
         return self._pipeline
 
     def _model_info(self, pipeline: Pipeline) -> None:
-        self.metrics.set_model(
-            *(
-                ModelInfo(e.model.name, e.model.version, e.runtime.name, e.runtime.device, e.runtime.precision or "fp32")
-                for e in pipeline.engines
-            )
-        )
+        infos = []
+        for e in pipeline.engines:
+            rt = e.runtime
+            infos.append(ModelInfo(e.model.name, e.model.version, rt.name, rt.device, rt.precision or "fp32"))
+        self.metrics.set_model(*infos)
 
     def route(self, series: SourceSeries) -> Pipeline:
         """The models whose routing rules the series matches (the plugin made a job of it because one
@@ -139,9 +138,7 @@ class Worker:
         pipeline, routes = self.pipeline, self.cfg.model_routes
         if len(pipeline.engines) == 1:
             return pipeline
-        keys = {"SOPClassUID"} | {
-            k for r in self.cfg.all_rules for k in (*r.tags, *r.exclude_tags)
-        }
+        keys = {"SOPClassUID"} | {k for r in self.cfg.all_rules for k in (*r.tags, *r.exclude_tags)}
         tags = header_tags(series.datasets[0], sorted(keys))
         n = len(series.datasets)
         chosen = [

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from node.ingest.series import find_series
 from node.pipeline import Pipeline
 from node.synthetic.dicom import write_axial_series
 from node.synthetic.phantom import Phantom
+from node.tools import peak_rss_mib
 
 # the pipeline's stages, in order (fetch, context, store and deliver are the node's; the bench has no prior)
 STAGES = tuple(
@@ -163,7 +163,7 @@ def throughput(runtime, model, seconds: float, batch: int | None = None) -> dict
 
 
 def memory(device: str) -> dict:
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if device.startswith("cuda") and importlib.util.find_spec("torch"):  # pragma: no cover - needs a GPU
         import torch
 

@@ -11,14 +11,14 @@ so its peak RSS is its own.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from node.tools import in_fresh_process, peak_rss_mib
 
 SPACING = 1.5  # mm: TotalSegmentator's 3d_fullres grid
 PATCH = 128
@@ -92,7 +92,7 @@ def _run(model_dir: str, series_dir: str, out) -> None:
             "seconds": round(seconds, 1),
             "stages": {s.value: round(clock.seconds.get(s, 0.0), 1) for s in (Stage.PREPROCESS, Stage.INFERENCE, Stage.POSTPROCESS)},
             "rss_gb_after_reading": loaded,
-            "peak_rss_gb": _rss_gb(),  # reading the series included
+            "peak_rss_gb": round(peak_rss_mib() / 1024, 2),  # reading the series included
             "classes_found": int(len(np.unique(labels))),
         }
     )
@@ -105,8 +105,6 @@ def _current_rss_gb() -> float:
     return float("nan")
 
 
-def _rss_gb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)  # kB on Linux
 
 
 def bench_memory3d(classes: int, slices: int, size: int, output: Path | None) -> int:
@@ -121,12 +119,7 @@ def bench_memory3d(classes: int, slices: int, size: int, output: Path | None) ->
             Phantom.random(11, n_lesions=0), series, shape=(slices, size, size),
             pixel_spacing=fov / size, slice_spacing=1.0, z_center=-20.0,
         )  # fmt: skip
-        ctx = multiprocessing.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=_run, args=(str(model), str(series), q))
-        p.start()
-        result = q.get()
-        p.join()
+        result = in_fresh_process(_run, str(model), str(series))
     grid = [round(slices * 1.0 / SPACING), round(size * fov / size / SPACING), round(size * fov / size / SPACING)]
     report = {
         "series": f"{size}x{size}x{slices} CT, {fov / size:.2f} mm pixels, 1 mm slices",

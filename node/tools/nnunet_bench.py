@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import multiprocessing
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -22,6 +20,8 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+
+from node.tools import in_fresh_process, peak_rss_mib
 
 
 def _ours(model_dir: str, series_dir: str, repeat: int, out) -> None:
@@ -53,7 +53,7 @@ def _ours(model_dir: str, series_dir: str, repeat: int, out) -> None:
         {
             "seconds": times,
             "stages": stages,
-            "rss_mb": _rss_mb(),
+            "rss_mb": peak_rss_mib(),
             "labels": labels,
             "affine": volume.volume.affine,
         }
@@ -90,21 +90,7 @@ def _theirs(src: str, series_dir: str, axes: str, repeat: int, threads: int, out
     affine = np.eye(4)
     affine[:3, :3] = d[:, ::-1]  # numpy (z, y, x) index -> LPS
     affine[:3, 3] = image.GetOrigin()
-    out.put({"seconds": times, "rss_mb": _rss_mb(), "labels": seg.astype(np.uint8), "affine": affine})
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _spawn(target, *args) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, q))
-    proc.start()
-    result = q.get(timeout=3600)
-    proc.join()
-    return result
+    out.put({"seconds": times, "rss_mb": peak_rss_mib(), "labels": seg.astype(np.uint8), "affine": affine})
 
 
 def bench_nnunet(model_dir: Path, src: Path, slices: int, size: int, repeat: int, output: Path | None) -> int:
@@ -122,8 +108,8 @@ def bench_nnunet(model_dir: Path, src: Path, slices: int, size: int, repeat: int
             pixel_spacing=fov / size, slice_spacing=1.25, z_center=-20.0,
         )  # fmt: skip
         threads = os.cpu_count() or 1
-        ours = _spawn(_ours, str(model_dir), str(series), repeat)
-        theirs = _spawn(_theirs, str(src), str(series), axes, repeat, threads)
+        ours = in_fresh_process(_ours, str(model_dir), str(series), repeat)
+        theirs = in_fresh_process(_theirs, str(src), str(series), axes, repeat, threads)
     # nnU-Net's labels onto the source grid (a permutation of its RAS grid: no voxel moves)
     grid = hd.Volume(ours["labels"], ours["affine"], coordinate_system="PATIENT")
     mine = ours["labels"]

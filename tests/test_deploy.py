@@ -24,6 +24,7 @@ DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "pacs-node.json"
 COMPOSE = ROOT / "compose.yaml"
+CLUSTER = ROOT / "compose.cluster.yaml"
 # Orthanc's own metrics the dashboard uses; test_metrics checks them against a live Orthanc
 ORTHANC_METRICS_USED = {"orthanc_count_instances", "orthanc_count_series", "orthanc_disk_size_mb"}
 PROMETHEUS_BUILTIN = {"up"}
@@ -140,19 +141,55 @@ def test_grafana_provisioning_matches_compose() -> None:
 
 
 # --- compose ---------------------------------------------------------------------------------------
-def test_compose_valid_against_the_compose_specification() -> None:
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER], ids=lambda p: p.name)
+def test_compose_valid_against_the_compose_specification(path: Path) -> None:
     import jsonschema
 
     schema = json.loads((DEPLOY / "compose-spec" / "compose-spec.json").read_text())
-    compose = yaml.safe_load(COMPOSE.read_text())
+    compose = yaml.safe_load(path.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
     # the schema must catch a mistake, or this test proves nothing
     broken = json.loads(json.dumps(compose))
     broken["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] = "gpu"
-    broken["services"]["orthanc"]["restart_policy"] = "always"
+    broken["services"][next(iter(broken["services"]))]["restart_policy"] = "always"
     assert len(list(jsonschema.Draft7Validator(schema).iter_errors(broken))) >= 2
+
+
+def test_cluster_compose_content(tmp_path: Path) -> None:
+    """compose.cluster.yaml: receivers on one index and one storage volume, workers on one queue."""
+    compose = yaml.safe_load(CLUSTER.read_text())
+    services = compose["services"]
+    assert {"postgres", "receiver-a", "receiver-b", "worker"} <= set(services)
+    receivers = [services["receiver-a"], services["receiver-b"]]
+    for r in receivers:
+        env = r["environment"]
+        assert env["POSTGRESQL_PLUGIN_ENABLED"] == env["ORTHANC__POSTGRESQL__ENABLE_INDEX"] == "true"
+        assert env["ORTHANC__POSTGRESQL__LOCK"] == "false"  # several Orthancs on one index
+        assert "orthanc-storage:/var/lib/orthanc/db" in r["volumes"]  # the files the index names
+        assert r["build"]["args"]["PLUGIN_EXTRAS"] == "postgres"
+    assert receivers[0]["ports"] != receivers[1]["ports"]
+    worker = services["worker"]
+    assert worker["command"][:4] == ["pacs-node", "serve", "--role", "worker"]
+    assert "postgres" in worker["build"]["args"]["EXTRAS"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    dockerfile = (ROOT / worker["build"]["dockerfile"]).read_text()
+    assert "ARG EXTRAS" in dockerfile and "ARG PLUGIN_EXTRAS" in dockerfile
+    # the workers' config: the queue the receivers' plugin writes, read through a receiver
+    (tmp_path / "orthanc_worker_password").write_text("w")
+    text = (ROOT / compose["configs"]["node_config"]["file"]).read_text().replace("/run/secrets/", f"{tmp_path}/")
+    cfg = parse_config(yaml.safe_load(text))
+    assert cfg.queue_url == receivers[0]["environment"]["ORTHANC__PACS_NODE__QUEUE"]
+    assert cfg.orthanc_host == "receiver-a" and cfg.orthanc_url == "http://receiver-a:8042"
+    assert cfg.orthanc_auth == ("worker", "w")
+    for s in compose["secrets"].values():
+        assert "${PACS_NODE_SECRETS" in s["file"]
+    for svc in services.values():
+        for sec in svc.get("secrets", []):
+            assert (sec["source"] if isinstance(sec, dict) else sec) in compose["secrets"]
+    init = ROOT / "deploy/postgres"
+    assert "CREATE DATABASE orthanc" in "".join(p.read_text() for p in init.glob("*.sql"))
 
 
 def test_compose_deployment_content() -> None:
@@ -202,7 +239,7 @@ def test_compose_deployment_content() -> None:
 
 
 def test_no_secret_in_the_repo_files() -> None:
-    for path in (COMPOSE, DEPLOY / "node.yaml", DEPLOY / "prometheus/prometheus.yml"):
+    for path in (COMPOSE, CLUSTER, DEPLOY / "node.yaml", DEPLOY / "node.cluster.yaml", DEPLOY / "prometheus/prometheus.yml"):
         for m in re.finditer(
             r"(?im)^[ \t]*(\w*password\w*|GF_SECURITY_ADMIN_PASSWORD)[ \t]*:[ \t]*([^#\s].*)$",
             path.read_text(),

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import sys
+import threading
 import time
 
 import orthanc
@@ -188,8 +189,31 @@ def on_change(change_type, level, resource_id):
             handle(resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
             pick_up()  # in Orthanc's change thread: the receiver is already up, stable events wait
+    except _queue.errors as e:  # the queue unreachable (PostgreSQL restarting, a full disk): again later
+        if change_type == orthanc.ChangeType.STABLE_SERIES:
+            _queue_later(resource_id, f"{type(e).__name__}: {e}")
+        else:
+            orthanc.LogError(f"pacs-node: pick-up: queue unreachable: {type(e).__name__}: {e}")
     except Exception as e:  # never let a plugin error disturb the DICOM receiver
         orthanc.LogError(f"pacs-node: series {resource_id}: could not queue: {type(e).__name__}: {e}")
+
+
+def _queue_later(series_id, why, delay=1.0):
+    """A stable series the queue could not take: tried again, 1, 2, 4 ... 60 s apart, until the queue
+    answers (its stable event does not come twice; without this it would wait for the next start)."""
+    _warn(f"series {series_id}: queue unreachable ({why.splitlines()[0]}): trying again in {delay:g} s")
+
+    def again():
+        try:
+            handle(series_id)
+        except _queue.errors as e:
+            _queue_later(series_id, f"{type(e).__name__}: {e}", min(delay * 2, 60.0))
+        except Exception as e:
+            orthanc.LogError(f"pacs-node: series {series_id}: could not queue: {type(e).__name__}: {e}")
+
+    timer = threading.Timer(delay, again)
+    timer.daemon = True
+    timer.start()
 
 
 class Watermarks:

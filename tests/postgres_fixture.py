@@ -51,6 +51,10 @@ class Postgres:
         self._run(_bin("initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "pacs", "--no-sync")
         self._start()
 
+    def resume(self) -> None:
+        """Start the server again after :meth:`stop`."""
+        self._start()
+
     def _start(self) -> None:
         # the log to a file: a server writing to our pipe would keep subprocess.run waiting
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.fsync else 'off'}"

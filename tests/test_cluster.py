@@ -86,6 +86,31 @@ def test_node_on_a_postgresql_queue_processes_and_delivers_once(postgres, pacs, 
     assert first["outputs"] and {o["kind"] for o in first["outputs"]} >= {"seg", "sr", "gsps"}
 
 
+def test_a_series_stable_while_postgresql_is_down_is_queued_once_it_is_back(postgres, pacs, tmp_path) -> None:
+    """The series' only stable event comes while the queue's database is down: the plugin tries
+    again (1, 2, 4 ... s) until PostgreSQL answers; the series is processed and delivered once."""
+    if not _plugin_has_psycopg():
+        pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
+    node = _host(tmp_path, "node", pacs, postgres.database(), stable_age_s=3)
+    ct = _cts(tmp_path, seed=110, n=1)[0]
+    orthanc_log = tmp_path / "node" / "data" / "orthanc.log"
+    try:
+        node.start()
+        node.store_scu(list(ct.files))
+        postgres.stop()  # before the series is stable
+        try:
+            wait_for(lambda: "queue unreachable" in orthanc_log.read_text(), 30, "the plugin to meet the queue down")
+            time.sleep(3)  # a retry or two fail too
+        finally:
+            postgres.resume()
+        job = node.wait_job(ct.series_uid, ("done",), timeout=120)
+    finally:
+        node.stop()
+    assert job["attempts"] == 1 and len(JobQueue(node.config["queue_url"]).jobs.recent()) == 1
+    wait_for(lambda: len(pacs.of_study(ct.study_uid)) >= 3, 30, "deliveries at the PACS")
+    assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
+
+
 def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> None:
     """`serve --role ingest` (Orthanc and plugin, no worker) and two `serve --role worker` (no
     Orthanc: they lease from the PostgreSQL queue and work through the ingest host's Orthanc):

@@ -1,10 +1,10 @@
-"""``pacs-node serve``: Orthanc (with our plugin) and the worker, as supervised child processes.
+"""``pacs-node serve``: Orthanc (with our plugin) and the worker(s), as supervised child processes.
 
 Orthanc receives and stores; the worker infers in its own process so that a model crash or an
 out-of-memory never stops the DICOM receiver. This process writes the configuration (credentials
-in files only its user can read), starts both, and keeps them up: a process that dies is restarted
-after 1, 2, 4 ... s; one that dies at once every time (a broken model, a broken config) is not
-restarted again and ``/readyz`` says why. A dead worker's job is given back at once, not after its
+in files only its user can read), starts them (``worker.processes`` workers, each on its own), and
+keeps them up: a process that dies is restarted after 1, 2, 4 ... s; one that dies at once every
+time (a broken model, a broken config) is not restarted again and ``/readyz`` says why. A dead worker's job is given back at once, not after its
 lease. It serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``metrics_port`` itself, so they
 answer while the worker is down, and stops everything cleanly on Ctrl-C or SIGTERM.
 """
@@ -291,7 +291,7 @@ def _raw_users(config_path: Path | None) -> dict:
 
 
 class Supervisor:
-    """Orthanc and the worker, kept up; the node's health endpoint."""
+    """Orthanc and the workers of this host's role, kept up; the node's health endpoint."""
 
     def __init__(self, cfg: NodeConfig, config_path: Path | None, role: Role = Role.ALL):
         self.cfg, self.role = cfg, role
@@ -408,7 +408,7 @@ class Supervisor:
 
     # --- keeping them up ------------------------------------------------------------------------
     def tend(self) -> None:
-        """One look at both processes: record deaths, give back a dead worker's jobs, restart."""
+        """One look at every process: record deaths, give back a dead worker's jobs, restart."""
         for child in self.children:
             if child.state is ChildState.RUNNING and not child.alive():
                 code = child.proc.returncode

@@ -139,6 +139,7 @@ def test_a_killed_listener_connects_again_and_still_wakes(url: str, caplog) -> N
 
 
 def test_an_idle_worker_takes_a_job_at_once_despite_a_long_poll(url: str, tmp_path: Path) -> None:
+    from node.pipeline import Pipeline
     from node.service.worker import Worker
 
     cfg = parse_config(
@@ -146,7 +147,7 @@ def test_an_idle_worker_takes_a_job_at_once_despite_a_long_poll(url: str, tmp_pa
     )
     model = SimpleNamespace(name="stub", version="0")
     runtime = SimpleNamespace(name="none", device="cpu", precision=None)
-    worker = Worker(cfg, pipeline=SimpleNamespace(model=model, runtime=runtime))
+    worker = Worker(cfg, pipeline=Pipeline(model, runtime))  # a stub model: it runs no job here
     taken: list[tuple[Job, float]] = []
     picked = threading.Event()
 

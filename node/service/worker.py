@@ -227,6 +227,8 @@ class Worker:
         except Stopping:
             self.queue.jobs.fail(job.id, self.owner, "worker stopped during the job", retry=True)
             raise
+        except self.queue.errors:  # the queue itself (its database restarting, a full disk): the loop
+            raise  # waits it out, and the job runs again once its lease expires; not a bug of ours
         except Exception as e:  # a bug of ours: keep the traceback in the log, a line in the job
             log.exception("job %d: internal error in %s", job.id, run.stage)
             self.metrics.errors.labels("job").inc()
@@ -356,6 +358,8 @@ class Worker:
                 if not self.queue.jobs.heartbeat(job_id, self.owner, self.cfg.worker.lease_s):
                     log.warning("job %d: lease lost (another worker may run it)", job_id)
                     return
+            except self.queue.errors as e:  # the database restarting: the next beat tries again
+                log.warning("job %d: heartbeat failed: queue %s: %s", job_id, self.queue.path, e)
             except Exception:
                 log.exception("job %d: heartbeat failed", job_id)
 

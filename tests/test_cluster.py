@@ -92,7 +92,7 @@ def test_a_series_stable_while_postgresql_is_down_is_queued_once_it_is_back(post
     if not _plugin_has_psycopg():
         pytest.skip("Orthanc's Python has no psycopg (Debian python3-psycopg)")
     node = _host(tmp_path, "node", pacs, postgres.database(), stable_age_s=3)
-    ct = _cts(tmp_path, seed=110, n=1)[0]
+    ct = _cts(tmp_path, seed=130, n=1)[0]  # the PACS is the session's: a study of its own
     orthanc_log = tmp_path / "node" / "data" / "orthanc.log"
     try:
         node.start()

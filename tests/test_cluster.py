@@ -54,8 +54,11 @@ def _host(tmp_path, name: str, pacs, queue: str, role: str | None = None, http: 
         "queue_url": queue,
         "stable_age_s": 1,
         "worker": {"poll_s": 0.2},
+        # the PACS answers from the test's own process, which shares two cores with several workers
+        # and Orthancs: a response late by more than the default 30 s would be taken for lost, and the
+        # object sent again (a real PACS replaces it by its UID; this one counts it twice)
         "destinations": [
-            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
+            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS", "timeout_s": 120}
         ],
         **extra,
     }

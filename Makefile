@@ -5,12 +5,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEBS := dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb orthanc-gdcm prometheus libpixelmed-java \
-	chromium postgresql python3-psycopg orthanc-postgresql
+	chromium postgresql python3-psycopg orthanc-postgresql python3-venv libpython3.11
 # torch==2.13.0 resolves to a local CPU build on our machines; elsewhere pip takes it from PyPI.
 TORCH ?= torch==2.13.0
 # OHIF's published build (npm @ohif/app): `make viewer`, and the viewer test
 OHIF_VERSION ?= 3.12.10
 OHIF := .cache/ohif/package/dist
+TRITON := .cache/triton
 
 .PHONY: setup run demo test bench train evaluate conformance viewer screenshot gpu-wheels clean
 
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,train,import,postgres]" "$(TORCH)"  # extras never replace the CPU torch
+	$(PY) -m pip install -q -e ".[dev,train,import,postgres,kserve]" "$(TORCH)"  # extras never replace the CPU torch
 	# nnunetv2 pulls timm and with it PyPI's torchvision, built for CUDA torch: next to the CPU build its
 	# operators do not load and transformers cannot import. nnU-Net's U-Nets need neither (only Primus does).
 	$(PY) -m pip uninstall -y -q torchvision timm
@@ -38,7 +39,7 @@ run: setup
 demo: setup
 	$(VENV)/bin/pacs-node demo --out results
 
-test: setup $(OHIF)/index.html
+test: setup $(OHIF)/index.html $(TRITON)/.installed
 	$(VENV)/bin/ruff check node tests plugins conformance deploy
 	$(VENV)/bin/python -m pytest -q
 
@@ -60,6 +61,15 @@ $(OHIF)/index.html:
 	  $$SUDO apt-get install -y -qq npm >/dev/null; }
 	mkdir -p .cache/ohif
 	cd .cache/ohif && npm pack -q @ohif/app@$(OHIF_VERSION) && tar xzf ohif-app-$(OHIF_VERSION).tgz
+
+# a real Triton for the kserve tests: the tritonserver in PyPI's nvidia-pytriton wheel (Python backend
+# only, no GPU needed), in a venv of Debian's python3, whose libpython its backend stub embeds
+$(TRITON)/.installed:
+	/usr/bin/python3 -m venv $(TRITON)
+	$(TRITON)/bin/pip install -q nvidia-pytriton onnxruntime "numpy<2"
+	cd $(TRITON)/lib/python3*/site-packages/pytriton/tritonserver && cp python_backend_stubs/$$(\
+	  /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')/triton_python_backend_stub backends/python/
+	touch $@
 
 viewer: setup $(OHIF)/index.html
 	$(PY) deploy/viewer/serve.py --ohif $(OHIF) --orthanc http://127.0.0.1:8042

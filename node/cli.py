@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from node import __version__
-from node.errors import InputError, ModelError
+from node.errors import InputError, ModelError, ServiceUnavailable
 from node.identity import Role, RuntimeChoice, Stage
 
 EXIT_OK, EXIT_INPUT, EXIT_PARTIAL = 0, 2, 3
@@ -182,6 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--codes", type=Path, help="YAML: coded concepts for labels and heads' findings (SR)")
     im.add_argument("--name", help="model name (default: the source folder's name)")
     im.add_argument("--version", default="1.0.0", help="model version (new UIDs for a new version)")
+    tx = msub.add_parser(
+        "export-triton",
+        help="write a model as a Triton model repository (backbone, heads, the ensemble) for runtime kserve",
+    )
+    tx.add_argument("model", help="model name in models/ or a model folder")
+    tx.add_argument("--out", required=True, type=Path, help="the repository (its other models are kept)")
+    tx.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=("onnxruntime", "python"),
+        help="onnxruntime: Triton's ONNX Runtime backend (production, GPU); python: ONNX Runtime inside"
+        " Triton's Python backend, for a Triton without the onnxruntime backend",
+    )
+    tx.add_argument("--cpu", action="store_true", help="instances on the CPU (default: the GPU)")
     ev = msub.add_parser("evaluate", help="measure a model on freshly generated held-out phantoms")
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
@@ -198,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return _COMMANDS[args.command](args)
-    except (InputError, ModelError) as e:
+    except (InputError, ModelError, ServiceUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
@@ -217,17 +231,28 @@ def _model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     else:
         p.add_argument("--model", default="phantom-fm", help="model name in models/ or a model folder")
     p.add_argument("--runtime", default="auto", choices=[r.value for r in RuntimeChoice])
+    p.add_argument(
+        "--kserve",
+        metavar="URL",
+        help="with --runtime kserve: the Triton (KServe v2) server holding the model's repository"
+        " (pacs-node models export-triton), grpc://host:8001 or http://host:8000",
+    )
 
 
-def _load(models: str | list[str], runtime_name: str):
+def _load(models: str | list[str], runtime_name: str, kserve: str | None = None):
+    from node.config import KServeConfig
     from node.model.manifest import load_model
     from node.model.select import select_runtime
     from node.pipeline import Engine, Pipeline
 
+    try:
+        remote = KServeConfig(url=kserve) if kserve else None
+    except ValueError:
+        raise ModelError(f"--kserve {kserve!r}: give grpc://host:port or http://host:port") from None
     engines, whys = [], []
     for name in [models] if isinstance(models, str) else models:
         model = load_model(name)
-        runtime, why = select_runtime(model, runtime_name)
+        runtime, why = select_runtime(model, runtime_name, kserve=remote)
         engines.append(Engine(model, runtime))
         whys.append(why)
     return Pipeline.of(engines), whys
@@ -250,6 +275,7 @@ def cmd_run(args) -> int:
         args.runtime,
         not args.no_progress,
         args.verbose,
+        args.kserve,
     )
 
 
@@ -262,6 +288,7 @@ def run_offline(
     runtime: str,
     progress: bool = True,
     verbose: bool = False,
+    kserve: str | None = None,
 ) -> int:
     """``pacs-node run`` (and ``demo``): every series in ``inputs`` through the pipeline into ``out``;
     the series in ``prior_inputs``, oldest first, are processed before them and compared in turn."""
@@ -282,7 +309,7 @@ def run_offline(
         if not errors:
             print(f"error: no CT or MR series found in {', '.join(map(str, inputs))}", file=sys.stderr)
         return EXIT_INPUT
-    pipeline, whys = _load(model, runtime)
+    pipeline, whys = _load(model, runtime, kserve)
     for e, why in zip(pipeline.engines, whys, strict=True):
         console.print(f"model {e.model.name} {e.model.version}, runtime {e.runtime.name} ({why})")
     results = []
@@ -329,6 +356,8 @@ def _process_one(pipeline, series, out, verbose, bar, task, prior=None, report=N
         )
     except InputError as e:
         return SeriesResult(series.series_uid, series.modality, error=str(e))
+    except (ModelError, ServiceUnavailable) as e:  # the model or its server, not the series
+        return SeriesResult(series.series_uid, series.modality, error=f"series {series.series_uid}: {e}")
     except Exception as e:  # a bug of ours: keep the traceback in the log, one line for the user
         log.debug("series %s failed", series.series_uid, exc_info=True)
         hint = "" if verbose else " (run with --verbose for the traceback)"
@@ -518,6 +547,14 @@ def cmd_models(args) -> int:
         model = load_model(out)
         print(f"imported {model.name} {model.version} into {out}: backbone and {len(model.heads)} head(s)")
         print(f"next: pacs-node run SERIES --model {out} --out results/")
+        return EXIT_OK
+    if args.models_command == "export-triton":
+        from node.model.triton_repository import TritonBackend, export
+
+        model = load_model(args.model)
+        names = export(model, args.out, TritonBackend(args.backend), gpu=not args.cpu)
+        print(f"wrote {', '.join(names)} into {args.out} ({args.backend} backend)")
+        print(f"next: tritonserver --model-repository {args.out}, then runtime: kserve with kserve: {{url: grpc://HOST:8001}}")
         return EXIT_OK
     if args.models_command == "build":
         from node.model.runtimes.tensorrt import build_model

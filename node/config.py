@@ -168,6 +168,14 @@ class RestartConfig(_Strict):
     give_up_after: int = Field(default=5, ge=1)
 
 
+class KServeConfig(_Strict):
+    """The remote inference server of ``runtime: kserve`` (Triton, or any KServe v2 server), serving
+    the repository ``pacs-node models export-triton`` wrote: ``grpc://host:8001`` or ``http://host:8000``."""
+
+    url: str = Field(pattern=r"^(grpc|http)://[^/\s]+:\d+$")
+    timeout_s: float = Field(default=120.0, gt=0)  # one request (a batch of slices, a 3D patch)
+
+
 class DeliveryConfig(_Strict):
     backoff_s: float = Field(default=5.0, gt=0)  # first retry; doubles each time up to backoff_max_s
     backoff_max_s: float = Field(default=300.0, gt=0)
@@ -211,6 +219,7 @@ class NodeConfig(_Strict):
     stable_age_s: int = Field(default=10, ge=1)
     model: str = "phantom-fm"
     runtime: RuntimeChoice = RuntimeChoice.AUTO
+    kserve: KServeConfig | None = None  # where ``runtime: kserve`` sends its batches
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     disk: DiskConfig = DiskConfig()
@@ -241,6 +250,8 @@ class NodeConfig(_Strict):
         paths = [m.model for m in self.models]
         if len(set(paths)) < len(paths):
             raise ValueError(f"models: {sorted(p for p in paths if paths.count(p) > 1)[0]!r} listed twice")
+        if self.kserve is None and any(r.runtime is RuntimeChoice.KSERVE for r in self.model_routes):
+            raise ValueError("runtime kserve needs kserve: {url: grpc://host:port}")
         ports = {"dicom_port": self.dicom_port, "http_port": self.http_port}
         if self.metrics_port:
             ports["metrics_port"] = self.metrics_port

@@ -12,3 +12,8 @@ class InputError(Exception):
 
 class ModelError(Exception):
     """A model folder that is missing, malformed or does not fit the runtime."""
+
+
+class ServiceUnavailable(Exception):
+    """A server the node relies on for one step (a remote inference server) cannot serve now: the
+    job is given back without counting an attempt and runs again once it answers."""

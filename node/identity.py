@@ -118,6 +118,7 @@ class RuntimeChoice(StrEnum):
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
     TORCH = "torch"
+    KSERVE = "kserve"  # a remote server speaking the KServe v2 protocol (Triton); the config's ``kserve``
 
 
 class Role(StrEnum):

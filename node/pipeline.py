@@ -23,7 +23,7 @@ from node.analysis.longitudinal import time_point, track
 from node.analysis.postprocess import merge, to_findings
 from node.analysis.report_text import check_report
 from node.analysis.urgency import TriageRules, assess, tags_of
-from node.errors import InputError, ModelError
+from node.errors import InputError, ModelError, ServiceUnavailable
 from node.identity import ModelRun, OutputKind, Stage
 from node.ingest.series import SourceSeries
 from node.ingest.volume import SeriesVolume, load_volume
@@ -168,8 +168,8 @@ class Pipeline:
                 parts.append(self._infer(engine, volume, clock, progress, len(engines)))
                 result.models.append(ModelRun(engine.key))
             except Exception as e:
-                if len(engines) == 1:
-                    raise
+                if len(engines) == 1 or isinstance(e, ServiceUnavailable):
+                    raise  # a server down: the whole series again later, not without this model
                 first_error = first_error or e
                 result.models.append(ModelRun(engine.key, _one_line(e)))
                 log.info("model %s failed: %s", engine.model.name, _one_line(e))

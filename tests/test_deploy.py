@@ -188,6 +188,11 @@ def test_cluster_compose_content(tmp_path: Path) -> None:
     for svc in services.values():
         for sec in svc.get("secrets", []):
             assert (sec["source"] if isinstance(sec, dict) else sec) in compose["secrets"]
+    # the optional Triton, and a worker config that uses it parses
+    triton = services["triton"]
+    assert triton["profiles"] == ["triton"] and "./triton-repository:/models:ro" in triton["volumes"]
+    remote = parse_config({**yaml.safe_load(text), "runtime": "kserve", "kserve": {"url": "grpc://triton:8001"}})
+    assert remote.kserve.url == "grpc://triton:8001" and "8001" in triton["expose"]
     init = ROOT / "deploy/postgres"
     assert "CREATE DATABASE orthanc" in "".join(p.read_text() for p in init.glob("*.sql"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from node.config import KServeConfig
 from node.errors import ModelError
 from node.model import gate
 from node.model.manifest import ModelSpec
@@ -21,8 +22,11 @@ log = logging.getLogger(__name__)
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
 
 
-def select_runtime(model: ModelSpec, requested: str = "auto", precision: str = "auto") -> tuple[Runtime, str]:
-    """The runtime to use and a one-line reason. ``auto`` takes the best one that works here.
+def select_runtime(
+    model: ModelSpec, requested: str = "auto", precision: str = "auto", kserve: KServeConfig | None = None
+) -> tuple[Runtime, str]:
+    """The runtime to use and a one-line reason. ``auto`` takes the best one that works here;
+    ``kserve`` (never picked by ``auto``) sends the batches to the server ``kserve`` names.
 
     An explicitly requested backend that cannot run here is a :class:`ModelError` with one line
     saying why. Under ``auto`` each unavailable candidate's reason is logged and kept in
@@ -32,7 +36,10 @@ def select_runtime(model: ModelSpec, requested: str = "auto", precision: str = "
         raise ModelError(f"unknown runtime {requested!r} (choose from {', '.join(RUNTIMES)})")
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if requested != "auto":
+    if requested == "kserve":
+        rt = _remote(model, precision, kserve)
+        sel = Selection(rt.name, f"requested: the KServe v2 server at {kserve.url}")
+    elif requested != "auto":
         rt = _build(requested, model, precision, explicit=True)
         sel = Selection(rt.name, "requested")
     else:
@@ -51,6 +58,16 @@ def select_runtime(model: ModelSpec, requested: str = "auto", precision: str = "
     why = sel.line()
     log.info("runtime %s on %s, %s (%s)", rt.name, rt.device, rt.precision, why)
     return rt, why
+
+
+def _remote(model: ModelSpec, precision: str, kserve: KServeConfig | None) -> Runtime:
+    from node.model.runtimes.kserve import KServeRuntime
+
+    if kserve is None:
+        raise ModelError("runtime kserve needs the server's address (kserve: {url: grpc://host:port})")
+    if precision not in ("auto", "fp32"):
+        raise ModelError(f"runtime kserve runs the exported graphs as they are (fp32), not {precision}")
+    return KServeRuntime(model, kserve.url, kserve.timeout_s)
 
 
 class _NotTaken(Exception):

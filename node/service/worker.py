@@ -26,7 +26,7 @@ from pathlib import Path
 from node.analysis.findings import ModelRef
 from node.analysis.urgency import Category
 from node.config import ConfigError, NodeConfig, WebhookDestination, load_config, read_resolved
-from node.errors import InputError, ModelError
+from node.errors import InputError, ModelError, ServiceUnavailable
 from node.identity import JobState, OutputKind, Stage
 from node.ingest.series import SourceSeries, find_series
 from node.model.manifest import load_model
@@ -44,6 +44,7 @@ from node.timing import Stopwatch
 
 log = logging.getLogger("node.service.worker")
 QUEUE_RETRY_S = 5
+SERVICE_RETRY_S = 5  # a worker whose inference server did not answer waits this long before the next job
 
 
 class Stopping(BaseException):
@@ -118,7 +119,7 @@ class Worker:
             engines = []
             for route in self.cfg.model_routes:
                 model = load_model(route.model)
-                runtime, why = select_runtime(model, route.runtime)
+                runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
                 log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
                 engines.append(Engine(model, runtime))
             self._pipeline = Pipeline.of(engines, self.cfg.triage)
@@ -224,6 +225,10 @@ class Worker:
             return self._failed(run, run.public(str(e)), False, t0)
         except (OrthancError, OSError) as e:  # transient: Orthanc restarting, disk full...
             return self._failed(run, f"{run.stage}: {e}", True, t0)
+        except ServiceUnavailable as e:  # the inference server down: not the job's fault, so no attempt
+            outcome = self._failed(run, f"{run.stage}: {e}", True, t0, counted=False)
+            self._stop.wait(SERVICE_RETRY_S)  # rather than lease the next job straight into it
+            return outcome
         except Stopping:
             self.queue.jobs.fail(job.id, self.owner, "worker stopped during the job", retry=True)
             raise
@@ -237,8 +242,8 @@ class Worker:
             beat.set()
             shutil.rmtree(run.folder, ignore_errors=True)
 
-    def _failed(self, run: JobRun, error: str, retry: bool, t0: float) -> JobOutcome:
-        state = self.queue.jobs.fail(run.job.id, self.owner, error, retry=retry)
+    def _failed(self, run: JobRun, error: str, retry: bool, t0: float, counted: bool = True) -> JobOutcome:
+        state = self.queue.jobs.fail(run.job.id, self.owner, error, retry=retry, counted=counted)
         outcome = "failed" if state is JobState.FAILED else "error"
         self.metrics.observe_job(outcome, time.monotonic() - t0)
         log.warning("job %d (series %s): %s: %s", run.job.id, run.job.series_id, state, error)

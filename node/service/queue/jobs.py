@@ -294,18 +294,23 @@ class Jobs:
                 bump(db, Counter.JOBS, JobEvent(state.value))
             return state
 
-    def fail(self, job_id: int, owner: str, error: str, retry: bool = False) -> JobState | None:
-        """Record an error. ``retry``: try again (a transient problem) until ``max_attempts``."""
+    def fail(
+        self, job_id: int, owner: str, error: str, retry: bool = False, counted: bool = True
+    ) -> JobState | None:
+        """Record an error. ``retry``: try again (a transient problem) until ``max_attempts``;
+        ``counted=False``: the attempt does not count (a server the job needs was down), so the job
+        waits for it however long it takes."""
         now = self.store.clock()
         with self.store.tx() as db:
             job = self._get(db, job_id)
             if job is None or job.state is not JobState.RUNNING or job.lease_owner != owner:
                 return job.state if job else None
-            again = retry and job.attempts < job.max_attempts
+            again = retry and (job.attempts < job.max_attempts or not counted)
             state = JobState.QUEUED if again else JobState.FAILED
             db.execute(
-                "UPDATE jobs SET state = ?, error = ?, lease_owner = NULL, updated = ?, finished = ? WHERE id = ?",
-                (state, error, now, None if again else now, job_id),
+                "UPDATE jobs SET state = ?, error = ?, lease_owner = NULL, updated = ?, finished = ?,"
+                " attempts = attempts - ? WHERE id = ?",
+                (state, error, now, None if again else now, 0 if counted else 1, job_id),
             )
             journal(db, job_id, now, "error, will retry" if again else "failed", error)
             bump(db, Counter.JOBS, JobEvent.RETRIED if again else JobEvent.FAILED)

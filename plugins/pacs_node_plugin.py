@@ -87,8 +87,8 @@ def decide(series):
 def handle(series_id, picked_up=False):
     """One stable series -> a job, or a skip with its rule (one transaction, counted with it).
 
-    ``picked_up``: found by the pick-up at start rather than by its stable event; a series already
-    decided for exactly these instances, or still receiving, is left alone."""
+    ``picked_up``: found by a pick-up (at start, or the periodic one) rather than by its stable
+    event; a series already decided for exactly these instances, or still receiving, is left alone."""
     try:
         series = _get(f"/series/{series_id}")
     except Exception:  # deleted meanwhile
@@ -100,7 +100,7 @@ def handle(series_id, picked_up=False):
     tags = series.get("MainDicomTags", {})
     modality = str(tags.get("Modality", "")).upper()
     eligible, skipped_by, reason = decide(series)
-    how = "picked up at start" if picked_up else "stable"
+    how = "picked up" if picked_up else "stable"
     if not eligible:
         _queue.intake.skip(series_id, fingerprint, _modality_label(modality), skipped_by)
         _info(f"series {series_id} ({how}) skipped: {reason}")
@@ -123,9 +123,21 @@ def handle(series_id, picked_up=False):
         _info(f"series {series_id} -> job {submitted.job_id} ({submitted.reason})")
 
 
-def pick_up():
-    """At every start: every series Orthanc received since the last pick-up, from its change log
-    (durable in its index), that has neither a job nor a skip for its instances gets one now."""
+_pick_up_lock = threading.Lock()  # the start's pick-up and the periodic one read and move one place
+# how often the change log is read again while running: a stable event can be lost without a restart
+# (Orthanc cannot log it while its PostgreSQL index is restarting, and then never calls us with it)
+PICK_UP_EVERY_S = max(30.0, 3 * _STABLE_AGE)
+
+
+def pick_up(when="at start"):
+    """Every series Orthanc received since the last pick-up, from its change log (durable in its
+    index), that has neither a job nor a skip for its instances gets one now. At every start, and
+    every ``PICK_UP_EVERY_S`` while running (then it logs only what it found)."""
+    with _pick_up_lock:
+        _pick_up(when)
+
+
+def _pick_up(when):
     since = _queue.intake.change_seq()
     touched = {}  # series ID -> None, in order of first change
     while True:
@@ -150,9 +162,20 @@ def pick_up():
         except Exception as e:  # one bad series must not stop the others
             failed += 1
             orthanc.LogError(f"pacs-node: pick-up of series {series_id}: {type(e).__name__}: {e}")
-    if not failed:  # else the next start reads the same changes again (decided series are left alone)
+    if not failed:  # else the next pick-up reads the same changes again (decided series are left alone)
         _queue.intake.set_change_seq(since)
-    _info(f"pick-up at start: {len(touched)} series in the change log up to {since}, {failed} failed")
+    if when == "at start" or failed:
+        _info(f"pick-up {when}: {len(touched)} series in the change log up to {since}, {failed} not taken yet")
+
+
+def _pick_up_every():
+    """The periodic pick-up, in a thread of its own: a failure is a line, and the next round tries again."""
+    while True:
+        time.sleep(PICK_UP_EVERY_S)
+        try:
+            pick_up("periodic")
+        except Exception as e:  # the queue or Orthanc's index restarting: the next round reads the same changes
+            _warn(f"periodic pick-up: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
 def _fingerprint(series_id):
@@ -188,6 +211,7 @@ def on_change(change_type, level, resource_id):
         if change_type == orthanc.ChangeType.STABLE_SERIES:
             handle(resource_id)
         elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            threading.Thread(target=_pick_up_every, name="pick-up", daemon=True).start()
             pick_up()  # in Orthanc's change thread: the receiver is already up, stable events wait
     except _queue.errors as e:  # the queue unreachable (PostgreSQL restarting, a full disk): again later
         if change_type == orthanc.ChangeType.STABLE_SERIES:

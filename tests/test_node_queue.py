@@ -438,3 +438,47 @@ def test_a_claimed_delivery_goes_to_one_deliverer(q: JobQueue, clock: Clock) -> 
     clock.now += 61  # the other three were held by a deliverer that died
     again = q.outbox.claim(hold_s=60)
     assert sorted(d.id for d in again) == sorted(d.id for d in first[1:])
+
+
+def test_a_delivery_sent_while_postgresql_restarts_is_not_sent_again(postgres, monkeypatch) -> None:
+    """The database goes down while a C-STORE is in flight: the deliverer keeps the outcome and
+    writes it once the queue is back, before claiming anything, so nothing goes out twice."""
+    from node.service import egress
+    from node.service.delivery import Deliverer
+    from node.service.metrics import NodeMetrics
+
+    location = postgres.database()
+    cfg = parse_config(
+        {"queue_url": location, "destinations": [
+            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"},
+            {"name": "archive", "kind": "dicom", "host": "127.0.0.1", "port": 105, "ae_title": "ARCHIVE"},
+        ]}
+    )  # fmt: skip
+    q = JobQueue(location)
+    q.jobs.submit("s1", fingerprint="a")
+    job = q.jobs.lease("w1", 10)
+    q.jobs.complete(job.id, "w1", OUTS, ROUTES)
+    sent: list[int] = []
+
+    def send(dest, items, calling_ae):
+        sent.extend(it.key for it in items)
+        if len(sent) == len(items):  # the first send: the database goes down before it is recorded
+            postgres.stop()
+        return [egress.Outcome(it.key, None) for it in items]
+
+    monkeypatch.setattr(egress, "send", send)
+
+    class Orthanc:
+        def instance_file(self, orthanc_id: str) -> bytes:
+            return b"DICM"
+
+    deliverer = Deliverer(cfg, Orthanc(), NodeMetrics(None, ["pacs", "archive"]))
+    queue = JobQueue(location)
+    with pytest.raises(queue.errors):
+        deliverer.deliver_due(queue)
+    postgres.resume()
+    while deliverer.deliver_due(queue):
+        pass
+    assert sorted(sent) == sorted(d.id for d in q.outbox.of_job(job.id))  # each sent once
+    assert {d.state for d in q.outbox.of_job(job.id)} == {"delivered"}
+    assert q.jobs.get(job.id).state == "done"

@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(bench)
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     bench.add_argument(
-        "--suite", default="model", choices=("model", "queue", "nnunet", "seg", "memory3d"),
+        "--suite", default="model", choices=("model", "queue", "latency", "nnunet", "seg", "memory3d"),
         help="model: throughput and pipeline stages; queue: jobs/s the queue sustains, SQLite vs PostgreSQL; "
         "nnunet: an imported nnU-Net model (--model) against nnUNetPredictor on its source (--nnunet); "
         "seg: the SEG encoder against highdicom's at --segments counts; "
-        "memory3d: peak RAM of a --classes 3D network on a --size x --size x --slices CT",
+        "memory3d: peak RAM of a --classes 3D network on a --size x --size x --slices CT; "
+        "latency: a real node (serve) sent --series CTs at once, end-to-end latency for each --workers count",
     )  # fmt: skip
     bench.add_argument("--classes", type=int, default=105, help="memory3d suite: the network's outputs")
     bench.add_argument("--nnunet", type=Path, help="nnunet suite: the nnU-Net results folder --model was imported from")
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--queue-url", help="queue suite: a scratch PostgreSQL database (emptied first)")
     bench.add_argument("--workers", type=int, nargs="*", default=[1, 4, 16], help="queue suite: processes")
     bench.add_argument("--jobs", type=int, default=400, help="queue suite: jobs per run")
+    bench.add_argument("--series", type=int, default=20, help="latency suite: CT series sent at once")
 
     rd = sub.add_parser(
         "render", help="draw a presentation state (GSPS) over its image into a PNG, as a viewer shows it"
@@ -432,6 +434,10 @@ def cmd_bench(args) -> int:
         from node.tools.queue_bench import bench_queue
 
         return bench_queue(args.queue_url, args.workers, args.jobs, args.output)
+    if args.suite == "latency":
+        from node.tools.latency_bench import bench_latency
+
+        return bench_latency(args.workers, args.series, args.slices[0], args.size, args.queue_url, args.output)
     if args.suite == "nnunet":
         from node.tools.nnunet_bench import bench_nnunet
 

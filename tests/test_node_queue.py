@@ -482,3 +482,38 @@ def test_a_delivery_sent_while_postgresql_restarts_is_not_sent_again(postgres, m
     assert sorted(sent) == sorted(d.id for d in q.outbox.of_job(job.id))  # each sent once
     assert {d.state for d in q.outbox.of_job(job.id)} == {"delivered"}
     assert q.jobs.get(job.id).state == "done"
+
+
+def test_postgresql_leases_pass_over_a_job_being_leased_and_wait_for_no_writer(postgres) -> None:
+    """SKIP LOCKED: a lease neither waits for another lease's job (it takes the next) nor for a
+    writer holding the state machine's lock; a submit that finds its series' job being leased
+    waits for that lease and then sees the job leased (a new job, not an update of a running one)."""
+    import threading
+
+    import psycopg
+
+    from node.service.queue.postgres import LOCK_KEY
+
+    url = postgres.database()
+    q = JobQueue(url)
+    for i in range(2):
+        q.jobs.submit(f"s{i}", fingerprint=str(i))
+    got: list = []
+    w1, w2 = JobQueue(url), JobQueue(url)  # connected before: opening a queue takes the lock too
+    with psycopg.connect(url) as other:  # one transaction, open until the end of the block
+        other.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))  # a writer in flight
+        other.execute("UPDATE jobs SET state = 'running', lease_owner = 'other' WHERE id = 1")  # a lease in flight
+        lease = threading.Thread(target=lambda: got.append(w1.jobs.lease("w", 60)))
+        lease.start()
+        lease.join(10)
+        assert not lease.is_alive(), "the lease waited for another transaction's locks"
+        submit = threading.Thread(target=lambda: got.append(w2.jobs.submit("s0", fingerprint="more")))
+        submit.start()
+        submit.join(1)
+        assert submit.is_alive()  # it waits for the lease in flight...
+        other.commit()
+    submit.join(10)
+    leased, submitted = got
+    assert leased.id == 2
+    assert submitted.reason.startswith("late instances") and submitted.job_id == 3  # ...and sees job 1 leased
+    assert q.jobs.get(1).fingerprint == "0"

@@ -31,7 +31,12 @@ from node.errors import ModelError
 from node.model.manifest import ModelSpec
 
 DIGEST_KEY = "pacs_node_graph_sha256"
-_TYPES = {"tensor(float)": "FP32", "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+_TYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+}
 
 
 class TritonBackend(StrEnum):
@@ -71,7 +76,9 @@ class Graph:
             for a in args:
                 if a.type not in _TYPES:
                     raise ModelError(f"{file}: {a.name} is {a.type}, which this export does not map")
-                out.append(Tensor(a.name, _TYPES[a.type], tuple(d if isinstance(d, int) else -1 for d in a.shape)))
+                out.append(
+                    Tensor(a.name, _TYPES[a.type], tuple(d if isinstance(d, int) else -1 for d in a.shape))
+                )
             return tuple(out)
 
         return cls(file, tensors(sess.get_inputs()), tensors(sess.get_outputs()))
@@ -100,7 +107,9 @@ def sha256(file: Path) -> str:
     return h.hexdigest()
 
 
-def export(model: ModelSpec, out: Path, backend: TritonBackend = TritonBackend.ONNXRUNTIME, gpu: bool = True) -> list[str]:
+def export(
+    model: ModelSpec, out: Path, backend: TritonBackend = TritonBackend.ONNXRUNTIME, gpu: bool = True
+) -> list[str]:
     """Write ``model``'s Triton repository into ``out`` (its models replaced, others kept); the
     names of the Triton models written."""
     names = triton_names(model)
@@ -171,7 +180,9 @@ def _ensemble(model: ModelSpec, graphs: dict[str, Graph], out: Path) -> str:
 
 def _only(graph: Graph, head: str) -> tuple[str, tuple[int, ...]]:
     if len(graph.outputs) != 1:
-        raise ModelError(f"head {head}: a per-slice head graph has one output, {graph.file.name} has {len(graph.outputs)}")
+        raise ModelError(
+            f"head {head}: a per-slice head graph has one output, {graph.file.name} has {len(graph.outputs)}"
+        )
     return graph.outputs[0].dtype, graph.outputs[0].dims
 
 
@@ -187,7 +198,9 @@ def _list(key: str, items: list[str]) -> str:
 
 
 def _parameters(values: dict[str, str]) -> str:
-    return "\n".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in values.items())
+    return "\n".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in values.items()
+    )
 
 
 # Triton's Python backend running the version folder's model.onnx with ONNX Runtime (CPU, or CUDA

@@ -36,12 +36,18 @@ def _worker(location: str, owner: str, start, out) -> None:
     out.put(latencies[:-1])
 
 
-def run(location: str, workers: int, jobs: int) -> dict:
-    """``jobs`` queued, then ``workers`` processes drain them; wall time from their common start."""
+def empty(location: str) -> JobQueue:
+    """A scratch queue, emptied."""
     q = JobQueue(location)
-    with q.store.tx() as db:  # a scratch queue: start empty
+    with q.store.tx() as db:
         for table in TABLES:
             db.execute(f"DELETE FROM {table}")
+    return q
+
+
+def run(location: str, workers: int, jobs: int) -> dict:
+    """``jobs`` queued, then ``workers`` processes drain them; wall time from their common start."""
+    q = empty(location)
     for i in range(jobs):
         q.jobs.submit(f"bench-{i}", fingerprint=str(i))
     ctx = multiprocessing.get_context("spawn")

@@ -116,7 +116,9 @@ class KServeRuntime(Runtime):
                 config = self._client.get_model_config(name, **self._json)
             except Exception as e:  # tritonclient's own exceptions, and the socket's
                 raise ServiceUnavailable(f"kserve server {self.url}: model {name}: {_line(e)}") from None
-            served = config.get("config", config).get("parameters", {}).get(DIGEST_KEY, {}).get("string_value")
+            served = (
+                config.get("config", config).get("parameters", {}).get(DIGEST_KEY, {}).get("string_value")
+            )
             if served != sha256(self.model.graph(graph)):
                 raise ServiceUnavailable(
                     f"kserve server {self.url}: model {name} is not built from {self.model.graph(graph)}"

@@ -101,8 +101,8 @@ class Jobs:
     ) -> Submitted:
         """:meth:`submit` inside the caller's transaction."""
         now = self.store.clock()
-        row = db.execute(
-            "SELECT * FROM jobs WHERE series_id = ? AND state != ? ORDER BY id DESC LIMIT 1",
+        row = db.execute(  # FOR UPDATE: a queued job being leased now is seen as leased
+            "SELECT * FROM jobs WHERE series_id = ? AND state != ? ORDER BY id DESC LIMIT 1" + self.store.FOR_UPDATE,
             (series_id, JobState.SUPERSEDED),
         ).fetchone()
         latest = Job(**row) if row else None
@@ -165,10 +165,18 @@ class Jobs:
     def lease(self, owner: str, lease_s: float) -> Job | None:
         """Take the most urgent, then oldest, queued job (or one whose lease expired) for ``lease_s`` s."""
         now = self.store.clock()
-        with self.store.tx() as db:
-            self._expire(db, now)
+        expired = self.store.read(
+            "SELECT id FROM jobs WHERE state = ? AND lease_until < ? LIMIT 1", (JobState.RUNNING, now)
+        )
+        if expired:
+            with self.store.tx() as db:
+                self._expire(db, now)
+        # on PostgreSQL leases run side by side: each locks the job it takes and passes over those
+        # other leases hold (SKIP LOCKED), so urgency order holds among the jobs not being leased
+        with self.store.tx(serialised=False) as db:
             row = db.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, id LIMIT 1", (JobState.QUEUED,)
+                "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, id LIMIT 1" + self.store.SKIP_LOCKED,
+                (JobState.QUEUED,),
             ).fetchone()
             if row is None:
                 return None
@@ -178,7 +186,7 @@ class Jobs:
                 (JobState.RUNNING, owner, now + lease_s, now, row["id"]),
             )
             journal(db, row["id"], now, "leased", f"attempt {row['attempts'] + 1} by {owner}")
-            bump(db, Counter.JOBS, JobEvent.RUNNING)
+            bump(db, Counter.JOBS, JobEvent.RUNNING)  # last: the row every lease bumps, held until commit
             return self._get(db, row["id"])
 
     def _expire(self, db: sqlite3.Connection, now: float) -> None:

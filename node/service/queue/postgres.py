@@ -7,11 +7,14 @@ placeholders, ``ON CONFLICT`` upserts, ``RETURNING``); this module adapts the re
 - the schema's types (``REAL`` timestamps are ``DOUBLE PRECISION`` here: PostgreSQL's ``REAL`` is
   4 bytes; ``AUTOINCREMENT`` keys are identity columns), created and migrated under a lock so
   that hosts starting together do not race;
-- a write transaction takes one transaction-scoped advisory lock first, so writers are serialised
-  exactly as SQLite's ``BEGIN IMMEDIATE`` serialises them: the job state machine (lease, supersede,
-  expire, exactly-once delivery) keeps its semantics and its tests, unchanged, run on both. Reads
-  and snapshots take no lock. A job takes seconds to minutes; a transaction takes milliseconds,
-  so one lock is not what limits a cluster (``pacs-node bench`` measures it).
+- leasing, the one write every idle worker of a cluster repeats, takes no lock but the row it
+  leases: ``SELECT ... FOR UPDATE SKIP LOCKED``, so leases run side by side, each taking the most
+  urgent job no other lease holds. Every other write transaction takes one transaction-scoped
+  advisory lock first, so those are serialised exactly as SQLite's ``BEGIN IMMEDIATE`` serialises
+  them, and one that reads a queued job to change it reads it ``FOR UPDATE``: a lease in flight
+  is waited for, and the job seen as leased. The job state machine (urgency order, supersede,
+  expiry, exactly-once delivery) keeps its semantics, and its tests run on both. Reads and
+  snapshots take no lock (``pacs-node bench --suite queue`` measures both).
 - idle workers and deliverers wait on LISTEN, on a connection of their own (:class:`PgWaker`),
   for what writers send with ``pg_notify`` at commit (:mod:`.wakeup`), rather than polling.
 
@@ -42,6 +45,10 @@ _TYPES = (
     (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
     (re.compile(r"\bINTEGER\b"), "BIGINT"),
 )
+
+
+_COLUMNS = "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+_INDEXES = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
 
 
 def pg_schema(sql: str) -> str:
@@ -105,14 +112,24 @@ class PgStore:
         except psycopg.OperationalError as e:  # an OSError: serve and the worker say it in one line
             raise ConnectionError(f"queue {self.path}: {str(e).strip().splitlines()[0]}") from None
         with self.tx() as db:  # hosts starting together: one creates, the others wait and see it
+            # only what is missing: DDL on an existing table locks it whole, and a lease (which does
+            # not take the advisory lock) holding a row of it would then wait on us, and we on it
+            have = {tuple(r) for r in db.execute(_COLUMNS)}
+            there = {t for t, _ in have} | {r[0] for r in db.execute(_INDEXES)}
             for stmt in filter(str.strip, SCHEMA.split(";")):
-                db.execute(pg_schema(stmt))
+                made = re.search(r"IF NOT EXISTS (\w+)", stmt)
+                if made and made[1] not in there:
+                    db.execute(pg_schema(stmt))
             for table, columns in MIGRATIONS.items():
                 for name, decl in columns.items():
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {pg_schema(decl)}")
+                    if (table, name) not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {pg_schema(decl)}")
 
-    def tx(self) -> _Tx:
-        return _Tx(self, write=True)
+    FOR_UPDATE = " FOR UPDATE"
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+
+    def tx(self, serialised: bool = True) -> _Tx:
+        return _Tx(self, write=True, serialised=serialised)
 
     def snapshot(self) -> _Tx:
         return _Tx(self, write=False)
@@ -138,8 +155,8 @@ class PgStore:
 
 
 class _Tx:
-    def __init__(self, store: PgStore, write: bool):
-        self.store, self.write = store, write
+    def __init__(self, store: PgStore, write: bool, serialised: bool = False):
+        self.store, self.write, self.serialised = store, write, serialised
 
     def __enter__(self) -> _Db:
         self.store._lock.acquire()
@@ -151,7 +168,7 @@ class _Tx:
                 self.store._conn = self.store._connect()  # done yet, so connect again and begin
                 self.store._conn.execute(begin)
             conn = self.store._conn
-            if self.write:
+            if self.serialised:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
         except BaseException:
             self.store._lock.release()

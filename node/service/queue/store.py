@@ -150,9 +150,13 @@ class Store:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     errors: tuple[type[Exception], ...] = (sqlite3.Error,)  # what a failing queue raises
+    # row locks for PostgreSQL's concurrent leases (postgres.py); SQLite's one writer needs none
+    FOR_UPDATE = ""
+    SKIP_LOCKED = ""
 
-    def tx(self) -> _Tx:
-        """``with store.tx() as db:`` one write transaction, committed on success, rolled back on error."""
+    def tx(self, serialised: bool = True) -> _Tx:
+        """``with store.tx() as db:`` one write transaction, committed on success, rolled back on error.
+        ``serialised=False``: one that locks the rows it changes instead (PostgreSQL; SQLite has one writer)."""
         return _Tx(self)
 
     def read(self, sql: str, args: tuple = ()) -> list[dict]:

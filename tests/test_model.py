@@ -105,7 +105,7 @@ def test_training_writes_a_hugging_face_checkpoint_the_importer_turns_into_the_m
     from node.tools.train_reference import Config, train
 
     out = tmp_path / "tiny"
-    train(out, Config(n_train=3, slices_per_phantom=4, steps=2))
+    train(out, Config(n_train=3, slices_per_phantom=4, steps=2, head_steps=2))
     source = json.loads((out / "source" / "phantom-fm" / "config.json").read_text())
     assert source["model_type"] == "dinov2" and source["num_channels"] == 1
     assert json.loads((out / "import.json").read_text())["heads"].keys() == {"organs", "lesions", "lesion_presence"}

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -117,6 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--images", required=True, type=Path, help="folder with the source series")
     rd.add_argument("--out", required=True, type=Path, help="the PNG to write")
     rd.add_argument("--sop", help="SOP Instance UID of the image to show (default: the labelled slice)")
+
+    labels = sub.add_parser(
+        "labels", help="label sets: radiologists' SEGs sent to the node, and coded findings, to train heads on"
+    )
+    lsub = labels.add_subparsers(dest="labels_command", required=True)
+    for name, text in (("list", "the label sets, oldest first"), ("add", "classification labels from a CSV"),
+                       ("remove", "forget one label set")):  # fmt: skip
+        lp = lsub.add_parser(name, help=text)
+        lp.add_argument("--config", type=Path, help="node config (YAML): its queue; default: the embedded default")
+        if name == "list":
+            lp.add_argument("--series", help="only this series' (its Series Instance UID)")
+        elif name == "add":
+            lp.add_argument(
+                "--csv", type=Path, required=True,
+                help="columns series_uid,label[,code]: one row per finding, e.g. 1.2.3,Lesion present,SCT:52101004",
+            )  # fmt: skip
+        else:
+            lp.add_argument("id", type=int, help="the label set's ID (labels list)")
 
     serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
     serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
@@ -476,6 +495,48 @@ def cmd_serve(args) -> int:
     return serve(args.config, args.role)
 
 
+def cmd_labels(args) -> int:
+    import csv
+
+    from node.config import ConfigError, load_config
+    from node.identity import LabelKind
+    from node.service.queue import JobQueue, Label
+
+    try:
+        where = load_config(args.config).queue_location
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    if isinstance(where, Path) and not where.exists():
+        raise InputError(f"no queue at {where}: the node has not run with this config (pacs-node serve)")
+    labels = JobQueue(where).labels
+    if args.labels_command == "list":
+        for s in labels.list(args.series):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s.received))
+            names = ", ".join(x.name + (f" ({x.code})" if x.code else "") for x in s.labels)
+            print(f"{s.id}  {s.series_uid}  {s.kind}  {names}  from {s.sender or '?'} {when}")
+        return EXIT_OK
+    if args.labels_command == "remove":
+        if not labels.remove(args.id):
+            raise InputError(f"no label set {args.id} (see pacs-node labels list)")
+        print(f"removed label set {args.id}")
+        return EXIT_OK
+    by_series: dict[str, list[Label]] = {}
+    try:
+        with open(args.csv, newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), start=2):
+                if not row.get("series_uid") or not row.get("label"):
+                    raise InputError(f"{args.csv}: line {n}: needs series_uid and label")
+                by_series.setdefault(row["series_uid"].strip(), []).append(
+                    Label(row["label"].strip(), (row.get("code") or "").strip())
+                )
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{args.csv}: {e}") from None
+    for series, found in by_series.items():
+        labels.add(series, LabelKind.CLASSIFICATION, args.csv.name, "cli", found)
+    print(f"{len(by_series)} label set(s) from {args.csv}")
+    return EXIT_OK
+
+
 def cmd_models(args) -> int:
     if args.models_command == "train":
         from node.model.manifest import MODELS_DIR
@@ -585,6 +646,7 @@ _COMMANDS = {
     "bench": cmd_bench,
     "render": cmd_render,
     "serve": cmd_serve,
+    "labels": cmd_labels,
     "models": cmd_models,
 }
 

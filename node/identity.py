@@ -109,6 +109,14 @@ class SkipRule(StrEnum):
     NO_INSTANCES = "no_instances"
     NO_RULE = "no_routing_rule_matched"
     RETRIEVED_PRIOR = "retrieved_prior"
+    LABEL_SET = "label_set"  # a SEG from a department's viewer about a series here: labels, never a job
+
+
+class LabelKind(StrEnum):
+    """What a label set says of its series (node/service/queue/labels.py)."""
+
+    SEGMENTATION = "segmentation"  # a SEG's segments, drawn or corrected by a radiologist
+    CLASSIFICATION = "classification"  # a coded finding, e.g. from a CSV
 
 
 class RuntimeChoice(StrEnum):

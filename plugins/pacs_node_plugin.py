@@ -24,8 +24,8 @@ if _CFG.get("Src") and _CFG["Src"] not in sys.path:
 
 # the path above makes these importable
 from node.analysis.urgency import TriageRules, request_points  # noqa: E402
-from node.identity import NODE_NAME, ROUTED_MODALITIES, JobState, SkipRule  # noqa: E402
-from node.service.queue import JobQueue, to_json  # noqa: E402
+from node.identity import NODE_NAME, ROUTED_MODALITIES, JobState, LabelKind, SkipRule  # noqa: E402
+from node.service.queue import JobQueue, Label, to_json  # noqa: E402
 from node.service.routing import rule_matches  # noqa: E402
 
 # Never processed, whatever the rules say: non-images and the node's own outputs (no loops).
@@ -84,6 +84,40 @@ def decide(series):
     return False, SkipRule.NO_RULE, "%s series matches no routing rule" % (modality or "unknown")
 
 
+def label_sets_of(instances):
+    """The label sets a SEG series holds: each instance a viewer wrote (not the node) about a series
+    here, as ``Labels.add`` arguments: (series UID, kind, SOP Instance UID, calling AE, labels)."""
+    found = []
+    for instance in instances:
+        tags = _get(f"/instances/{instance}/tags?simplify")
+        if str(tags.get("Manufacturer", "")).strip() == NODE_NAME:
+            return []  # our own SEG sent back: not a radiologist's labels
+        here = [
+            uid
+            for uid in (r.get("SeriesInstanceUID") for r in tags.get("ReferencedSeriesSequence") or [])
+            if uid and any(x.get("Type") == "Series" for x in json.loads(orthanc.RestApiPost("/tools/lookup", uid)))
+        ]
+        if not here:
+            _info(f"instance {instance}: a SEG of no series here: not a label set")
+            continue
+        try:
+            sender = orthanc.RestApiGet(f"/instances/{instance}/metadata/RemoteAET").decode().strip()
+        except Exception:  # sent by STOW-RS or the REST API: no calling AE
+            sender = ""
+        labels = [
+            Label(str(seg.get("SegmentLabel", "")), _code(seg.get("SegmentedPropertyTypeCodeSequence")))
+            for seg in tags.get("SegmentSequence") or []
+        ]
+        found.append((here[0], LabelKind.SEGMENTATION, str(tags.get("SOPInstanceUID", instance)), sender, labels))
+    return found
+
+
+def _code(sequence):
+    """'SCT:10200004' of a simplified code sequence, or ''."""
+    item = (sequence or [{}])[0]
+    return f"{item['CodingSchemeDesignator']}:{item['CodeValue']}" if item.get("CodeValue") else ""
+
+
 def handle(series_id, picked_up=False):
     """One stable series -> a job, or a skip with its rule (one transaction, counted with it).
 
@@ -102,7 +136,10 @@ def handle(series_id, picked_up=False):
     eligible, skipped_by, reason = decide(series)
     how = "picked up" if picked_up else "stable"
     if not eligible:
-        _queue.intake.skip(series_id, fingerprint, _modality_label(modality), skipped_by)
+        label_sets = label_sets_of(instances) if modality == "SEG" else []
+        if label_sets:
+            skipped_by, reason = SkipRule.LABEL_SET, f"{len(label_sets)} label set(s), never a job"
+        _queue.intake.skip(series_id, fingerprint, _modality_label(modality), skipped_by, label_sets)
         _info(f"series {series_id} ({how}) skipped: {reason}")
         return
     submitted = _queue.intake.accept(
@@ -365,6 +402,15 @@ def rest_intake(output, uri, **request):
     _answer(output, _watermarks.state())
 
 
+def rest_labels(output, uri, **request):
+    """The label sets (``?series=UID``: that series'), newest last."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    series = (request.get("get") or {}).get("series")
+    _answer(output, [s.as_json() for s in _queue.labels.list(series)])
+
+
 def rest_destinations(output, uri, **request):
     if request["method"] != "GET":
         output.SendMethodNotAllowed("GET")
@@ -378,6 +424,7 @@ orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)", rest_job)
 orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)/retry", rest_retry)
 orthanc.RegisterRestCallback("/inference/destinations", rest_destinations)
 orthanc.RegisterRestCallback("/inference/intake", rest_intake)
+orthanc.RegisterRestCallback("/inference/labels", rest_labels)
 orthanc.RegisterIncomingCStoreInstanceFilter(filter_cstore)
 orthanc.RegisterIncomingHttpRequestFilter(filter_http)
 _info(f"plugin ready (queue {_CFG['Queue']}, {len(_rules)} routing rules)")

@@ -517,3 +517,49 @@ def test_postgresql_leases_pass_over_a_job_being_leased_and_wait_for_no_writer(p
     assert leased.id == 2
     assert submitted.reason.startswith("late instances") and submitted.job_id == 3  # ...and sees job 1 leased
     assert q.jobs.get(1).fingerprint == "0"
+
+
+def test_label_sets_are_kept_replaced_and_removed(q: JobQueue) -> None:
+    """A SEG's label set is recorded with the skip that stands for its series, once per source object
+    (sent again: replaced); label sets are listed per series and removed by ID."""
+    from node.identity import LabelKind, SkipRule
+    from node.service.queue import Label
+
+    aorta = [Label("Aorta", "SCT:15825003")]
+    q.intake.skip("seg1", "f", "SEG", SkipRule.LABEL_SET, [("1.2.3", LabelKind.SEGMENTATION, "9.9.1", "SLICER", aorta)])
+    assert q.intake.decided("seg1", "f")
+    q.labels.add("1.2.3", LabelKind.SEGMENTATION, "9.9.1", "SLICER2", [*aorta, Label("Liver")])  # the same SEG again
+    q.labels.add("1.2.4", LabelKind.CLASSIFICATION, "findings.csv", "cli", [Label("Lesion present", "SCT:52101004")])
+    (first,) = q.labels.list("1.2.3")
+    assert first.sender == "SLICER2" and [x.name for x in first.labels] == ["Aorta", "Liver"]
+    assert first.kind is LabelKind.SEGMENTATION
+    assert [s.series_uid for s in q.labels.list()] == ["1.2.3", "1.2.4"]
+    assert q.labels.remove(first.id) and not q.labels.remove(first.id)
+    assert [s.series_uid for s in q.labels.list()] == ["1.2.4"]
+    assert q.counters.stats().counters[("jobs", "skipped", "label_set")] == 1
+
+
+def test_labels_cli_adds_lists_and_removes(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from node.cli import EXIT_INPUT, EXIT_OK, main
+
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+    assert main(["labels", "list", "--config", str(cfg)]) == EXIT_INPUT
+    assert "the node has not run with this config" in capsys.readouterr().err
+    (tmp_path / "data").mkdir()
+    JobQueue(parse_config({"data_dir": str(tmp_path / "data")}).queue_location)  # as serve makes it
+    csv = tmp_path / "findings.csv"
+    csv.write_text("series_uid,label,code\n1.2.3,Lesion present,SCT:52101004\n1.2.4,Lesion absent,SCT:2667000\n")
+    assert main(["labels", "add", "--csv", str(csv), "--config", str(cfg)]) == EXIT_OK
+    assert main(["labels", "list", "--config", str(cfg), "--series", "1.2.4"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "2 label set(s)" in out and "1.2.4  classification  Lesion absent (SCT:2667000)  from cli" in out
+    assert "1.2.3  classification" not in out
+    assert main(["labels", "remove", "1", "--config", str(cfg)]) == EXIT_OK
+    assert main(["labels", "remove", "1", "--config", str(cfg)]) == EXIT_INPUT
+    assert "error: no label set 1" in capsys.readouterr().err
+    csv.write_text("series,label\n1.2.3,x\n")
+    assert main(["labels", "add", "--csv", str(csv), "--config", str(cfg)]) == EXIT_INPUT
+    assert "line 2: needs series_uid and label" in capsys.readouterr().err

@@ -238,6 +238,63 @@ def test_own_seg_sent_back_makes_no_job(node: Node, pacs: Pacs, tmp_path: Path) 
     assert all(v == 1 for v in pacs.counts(ct.study_uid).values())
 
 
+def _drawn_seg(source_files: list[Path], out: Path) -> Path:
+    """An Aorta drawn in a viewer (3D Slicer's manufacturer, a manual segment) on a series' images."""
+    import highdicom as hd
+    import numpy as np
+
+    sources = sorted((dcmread(f) for f in source_files), key=lambda d: float(d.ImagePositionPatient[2]))
+    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
+    mask[3:9, 40:52, 44:56] = True
+    aorta = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Aorta",
+        segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
+        segmented_property_type=hd.sr.CodedConcept("15825003", "SCT", "Aorta"),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )  # fmt: skip
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[aorta], series_instance_uid=hd.UID(), series_number=90, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="3D Slicer", manufacturer_model_name="Slicer", software_versions="5.6",
+        device_serial_number="1",
+    )  # fmt: skip
+    seg.save_as(out)
+    return out
+
+
+def test_a_radiologists_seg_becomes_a_label_set_never_a_job(node: Node, pacs: Pacs, tmp_path: Path) -> None:
+    """A SEG drawn in a viewer about a series the node has is a label set, with its sender, and never
+    a job; one about a series the node never received is neither; the node's own SEG sent back is neither."""
+    ct = phantom(tmp_path, 141)
+    node.store_scu(ct.files)
+    got = wait_outputs(pacs, ct.study_uid)
+    n_jobs = len(node.jobs())
+    drawn = _drawn_seg(ct.files, tmp_path / "drawn.dcm")
+    elsewhere = _drawn_seg(phantom(tmp_path, 142).files, tmp_path / "elsewhere.dcm")  # never sent
+    for seg, ae in ((drawn, "SLICER"), (elsewhere, "SLICER"), (got["seg"][0].path, "OTHERPACS")):
+        node.store_scu([seg], calling_ae=ae)
+        node.wait_stable(dcmread(seg).SeriesInstanceUID)
+    time.sleep(0.5)
+    assert len(node.jobs()) == n_jobs
+    sets = node.client.get_json("/inference/labels")
+    mine = [s for s in sets if s["series_uid"] == ct.series_uid]
+    assert len(mine) == 1, sets
+    (labels,) = mine
+    assert labels["kind"] == "segmentation" and labels["sender"] == "SLICER"
+    assert labels["source"] == dcmread(drawn).SOPInstanceUID
+    assert labels["labels"] == [{"name": "Aorta", "code": "SCT:15825003"}]
+    assert not [s for s in sets if s["source"] == dcmread(elsewhere).SOPInstanceUID]
+    assert node.client.get_json(f"/inference/labels?series={ct.series_uid}") == mine
+    # sent again (a corrected version with the same UID): replaced, not added
+    node.store_scu([drawn], calling_ae="SLICER2")
+    wait_for(
+        lambda: [s["sender"] for s in node.client.get_json(f"/inference/labels?series={ct.series_uid}")] == ["SLICER2"],
+        30, "the label set replaced",
+    )  # fmt: skip
+    _, metrics = node.get("/metrics")
+    assert 'pacs_node_jobs_total{outcome="skipped",rule="label_set"}' in metrics
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 def test_refused_series_fails_with_one_line_error(node: Node, tmp_path: Path) -> None:
     ct = phantom(tmp_path, 105, slices=6)

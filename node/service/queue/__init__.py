@@ -22,6 +22,7 @@ from pathlib import Path
 from node.service.queue.counters import Counter, Counters, QueueStats
 from node.service.queue.intake import Intake
 from node.service.queue.jobs import Job, Jobs, Submitted
+from node.service.queue.labels import Label, Labels, LabelSet
 from node.service.queue.outbox import Delivery, Outbox, Output, Route
 from node.service.queue.retrieved import RetrievedPriors
 from node.service.queue.store import Store
@@ -32,6 +33,8 @@ __all__ = [
     "Delivery",
     "Job",
     "JobQueue",
+    "Label",
+    "LabelSet",
     "Output",
     "QueueStats",
     "Route",
@@ -58,7 +61,8 @@ class JobQueue:
         self.outbox = Outbox(self.store)
         self.jobs = Jobs(self.store, self.outbox)
         self.counters = Counters(self.store)
-        self.intake = Intake(self.store, self.jobs)
+        self.labels = Labels(self.store)
+        self.intake = Intake(self.store, self.jobs, self.labels)
         self.retrieved = RetrievedPriors(self.store)
         self._wakers: dict[Channel, Waker] = {}  # opened at the first wait: the plugin never waits
 

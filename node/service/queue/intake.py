@@ -11,15 +11,17 @@ from __future__ import annotations
 from node.identity import JobEvent
 from node.service.queue.counters import Counter, bump
 from node.service.queue.jobs import Jobs, Submitted
+from node.service.queue.labels import Labels
 from node.service.queue.store import Store
 
 CHANGE_SEQ = "orthanc_change_seq"
 
 
 class Intake:
-    def __init__(self, store: Store, jobs: Jobs):
+    def __init__(self, store: Store, jobs: Jobs, labels: Labels):
         self.store = store
         self.jobs = jobs
+        self.labels = labels
 
     def decided(self, series_id: str, fingerprint: str) -> bool:
         """A job or a skip already stands for exactly these instances of the series."""
@@ -29,9 +31,12 @@ class Intake:
             or self.store.read("SELECT 1 FROM skipped WHERE series_id = ? AND fingerprint = ?", args)
         )
 
-    def skip(self, series_id: str, fingerprint: str, label: str, rule: str) -> None:
-        """``label``: the series' modality as a metric label (bounded, PHI-free)."""
+    def skip(self, series_id: str, fingerprint: str, label: str, rule: str, label_sets: tuple = ()) -> None:
+        """``label``: the series' modality as a metric label (bounded, PHI-free); ``label_sets``: the
+        :meth:`Labels.add` arguments of the label sets the series holds, recorded with the skip."""
         with self.store.tx() as db:
+            for args in label_sets:
+                self.labels.add_in(db, *args)
             db.execute(
                 "INSERT INTO skipped (series_id, fingerprint, rule, ts) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (series_id, fingerprint) DO UPDATE SET rule = excluded.rule, ts = excluded.ts",

@@ -105,6 +105,17 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- what radiologists say series show, to train heads on (labels.py): never jobs
+CREATE TABLE IF NOT EXISTS label_sets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,         -- the labelled series
+    kind TEXT NOT NULL,
+    source TEXT NOT NULL,             -- the SEG's SOP Instance UID, or the CSV's name
+    sender TEXT NOT NULL DEFAULT '',  -- the calling AE title, or cli
+    received REAL NOT NULL,
+    labels TEXT NOT NULL,             -- JSON: [{name, code}]
+    UNIQUE (series_uid, source)
+);
 -- monotonic counts for the metrics (durable: they survive restarts of Orthanc and the worker);
 -- labels are bounded enums or operator-chosen names (destinations), never patient data
 CREATE TABLE IF NOT EXISTS counters (

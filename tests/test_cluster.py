@@ -151,6 +151,15 @@ def test_ingest_and_worker_roles_share_one_queue(postgres, pacs, tmp_path) -> No
         assert sorted(pacs.counts(ct.study_uid).values()) == [1, 1, 1]
 
 
+def _resent_until_accepted(node: Node, files: list[Path], tries: int = 10) -> None:
+    for _ in range(tries - 1):
+        try:
+            return node.store_scu(files)
+        except AssertionError:  # a failure status: nothing was acknowledged
+            time.sleep(2)
+    node.store_scu(files)
+
+
 def _shared_index(postgres, tmp_path) -> dict:
     """The config keys of receivers sharing one Orthanc index and one storage folder."""
     if not Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so").exists():
@@ -241,13 +250,13 @@ def test_several_workers_on_one_host(postgres, pacs, tmp_path) -> None:
     assert '"ready": true' in ready
 
 
-def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_receiver_is_killed_and_postgresql_restarts(
+def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_worker_and_a_receiver_are_killed_and_postgresql_restarts(
     postgres, pacs, tmp_path
 ) -> None:
     """Two receivers on one Orthanc index, a worker host with three workers, two senders sending 20
-    series at once (two of them split across the receivers); one receiver's Orthanc is killed -9
-    mid-stream (its serve restarts it; the sender goes on to the other receiver), then PostgreSQL
-    (queue and index) restarts. Every series is one job, processed once, every output delivered
+    series at once (two of them split across the receivers); a worker is killed -9 mid-job, one
+    receiver's Orthanc is killed -9 mid-stream (its serve restarts it; the sender goes on to the
+    other receiver), then PostgreSQL (queue and index) restarts. Every series is one job, processed once, every output delivered
     once, and either receiver lists the same jobs."""
     import os
     import signal
@@ -289,6 +298,9 @@ def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_receiver_is_kille
         senders = [sender(first_sender), sender(second_sender)]
         for s in senders:
             s.start()
+        # a worker killed -9 mid-job: its serve gives the job back at once, another worker finishes it
+        running = wait_for(lambda: [j for j in r0.jobs() if j["state"] == "running"], 120, "a job running")[0]
+        os.kill(int(running["lease_owner"].rsplit(":", 1)[1]), signal.SIGKILL)
         for s in senders:
             s.join(300)
         # the queue's and the index's PostgreSQL restarts while series become stable and jobs run:
@@ -297,17 +309,20 @@ def test_a_cluster_under_load_loses_and_repeats_nothing_when_a_receiver_is_kille
         wait_for(lambda: r1.client.ready(), 60, "the killed receiver back")
         for ct in cts[18:]:  # split: half to each receiver
             files = sorted(ct.files)
-            r0.store_scu(files[: len(files) // 2])
-            r1.store_scu(files[len(files) // 2 :])
+            # as a modality does: what a receiver refused (its index reconnecting) is sent again
+            _resent_until_accepted(r0, files[: len(files) // 2])
+            _resent_until_accepted(r1, files[len(files) // 2 :])
         for ct in cts:
             r0.wait_job(ct.series_uid, ("done",), timeout=300)
         time.sleep(4)  # a late second job of any series would show now
         lists = [sorted((j["id"], j["series_id"], j["state"]) for j in r.jobs()) for r in (r0, r1)]
+        killed = r0.job(running["id"])
     finally:
         for n in (workers, r0, r1):
             n.stop()
     assert not errors, errors
     assert "orthanc killed by SIGKILL" in r1.log.read_text()
+    assert killed["state"] == "done" and any("killed by SIGKILL" in (h["detail"] or "") for h in killed["history"])
     assert lists[0] == lists[1]
     assert len(lists[0]) == 20 and {state for _, _, state in lists[0]} == {"done"}, lists[0]
     for ct in cts:

@@ -185,9 +185,14 @@ class Worker:
             self.start_metrics()  # before the model loads: /healthz answers, /readyz says "loading"
         self.pipeline  # noqa: B018  (load the model before taking a job)
         log.info("worker %s ready", self.owner)
+        interrupted = False  # a job the queue failed under: given back once it answers, not at lease expiry
         try:
             while not self._stop.is_set():
+                job = None
                 try:
+                    if interrupted:
+                        self.queue.jobs.release(self.owner, "the queue failed")
+                        interrupted = False
                     job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
                     if job is None:
                         self.queue.wait_for_work(self.cfg.worker.poll_s)  # NOTIFY on PostgreSQL, or poll_s
@@ -196,6 +201,7 @@ class Worker:
                 except (*self.queue.errors, OSError) as e:  # the queue unwritable (full disk, database down): wait
                     log.error("queue %s: %s: waiting %d s", self.queue.path, e, QUEUE_RETRY_S)
                     self.metrics.errors.labels("queue").inc()
+                    interrupted = interrupted or job is not None
                     self._stop.wait(QUEUE_RETRY_S)
         except Stopping:
             log.info("worker stopping")

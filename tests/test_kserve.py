@@ -22,8 +22,9 @@ from orthanc_fixture import Node, Pacs, free_port, orthanc_missing, wait_for
 from pydicom import dcmread
 
 from node.cli import EXIT_INPUT, EXIT_OK, main
+from node.model.engine_cache import file_sha256
 from node.model.manifest import MODELS_DIR, load_model
-from node.model.triton_repository import DIGEST_KEY, TritonBackend, export, sha256
+from node.model.triton_repository import DIGEST_KEY, TritonBackend, export
 from node.synthetic.dicom import Patient, write_axial_series
 from node.synthetic.phantom import Phantom
 
@@ -99,7 +100,7 @@ def test_export_writes_each_graph_and_the_ensemble_with_its_digest(tmp_path):
     ]  # fmt: skip
     backbone = (tmp_path / "phantom-fm__backbone" / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in backbone and "KIND_GPU" in backbone
-    assert f'"{DIGEST_KEY}" value {{ string_value: "{sha256(MODELS_DIR / "phantom-fm" / "backbone.onnx")}" }}' in backbone
+    assert f'"{DIGEST_KEY}" value {{ string_value: "{file_sha256(MODELS_DIR / "phantom-fm" / "backbone.onnx")}" }}' in backbone
     assert (tmp_path / "phantom-fm__backbone" / "1" / "model.onnx").read_bytes() == (
         MODELS_DIR / "phantom-fm" / "backbone.onnx"
     ).read_bytes()

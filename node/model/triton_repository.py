@@ -19,7 +19,6 @@ Every model's config carries the SHA-256 of its graph (parameter ``pacs_node_gra
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +27,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from node.errors import ModelError
+from node.model.engine_cache import file_sha256
 from node.model.manifest import ModelSpec
 
 DIGEST_KEY = "pacs_node_graph_sha256"
@@ -99,14 +99,6 @@ def ensemble_outputs(model: ModelSpec) -> tuple[list[str], list[str]]:
     return slice_heads, [o for o in model.backbone.outputs if o in wanted]
 
 
-def sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export(
     model: ModelSpec, out: Path, backend: TritonBackend = TritonBackend.ONNXRUNTIME, gpu: bool = True
 ) -> list[str]:
@@ -133,7 +125,7 @@ def export(
                 _list("input", [t.pbtxt() for t in graph.inputs]),
                 _list("output", [t.pbtxt() for t in graph.outputs]),
                 f"instance_group [ {{ kind: {kind} count: 1 }} ]",
-                _parameters({DIGEST_KEY: sha256(graph.file), "pacs_node_model": f"{model.name} {model.version}"}),
+                _parameters({DIGEST_KEY: file_sha256(graph.file), "pacs_node_model": f"{model.name} {model.version}"}),
             ]) + "\n"
         )  # fmt: skip
         written.append(name)

@@ -25,7 +25,6 @@ failed import leaves nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -36,6 +35,7 @@ import numpy as np
 import yaml
 
 from node.errors import ModelError
+from node.model.engine_cache import file_sha256
 from node.model.importers import staged_model_folder
 from node.model.importers.heads import SEGMENTATION, OwnHead, read_own_head
 
@@ -318,14 +318,6 @@ def export_own_head(head: OwnHead, out: Path, hidden: int, patch: int, size: int
         export_program(module, args, out.with_suffix(".pt2"), {k: {0: n} for k in names})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def import_huggingface(
     src: Path,
     out: Path,
@@ -393,7 +385,7 @@ def import_huggingface(
         provenance = {
             "source": str(src.resolve()),
             "format": config["model_type"],
-            "files": {p.name: _sha256(p) for p in (src / "model.safetensors", src / "config.json")},
+            "files": {p.name: file_sha256(p) for p in (src / "model.safetensors", src / "config.json")},
             "heads": {h.name: str(Path(p).resolve()) for h, p in zip(imported, heads, strict=True)},
             "preprocessor_config": processor,
         }

@@ -29,8 +29,9 @@ from pathlib import Path
 import yaml
 
 from node.errors import ModelError
+from node.model.engine_cache import file_sha256
 from node.model.importers import staged_model_folder
-from node.model.importers.huggingface import OPSET, _read_json, _sha256, read_codes
+from node.model.importers.huggingface import OPSET, _read_json, read_codes
 from node.model.importers.nnunet import _head_name, label_manifest, totalsegmentator_codes
 from node.model.manifest import axes_valid
 
@@ -466,7 +467,7 @@ def import_monai_bundle(
         provenance = {
             "format": "monai-bundle",
             "path": str(bundle.src.resolve()),
-            "files": {str(p.relative_to(src)): _sha256(p) for p in (*files, bundle.weights)},
+            "files": {str(p.relative_to(src)): file_sha256(p) for p in (*files, bundle.weights)},
         }
         (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
     return out

@@ -34,8 +34,9 @@ from pathlib import Path
 import yaml
 
 from node.errors import ModelError
+from node.model.engine_cache import file_sha256
 from node.model.importers import staged_model_folder
-from node.model.importers.huggingface import LOCAL_SCHEME, OPSET, _read_json, _sha256, read_codes
+from node.model.importers.huggingface import LOCAL_SCHEME, OPSET, _read_json, read_codes
 from node.model.manifest import axes_valid
 
 CODES_DIR = Path(__file__).resolve().parents[3] / "models" / "codes"
@@ -355,7 +356,7 @@ def import_nnunet(
                     "path": str(n.src.resolve()),
                     "folds": list(n.folds),
                     "files": {
-                        str(p.relative_to(n.src)): _sha256(p)
+                        str(p.relative_to(n.src)): file_sha256(p)
                         for p in (
                             n.src / "plans.json",
                             n.src / "dataset.json",

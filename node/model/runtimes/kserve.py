@@ -21,9 +21,10 @@ import importlib.util
 import numpy as np
 
 from node.errors import ModelError, ServiceUnavailable
+from node.model.engine_cache import file_sha256
 from node.model.manifest import HeadSpec, ModelSpec
 from node.model.runtimes import BatchOutput, Runtime
-from node.model.triton_repository import DIGEST_KEY, ensemble_outputs, sha256, triton_names
+from node.model.triton_repository import DIGEST_KEY, ensemble_outputs, triton_names
 from node.timing import Stopwatch
 
 _NUMPY = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16", np.dtype(np.int64): "INT64"}
@@ -119,7 +120,7 @@ class KServeRuntime(Runtime):
             served = (
                 config.get("config", config).get("parameters", {}).get(DIGEST_KEY, {}).get("string_value")
             )
-            if served != sha256(self.model.graph(graph)):
+            if served != file_sha256(self.model.graph(graph)):
                 raise ServiceUnavailable(
                     f"kserve server {self.url}: model {name} is not built from {self.model.graph(graph)}"
                     " (another version?): write the repository again with `pacs-node models export-triton`"

@@ -9,8 +9,8 @@ by the worker's ``info`` metric). Reduced precisions (FP16/BF16) pass the numeri
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-from node.config import KServeConfig
 from node.errors import ModelError
 from node.model import gate
 from node.model.manifest import ModelSpec
@@ -18,12 +18,19 @@ from node.model.runtimes import PRECISIONS, RUNTIMES, Runtime, Selection
 
 log = logging.getLogger(__name__)
 
+
+class RemoteServer(Protocol):
+    """Where ``runtime: kserve`` sends its batches (the config's ``kserve``)."""
+
+    url: str  # grpc://host:port or http://host:port
+    timeout_s: float
+
 # auto's order: backend-device candidates, best first
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
 
 
 def select_runtime(
-    model: ModelSpec, requested: str = "auto", precision: str = "auto", kserve: KServeConfig | None = None
+    model: ModelSpec, requested: str = "auto", precision: str = "auto", kserve: RemoteServer | None = None
 ) -> tuple[Runtime, str]:
     """The runtime to use and a one-line reason. ``auto`` takes the best one that works here;
     ``kserve`` (never picked by ``auto``) sends the batches to the server ``kserve`` names.
@@ -60,7 +67,7 @@ def select_runtime(
     return rt, why
 
 
-def _remote(model: ModelSpec, precision: str, kserve: KServeConfig | None) -> Runtime:
+def _remote(model: ModelSpec, precision: str, kserve: RemoteServer | None) -> Runtime:
     from node.model.runtimes.kserve import KServeRuntime
 
     if kserve is None:

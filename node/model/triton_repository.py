@@ -109,10 +109,7 @@ def export(
     written = []
     for file, name in names.items():
         graph = graphs[file]
-        folder = out / name
-        if folder.exists():
-            shutil.rmtree(folder)
-        (folder / "1").mkdir(parents=True)
+        folder = _fresh(out / name)
         shutil.copyfile(graph.file, folder / "1" / "model.onnx")
         if backend is TritonBackend.PYTHON:
             (folder / "1" / "model.py").write_text(PYTHON_MODEL)
@@ -130,12 +127,11 @@ def export(
         )  # fmt: skip
         written.append(name)
     if model.backbone is not None:
-        written.append(_ensemble(model, graphs, out))
+        written.append(_ensemble(model, names, graphs, out))
     return written
 
 
-def _ensemble(model: ModelSpec, graphs: dict[str, Graph], out: Path) -> str:
-    names = triton_names(model)
+def _ensemble(model: ModelSpec, names: dict[str, str], graphs: dict[str, Graph], out: Path) -> str:
     backbone = graphs[model.backbone.graph]
     by_name = {t.name: t for t in backbone.outputs}
     slice_heads, features = ensemble_outputs(model)
@@ -152,10 +148,7 @@ def _ensemble(model: ModelSpec, graphs: dict[str, Graph], out: Path) -> str:
         for h in heads
     ]
     image = next(t for t in backbone.inputs if t.name == "image")
-    folder = out / model.name
-    if folder.exists():
-        shutil.rmtree(folder)
-    (folder / "1").mkdir(parents=True)  # an ensemble's version folder is empty, but must exist
+    folder = _fresh(out / model.name)  # an ensemble's version folder stays empty, but must exist
     (folder / "config.pbtxt").write_text(
         "\n".join([
             f'name: "{model.name}"',
@@ -168,6 +161,14 @@ def _ensemble(model: ModelSpec, graphs: dict[str, Graph], out: Path) -> str:
         ]) + "\n"
     )  # fmt: skip
     return model.name
+
+
+def _fresh(folder: Path) -> Path:
+    """A Triton model's folder, emptied, with its version folder ``1``."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "1").mkdir(parents=True)
+    return folder
 
 
 def _only(graph: Graph, head: str) -> tuple[str, tuple[int, ...]]:

@@ -57,7 +57,7 @@ class KServeRuntime(Runtime):
                 address, connection_timeout=timeout_s, network_timeout=timeout_s
             )
             self._timeout, self._json = {}, {}
-        self.url, self.timeout_s = url, timeout_s
+        self.url = url
         self.name, self.device = f"kserve-{protocol}", address
         self._names = triton_names(model)
         self._slice_outputs, self._features = ensemble_outputs(model) if model.backbone else ([], [])

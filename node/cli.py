@@ -137,6 +137,43 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lp.add_argument("id", type=int, help="the label set's ID (labels list)")
 
+    heads = sub.add_parser(
+        "heads", help="heads learned from the department's labels: train, status, activate, shadow, rollback"
+    )
+    hsub = heads.add_subparsers(dest="heads_command", required=True)
+    for name, text in (
+        ("train", "train a new version of a head from the label sets (needs the train extra)"),
+        ("status", "each learned head's versions: active, shadow, cross-validated quality"),
+        ("activate", "judge a version on the golden set and activate it if it passes"),
+        ("shadow", "run a version on every series without sending its results (no version: stop)"),
+        ("rollback", "back to the version active before"),
+        ("calibrate", "calibrate a classification head on fresh phantoms (temperature or isotonic)"),
+    ):
+        hp = hsub.add_parser(name, help=text)
+        hp.add_argument("--model", required=True, type=Path, help="the model folder (its heads/ folder changes)")
+        if name == "status":
+            hp.add_argument("--json", action="store_true", help="as JSON (GET /inference/heads)")
+            continue
+        hp.add_argument("head", help="the head's name, e.g. aorta")
+        if name in ("train", "activate"):
+            hp.add_argument("--config", type=Path, help="node config (YAML): queue, Orthanc, learning")
+        if name == "train":
+            hp.add_argument("--kind", choices=["segmentation", "classification"], default="segmentation")
+            hp.add_argument(
+                "--label", required=True,
+                help="segmentation: the segment label to learn (Aorta); classification: the positive class "
+                "(a CSV label), every other label of the same label sets negative",
+            )  # fmt: skip
+            hp.add_argument("--code", default="", help="its coded concept (the finding), e.g. SCT:15825003")
+            hp.add_argument("--sender", help="only label sets from this calling AE title")
+            hp.add_argument("--steps", type=int, default=300)
+            hp.add_argument("--folds", type=int, default=3, help="k-fold cross-validation over series")
+        elif name in ("activate", "shadow"):
+            hp.add_argument("version", nargs="?" if name == "shadow" else None, help="the version (heads status)")
+        elif name == "calibrate":
+            hp.add_argument("--series", type=int, default=40, help="fresh phantom series to fit on")
+            hp.add_argument("--kind", choices=["temperature", "isotonic"], default="temperature")
+
     serve = sub.add_parser("serve", help="run the node: Orthanc with the plugin, and the worker (foreground)")
     serve.add_argument("--config", type=Path, help="node config (YAML); default: the embedded default")
     serve.add_argument(
@@ -217,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         " Triton's Python backend, for a Triton without the onnxruntime backend",
     )
     tx.add_argument("--cpu", action="store_true", help="instances on the CPU (default: the GPU)")
+    dr = msub.add_parser(
+        "drift-reference", help="write the model's drift.json: its signals on fresh phantom series (drift watch)"
+    )
+    dr.add_argument("model", type=Path, help="the model folder")
+    dr.add_argument("--series", type=int, default=24)
+    dr.add_argument("--seed", type=int, default=7000)
     ev = msub.add_parser("evaluate", help="measure a model on freshly generated held-out phantoms")
     ev.add_argument("--model", default="phantom-fm")
     ev.add_argument("--cases", type=int, default=8)
@@ -537,6 +580,50 @@ def cmd_labels(args) -> int:
     return EXIT_OK
 
 
+def cmd_heads(args) -> int:
+    import json
+    from dataclasses import asdict
+
+    from node.config import ConfigError, load_config
+    from node.learn import manage
+    from node.model import head_versions
+    from node.model.manifest import load_model
+
+    folder = load_model(args.model).path  # a model's name, or its folder
+    if args.heads_command == "status":
+        found = manage.status(folder)
+        if args.json:
+            print(json.dumps([asdict(h) for h in found]))
+        else:
+            print("\n".join(h.line() for h in found) or f"{args.model}: no learned heads")
+        return EXIT_OK
+    if args.heads_command == "rollback":
+        s = head_versions.rollback(folder, args.head)
+        print(f"head {args.head}: version {s.active} active" if s.active else f"head {args.head}: switched off")
+        return EXIT_OK
+    if args.heads_command == "calibrate":
+        from node.learn.calibrate_shipped import calibrate_head
+
+        r = calibrate_head(folder, args.head, n_series=args.series, kind=args.kind)
+        print(f"head {args.head}: {args.kind} calibration, ECE {r.ece_before:.3f} -> {r.ece_after:.3f} on {r.n} series")
+        return EXIT_OK
+    if args.heads_command == "shadow":
+        head_versions.shadow(folder, args.head, args.version)
+        print(f"head {args.head}: " + (f"version {args.version} in shadow (computed, never sent)" if args.version else "no shadow"))
+        return EXIT_OK
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    if args.heads_command == "train":
+        t = manage.train(cfg, folder, args.head, args.kind, args.label, args.code, args.sender, args.steps, args.folds)
+        print(f"head {args.head}: {t.line()}; pacs-node heads activate to judge it on the golden set")
+        return EXIT_OK
+    verdict = manage.activate(cfg, folder, args.head, args.version)
+    print(f"head {args.head}: {verdict.line()}")
+    return EXIT_OK if verdict.passed else EXIT_INPUT
+
+
 def cmd_models(args) -> int:
     if args.models_command == "train":
         from node.model.manifest import MODELS_DIR
@@ -623,6 +710,11 @@ def cmd_models(args) -> int:
         print(f"wrote {', '.join(names)} into {args.out} ({args.backend} backend)")
         print(f"next: tritonserver --model-repository {args.out}, then runtime: kserve with kserve: {{url: grpc://HOST:8001}}")
         return EXIT_OK
+    if args.models_command == "drift-reference":
+        from node.tools.drift_reference import make_reference
+
+        print(f"wrote {make_reference(args.model, args.series, args.seed)}")
+        return EXIT_OK
     if args.models_command == "build":
         from node.model.runtimes.tensorrt import build_model
 
@@ -647,6 +739,7 @@ _COMMANDS = {
     "render": cmd_render,
     "serve": cmd_serve,
     "labels": cmd_labels,
+    "heads": cmd_heads,
     "models": cmd_models,
 }
 

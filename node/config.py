@@ -176,6 +176,19 @@ class KServeConfig(_Strict):
     timeout_s: float = Field(default=120.0, gt=0)  # one request (a batch of slices, a 3D patch)
 
 
+class LearningConfig(_Strict):
+    """Heads trained on the department's labels (``pacs-node heads``): the feature cache the worker
+    fills, and the gate a new head version must pass."""
+
+    feature_cache: bool = True  # keep each processed series' backbone features (data_dir/features)
+    feature_cache_gb: float = Field(default=5.0, gt=0)  # least recently used entries go above it
+    golden: list[str] = []  # Series Instance UIDs of labelled series the gate judges on; never trained on
+    tolerance: float = Field(default=0.02, ge=0, le=1)  # how much worse than the active version a metric may be
+    # what a head's first version must reach on the golden set: segmentation, classification
+    min_dice: float = Field(default=0.5, ge=0, le=1)
+    min_auc: float = Field(default=0.7, ge=0, le=1)
+
+
 class DeliveryConfig(_Strict):
     backoff_s: float = Field(default=5.0, gt=0)  # first retry; doubles each time up to backoff_max_s
     backoff_max_s: float = Field(default=300.0, gt=0)
@@ -222,6 +235,7 @@ class NodeConfig(_Strict):
     kserve: KServeConfig | None = None  # where ``runtime: kserve`` sends its batches
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    learning: LearningConfig = LearningConfig()
     disk: DiskConfig = DiskConfig()
     restart: RestartConfig = RestartConfig()
     orthanc_binary: Path = Path("/usr/sbin/Orthanc")

@@ -27,6 +27,7 @@ from node.errors import InputError, ModelError, ServiceUnavailable
 from node.identity import ModelRun, OutputKind, Stage
 from node.ingest.series import SourceSeries
 from node.ingest.volume import SeriesVolume, load_volume
+from node.model.feature_cache import KEPT, FeatureCache
 from node.model.inference import predict
 from node.model.manifest import ModelSpec
 from node.model.runtimes import Runtime
@@ -108,15 +109,24 @@ class Engine:
 class Pipeline:
     """Holds the loaded models and their runtimes; processes one series at a time."""
 
-    def __init__(self, model: ModelSpec, runtime: Runtime, triage: TriageRules | None = None):
+    def __init__(
+        self, model: ModelSpec, runtime: Runtime, triage: TriageRules | None = None, features: FeatureCache | None = None
+    ):
         self.engines = [Engine(model, runtime)]
         self.triage = triage or TriageRules()
+        self.features = features  # where each series' backbone features are kept, to train heads on
+        if features is not None:
+            runtime.keep(*KEPT, max_bytes=features.max_entry_bytes)
 
     @classmethod
-    def of(cls, engines: Sequence[Engine], triage: TriageRules | None = None) -> Pipeline:
+    def of(
+        cls, engines: Sequence[Engine], triage: TriageRules | None = None, features: FeatureCache | None = None
+    ) -> Pipeline:
         """Several models: a series goes through those :meth:`process` is given (all by default)."""
-        pipeline = cls(engines[0].model, engines[0].runtime, triage)
+        pipeline = cls(engines[0].model, engines[0].runtime, triage, features)
         pipeline.engines = list(engines)
+        for e in pipeline.engines if features is not None else ():
+            e.runtime.keep(*KEPT, max_bytes=features.max_entry_bytes)
         return pipeline
 
     @property
@@ -165,7 +175,7 @@ class Pipeline:
         parts, first_error = [], None
         for engine in engines:
             try:
-                parts.append(self._infer(engine, volume, clock, progress, len(engines)))
+                parts.append(self._infer(engine, volume, clock, progress, len(engines), self.features))
                 result.models.append(ModelRun(engine.key))
             except Exception as e:
                 if len(engines) == 1 or isinstance(e, ServiceUnavailable):
@@ -211,14 +221,22 @@ class Pipeline:
 
     @staticmethod
     def _infer(
-        engine: Engine, volume: SeriesVolume, clock: Stopwatch, progress: Callable[[int], None] | None, n: int
+        engine: Engine,
+        volume: SeriesVolume,
+        clock: Stopwatch,
+        progress: Callable[[int], None] | None,
+        n: int,
+        features: FeatureCache | None = None,
     ) -> Findings:
-        """One model's findings on the volume (the caller names the model of any error)."""
+        """One model's findings on the volume (the caller names the model of any error); its backbone
+        features into ``features``, where kept."""
         model = engine.model
         if volume.modality.upper() not in {m.upper() for m in model.modalities}:
             raise InputError(f"it takes {', '.join(model.modalities)}, not {volume.modality}")
         share = (lambda k: progress(k / n)) if progress and n > 1 else progress  # one bar for all models
         prediction = predict(volume, model, engine.runtime, clock, share)
+        if features is not None and prediction.features is not None:
+            features.put(model.name, model.base_version, volume.series_uid, prediction.features)
         with clock(Stage.MEASURE):
             return to_findings(volume, model, prediction, engine.runtime.name)
 

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -411,6 +412,55 @@ def rest_labels(output, uri, **request):
     _answer(output, [s.as_json() for s in _queue.labels.list(series)])
 
 
+def _heads(*args, timeout=900):
+    """``pacs-node heads ARGS`` as the node's own Python runs it: (exit status, its output's last line)."""
+    cfg = _CFG.get("Heads") or {}
+    command = [*cfg["Command"], *args]
+    if cfg.get("Config") and args[0] == "activate":
+        command += ["--config", cfg["Config"]]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    return r.returncode, lines[-1] if lines else ""
+
+
+def rest_heads(output, uri, **request):
+    """Each model's learned heads: versions, cross-validated Dice, the active and the shadow version."""
+    if request["method"] != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    found = []
+    for model, folder in ((_CFG.get("Heads") or {}).get("Models") or {}).items():
+        code, line = _heads("status", "--model", folder, "--json", timeout=60)
+        found.append({"model": model, "heads": json.loads(line) if code == 0 else [], "error": None if code == 0 else line})
+    _answer(output, found)
+
+
+def rest_head_action(output, uri, **request):
+    """POST /inference/heads/<head>/activate|shadow|rollback, body {"version": "2", "model": "..."}
+    (model: needed only where several are configured): what ``pacs-node heads`` answers, on one line."""
+    if request["method"] != "POST":
+        output.SendMethodNotAllowed("POST")
+        return
+    head, action = request["groups"]
+    try:
+        body = json.loads(request.get("body") or b"{}") or {}
+    except ValueError:
+        _answer(output, {"error": "the body is not JSON"}, 400)
+        return
+    models = (_CFG.get("Heads") or {}).get("Models") or {}
+    model = body.get("model") or (next(iter(models)) if len(models) == 1 else None)
+    if model not in models:
+        _answer(output, {"error": f"name the model: one of {', '.join(models)}"}, 400)
+        return
+    version = [str(body["version"])] if body.get("version") is not None and action != "rollback" else []
+    if action == "activate" and not version:
+        _answer(output, {"error": "activate needs a version"}, 400)
+        return
+    code, line = _heads(action, head, *version, "--model", models[model])
+    _warn(f"head {head} of model {model}: {action} {' '.join(version)} by operator: {line}")
+    _answer(output, {"ok": code == 0, "message": line}, 200 if code == 0 else 409)
+
+
 def rest_destinations(output, uri, **request):
     if request["method"] != "GET":
         output.SendMethodNotAllowed("GET")
@@ -425,6 +475,8 @@ orthanc.RegisterRestCallback("/inference/jobs/([0-9]+)/retry", rest_retry)
 orthanc.RegisterRestCallback("/inference/destinations", rest_destinations)
 orthanc.RegisterRestCallback("/inference/intake", rest_intake)
 orthanc.RegisterRestCallback("/inference/labels", rest_labels)
+orthanc.RegisterRestCallback("/inference/heads", rest_heads)
+orthanc.RegisterRestCallback("/inference/heads/([^/]+)/(activate|shadow|rollback)", rest_head_action)
 orthanc.RegisterIncomingCStoreInstanceFilter(filter_cstore)
 orthanc.RegisterIncomingHttpRequestFilter(filter_http)
 _info(f"plugin ready (queue {_CFG['Queue']}, {len(_rules)} routing rules)")

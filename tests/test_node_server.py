@@ -14,10 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from orthanc_fixture import Node, Pacs, QrScp, free_port, orthanc_missing, wait_for
-from phantoms import confident_lesion_ct
+from phantoms import aorta_drawn_in_slicer, confident_lesion_ct
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -239,27 +240,12 @@ def test_own_seg_sent_back_makes_no_job(node: Node, pacs: Pacs, tmp_path: Path) 
 
 
 def _drawn_seg(source_files: list[Path], out: Path) -> Path:
-    """An Aorta drawn in a viewer (3D Slicer's manufacturer, a manual segment) on a series' images."""
-    import highdicom as hd
-    import numpy as np
-
-    sources = sorted((dcmread(f) for f in source_files), key=lambda d: float(d.ImagePositionPatient[2]))
-    mask = np.zeros((len(sources), sources[0].Rows, sources[0].Columns), bool)
+    """A small box called Aorta, drawn on the series' images (sorted feet to head)."""
+    files = sorted(source_files, key=lambda f: float(dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))
+    rows, cols = (int(v) for v in (dcmread(files[0], stop_before_pixels=True)[k].value for k in ("Rows", "Columns")))
+    mask = np.zeros((len(files), rows, cols), bool)
     mask[3:9, 40:52, 44:56] = True
-    aorta = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Aorta",
-        segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
-        segmented_property_type=hd.sr.CodedConcept("15825003", "SCT", "Aorta"),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-    )  # fmt: skip
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[aorta], series_instance_uid=hd.UID(), series_number=90, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="3D Slicer", manufacturer_model_name="Slicer", software_versions="5.6",
-        device_serial_number="1",
-    )  # fmt: skip
-    seg.save_as(out)
-    return out
+    return aorta_drawn_in_slicer(files, mask, out)
 
 
 def test_a_radiologists_seg_becomes_a_label_set_never_a_job(node: Node, pacs: Pacs, tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_an_idle_worker_takes_a_job_at_once_despite_a_long_poll(url: str, tmp_pa
     cfg = parse_config(
         {"data_dir": str(tmp_path), "queue_url": url, "metrics_port": 0, "worker": {"poll_s": 30}}
     )
-    model = SimpleNamespace(name="stub", version="0")
+    model = SimpleNamespace(name="stub", version="0", path=tmp_path, heads=())
     runtime = SimpleNamespace(name="none", device="cpu", precision=None)
     worker = Worker(cfg, pipeline=Pipeline(model, runtime))  # a stub model: it runs no job here
     taken: list[tuple[Job, float]] = []

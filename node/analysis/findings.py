@@ -176,6 +176,9 @@ class Findings:
     discrepancies: list[Discrepancy] = field(default_factory=list)  # report statements the image contradicts
     # P(lesion) x 255 on the volume grid (uint8), the evidence behind every lesion: a Parametric Map
     lesion_probability: np.ndarray | None = None
+    # a head version in shadow (never written): its agreement with the active version (Dice over the
+    # labels, or 1 - |p - p'| for a classification), by (model name, head name)
+    shadow_agreement: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @property
     def lesions(self) -> list[Segment]:

@@ -9,6 +9,7 @@ from node.analysis.findings import BoxMask, Classification, Concept, Findings, M
 from node.analysis.measure import measure
 from node.errors import ModelError
 from node.ingest.volume import SeriesVolume
+from node.model.head_versions import SHADOW_SUFFIX
 from node.model.inference import Prediction
 from node.model.manifest import Code, HeadSpec, ModelSpec
 
@@ -38,8 +39,9 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
     segments: list[Segment] = []
     voxel_mm3 = float(np.prod(series.volume.spacing))
     for head in model.heads:
-        if head.kind != "segmentation" or "seg" not in head.outputs:
+        if head.kind != "segmentation" or "seg" not in head.outputs or head.shadow:
             continue
+        made_by = head_ref(model, head, runtime)
         labels, conf = prediction.labels[head.name], prediction.confidence[head.name]
         boxes = ndimage.find_objects(labels)  # one bounding box per class: work on crops, not whole volumes
         for label in head.labels:
@@ -67,6 +69,7 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                     modifier=_concept(label.modifier) if label.modifier else None,
                     mask=BoxMask(labels.shape, where, m),
                     probability=round(float(conf[where][m].mean()) / 255, 3),
+                    model=made_by,
                 )
                 measure(seg, series)
                 segments.append(seg)
@@ -79,9 +82,12 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         h = lesion_heads[0].name
         conf = prediction.confidence[h]
         probability = np.where(prediction.labels[h] > 0, conf, 255 - conf).astype(np.uint8)
-    classifications = [
-        classification(h, prediction.probabilities[h.name]) for h in model.heads if h.kind == "classification"
-    ]
+    classifications = []
+    for h in model.heads:
+        if h.kind == "classification" and not h.shadow:
+            c = classification(h, prediction.probabilities[h.name])
+            c.model = head_ref(model, h, runtime)
+            classifications.append(c)
     return Findings(
         series=series,
         model=ModelRef(model.name, model.version, runtime),
@@ -89,7 +95,33 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
         classifications=classifications,
         notes=[*series.notes, *prediction.notes],
         lesion_probability=probability,
+        shadow_agreement=shadow_agreement(model, prediction),
     )
+
+
+def head_ref(model: ModelSpec, head: HeadSpec, runtime: str) -> ModelRef | None:
+    """What a learned head's outputs name as their algorithm: the model and the head, and the head's
+    version (``phantom-fm aorta``, ``3``); None for a shipped head (the model names it)."""
+    return ModelRef(f"{model.name} {head.name}"[:64], head.version, runtime) if head.version else None
+
+
+def shadow_agreement(model: ModelSpec, prediction: Prediction) -> dict[tuple[str, str], float]:
+    """Each shadow version against the active version of its head, on this series: Dice over the
+    foreground labels (1 where both find nothing), or 1 - |p - p'| for a classification."""
+    out = {}
+    heads = {h.name: h for h in model.heads}
+    for h in model.heads:
+        active = heads.get(h.name.removesuffix(SHADOW_SUFFIX)) if h.shadow else None
+        if active is None:
+            continue
+        if h.kind == "classification":
+            p, q = prediction.probabilities[h.name], prediction.probabilities[active.name]
+            out[model.name, active.name] = round(1.0 - float(np.abs(p - q).max()), 4)
+        else:
+            a, b = prediction.labels[h.name], prediction.labels[active.name]
+            both, total = float(np.sum((a == b) & (a > 0))), float(np.sum(a > 0) + np.sum(b > 0))
+            out[model.name, active.name] = round(2 * both / total, 4) if total else 1.0
+    return out
 
 
 def classification(head: HeadSpec, probs: np.ndarray) -> Classification:
@@ -162,4 +194,5 @@ def merge(parts: list[Findings]) -> Findings:
         classifications=classifications,
         notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
         lesion_probability=probabilities[0] if probabilities else None,
+        shadow_agreement={k: v for p in parts for k, v in p.shadow_agreement.items()},
     )

@@ -17,6 +17,7 @@ import numpy as np
 
 from node.identity import Stage
 from node.ingest.volume import SeriesVolume
+from node.model.feature_cache import KEPT, SeriesFeatures
 from node.model.manifest import HeadSpec, ModelSpec
 from node.model.preprocess import (
     PLANES,
@@ -43,6 +44,7 @@ class Prediction:
     probabilities: dict[str, np.ndarray]
     model_spacing_mm: float = 0.0  # in-plane pixel size the model saw
     notes: list[str] = field(default_factory=list)
+    features: SeriesFeatures | None = None  # when the runtime keeps them (Runtime.keep): for the cache
 
 
 def predict(
@@ -73,6 +75,7 @@ def predict(
     whole = sorted({i for h in runtime.series_heads if not h.reads for i in h.inputs})
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in whole}
     per_slice: dict[str, list[np.ndarray]] = {h.name: [] for h in runtime.series_heads if h.reads}
+    kept = {k: [] for k in KEPT} if set(KEPT) <= set(runtime.series_inputs) else None  # for the feature cache
     batches = [slice(s, min(n, s + model.backbone.batch)) for s in range(0, n, model.backbone.batch)]
     prep_clock = Stopwatch()
 
@@ -94,6 +97,15 @@ def predict(
             out = runtime.infer(x, clock)
         for k in whole:
             pooled[k].append(out.features[k])
+        if kept is not None:
+            per_slice_bytes = 2 * sum(out.features[k][0].size for k in KEPT if k in out.features)  # float16
+            if not set(KEPT) <= set(out.features):
+                kept = None  # a runtime that does not return them (a remote server's ensemble)
+            elif runtime.keep_bytes is not None and n * per_slice_bytes > runtime.keep_bytes:
+                kept = None  # too large to keep (a long series of a big backbone): computed again if needed
+            else:
+                for k in KEPT:
+                    kept[k].append(np.asarray(out.features[k], np.float16))
         for h in runtime.series_heads:
             if h.reads == "slices":
                 with clock(Stage.INFERENCE), clock.part(f"head_{h.name}"):
@@ -121,13 +133,16 @@ def predict(
                     probabilities[h.name] = runtime.classify(h, {"features": pooled_h})
                 else:
                     probabilities[h.name] = runtime.classify(h, features)
+                if h.calibration:  # the probability the SR states is the calibrated one
+                    probabilities[h.name] = h.calibration.apply(probabilities[h.name])
     with clock(Stage.POSTPROCESS):
         src = series.volume
         back = np.argsort(axes)  # the model's plane back to the canonical axes
         labels = {k: labels_to_source(v.transpose(back), canonical, src) for k, v in labels.items()}
         conf = {k: labels_to_source(v.transpose(back), canonical, src) for k, v in conf.items()}
     notes = [] if is_axis_aligned(src) else ["oblique acquisition resampled to an axial grid for inference"]
-    return Prediction(labels, conf, probabilities, plane.model_spacing, notes)
+    to_cache = SeriesFeatures(*(np.concatenate(kept[k]) for k in KEPT)) if kept and n else None
+    return Prediction(labels, conf, probabilities, plane.model_spacing, notes, to_cache)
 
 
 def predict_volume(

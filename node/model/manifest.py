@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node.errors import ModelError
+from node.model.calibration import Calibration
+from node.model.head_versions import learned_entries
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"  # the repository's models/
 DEFAULT_MODEL = "phantom-fm"
@@ -243,12 +245,17 @@ class HeadSpec(_Strict):
     negative: Code | None = None
     classes: tuple[ClassLabel, ...] = ()
     threshold: float = Field(0.5, gt=0, lt=1)
+    calibration: Calibration | None = Field(None, description="classification: raw output -> stated probability")
     # what a classification head reads of each slice: ``cls`` / ``cls_meanpatch``, the CLS token (and
     # the mean patch token beside it, as transformers' Dinov2ForImageClassification), mean-pooled over
     # the series' slices into its one input ``features``; ``slices``, its ``inputs`` batch by batch,
     # one probability per slice, the series' being the highest. None: the graph takes ``inputs`` whole.
     reads: Literal["cls", "cls_meanpatch", "slices"] | None = None
     outputs: tuple[Literal["seg", "sr", "gsps"], ...] = ("seg", "sr", "gsps")
+    # a learned head (node.model.head_versions): its version, named in every output it makes (None:
+    # shipped with the model, whose version it has); shadow: computed on every series, never written
+    version: str | None = None
+    shadow: bool = False
     # patch3d: a network whose grid or normalisation differs from the model's input (TotalSegmentator's
     # parts each z-score with the statistics of their own labelled voxels)
     volume: Patch3DSpec | None = None
@@ -266,6 +273,8 @@ class HeadSpec(_Strict):
                 )
             if self.classes and sorted(c.index for c in self.classes) != list(range(len(self.classes))):
                 raise ValueError(f"head {self.name}: classes must be indexed 0..{len(self.classes) - 1}")
+            if self.calibration and self.calibration.kind == "isotonic" and self.classes:
+                raise ValueError(f"head {self.name}: isotonic calibration is for a one-output head")
             if self.pooled and set(self.inputs) != {"cls"} | (
                 {"tokens"} if self.reads == "cls_meanpatch" else set()
             ):
@@ -297,6 +306,9 @@ class ModelSpec(_Strict):
     backbone: BackboneSpec | None = None
     heads: tuple[HeadSpec, ...]
     path: Path = Field(Path("."), exclude=True)
+    # the manifest's own version: ``version`` also names the learned heads' (2.0.0+aorta.3); the
+    # backbone, and so its features, are this one's
+    base_version: str = Field("", exclude=True)
 
     @model_validator(mode="after")
     def _parts(self) -> ModelSpec:
@@ -326,11 +338,15 @@ class ModelSpec(_Strict):
         return self.path / name
 
 
+def model_dir(name_or_path: str | Path) -> Path:
+    """A model's folder: the path given when it holds a model.yaml, else that name in models/."""
+    folder = Path(name_or_path)
+    return folder if (folder / "model.yaml").exists() else MODELS_DIR / str(name_or_path)
+
+
 def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
     """Load a model by name (from the repository) or by folder path; ModelError if unusable."""
-    folder = Path(name_or_path)
-    if not (folder / "model.yaml").exists():
-        folder = MODELS_DIR / str(name_or_path)
+    folder = model_dir(name_or_path)
     manifest = folder / "model.yaml"
     if not manifest.exists():
         raise ModelError(f"model {name_or_path}: no model.yaml in {folder}")
@@ -344,7 +360,14 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> ModelSpec:
     if not isinstance(raw, dict):
         raise ModelError(f"{manifest}: not a valid manifest (a mapping of keys to values is expected)")
     try:
-        spec = ModelSpec(**raw, path=folder)
+        base = str(raw.get("version"))
+        learned, suffix = learned_entries(folder)
+        if learned:
+            clash = {h.get("name") for h in raw.get("heads") or ()} & {h["name"] for h in learned}
+            if clash:
+                raise ModelError(f"{manifest}: learned head {', '.join(sorted(clash))} has a shipped head's name")
+            raw = {**raw, "heads": [*(raw.get("heads") or ()), *learned], "version": base + suffix}
+        spec = ModelSpec(**raw, path=folder, base_version=base)
     except TypeError as e:
         raise ModelError(f"{manifest}: not a valid manifest ({e})") from None
     except ValidationError as e:

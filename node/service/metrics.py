@@ -50,6 +50,10 @@ WORKER_EXIT_ENV = "PACS_NODE_WORKER_EXIT_FILE"
 # seconds: a stage of a small series takes milliseconds, a 600-slice CT on a CPU minutes
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# the drift gauge: an exponentially weighted mean of the series' scores, the newest weighing 0.3 (about
+# the last 5 series): one unusual patient moves it a little, a scanner or protocol change within a few
+# series
+DRIFT_WEIGHT = 0.3
 
 # every state and outcome is always exported (0 when none), so alerts and dashboards never see a
 # series vanish
@@ -390,6 +394,32 @@ class NodeMetrics:
         self.errors = Counter(
             f"{p}_worker_errors", "Internal errors in the worker loops.", ["loop"], registry=r
         )
+        self.drift = Gauge(
+            f"{p}_drift_score",
+            "Drift of a model's series from its reference series (drift.json) per signal: |x - mean| / std,"
+            " smoothed over the model's series of the modality (exponentially, the newest weighing"
+            f" {DRIFT_WEIGHT}; the first sets it). Signals: input.median, input.iqr, input.noise (the body's"
+            " intensity), <head>.probability, <head>.<label>.ml.",
+            ["model", "modality", "signal"],
+            registry=r,
+        )
+        self._drift: dict[tuple[str, str, str], float] = {}
+        self.shadow_agreement = Histogram(
+            f"{p}_shadow_agreement",
+            "A head version in shadow against the active version, per series: Dice of their labels "
+            "(1 - |p - p'| for a classification). Never sent; judged before it is activated.",
+            ["model", "head"],
+            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
+        )
+        self.shadow_label_dice = Histogram(
+            f"{p}_shadow_label_dice",
+            "A head's shadow and active versions (role) against label sets that arrived after the worker "
+            "started: Dice per batch of new label sets.",
+            ["model", "head", "role"],
+            buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+            registry=r,
+        )
         self.up.set(1)
         self.started.set(time.time())
         self.queue_collector = None  # under pacs-node serve the supervisor exports the queue
@@ -424,6 +454,14 @@ class NodeMetrics:
 
     def observe_job(self, outcome: str, seconds: float) -> None:
         self.job_seconds.labels(*self._labels(), outcome).observe(seconds)
+
+    def observe_drift(self, model: str, modality: str, scores: dict[str, float]) -> None:
+        """One series' drift scores (:func:`node.analysis.drift.drift_scores`) into the smoothed gauge."""
+        for signal, score in scores.items():
+            key = (model, modality, signal)
+            last = self._drift.get(key)
+            self._drift[key] = score if last is None else DRIFT_WEIGHT * score + (1 - DRIFT_WEIGHT) * last
+            self.drift.labels(*key).set(self._drift[key])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -57,6 +57,11 @@ class OrthancClient:
     def series(self, series_id: str) -> dict:
         return self.get_json(f"/series/{series_id}")
 
+    def lookup(self, uid: str, level: str) -> str | None:
+        """Orthanc's ID of the DICOM UID at ``level`` ("Series", "Instance"...), or None."""
+        found = self._request("POST", "/tools/lookup", data=uid).json()
+        return next((x["ID"] for x in found if x["Type"] == level), None)
+
     def instance_file(self, instance_id: str) -> bytes:
         return self._request("GET", f"/instances/{instance_id}/file").content
 

@@ -29,6 +29,7 @@ import yaml
 import node
 from node.config import ConfigError, NodeConfig, RestartConfig, load_config
 from node.identity import Role, StrEnum
+from node.model.manifest import model_dir
 from node.service.metrics import (
     WORKER_EXIT_ENV,
     WORKER_METRICS_ENV,
@@ -67,7 +68,7 @@ SCP_TRANSFER_SYNTAXES = (
 )
 
 
-def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
+def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None, config_path: Path | None = None) -> dict:
     """Orthanc's JSON configuration for this node. A password the node's config gave as
     ``${env:NAME}`` (``raw_users``, as written) stays a reference: Orthanc reads ``${NAME}`` itself."""
     data = cfg.data_dir
@@ -125,6 +126,13 @@ def orthanc_config(cfg: NodeConfig, raw_users: dict | None = None) -> dict:
             "Src": str(SRC_DIR),
             "Routing": [r.model_dump(mode="json") for r in cfg.all_rules],
             "MaxAttempts": cfg.worker.max_attempts,
+            # /inference/heads runs `pacs-node heads` (the gate needs numpy and ONNX Runtime, not
+            # Orthanc's interpreter): the node's Python, its config, and each model's folder
+            "Heads": {
+                "Command": [sys.executable, "-m", "node.cli", "heads"],
+                "Config": str(config_path.resolve()) if config_path else None,
+                "Models": {Path(r.model).name: str(model_dir(r.model).resolve()) for r in cfg.model_routes},
+            },
             "Triage": cfg.model_dump(mode="json")["triage"],
             "Watermarks": {
                 "Path": str(data),
@@ -302,7 +310,7 @@ class Supervisor:
         self.workers: list[Child] = []
         if role.receives:
             orthanc_json = data / "orthanc.json"
-            write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path)), indent=2))
+            write_private(orthanc_json, json.dumps(orthanc_config(cfg, _raw_users(config_path), config_path), indent=2))
             self.orthanc = Child(
                 "orthanc", [str(cfg.orthanc_binary), str(orthanc_json)], cfg.restart, data / "orthanc.log"
             )

@@ -23,12 +23,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from node.analysis.drift import DriftReference, drift_scores, series_signals
 from node.analysis.findings import ModelRef
 from node.analysis.urgency import Category
 from node.config import ConfigError, NodeConfig, WebhookDestination, load_config, read_resolved
 from node.errors import InputError, ModelError, ServiceUnavailable
 from node.identity import JobState, OutputKind, Stage
 from node.ingest.series import SourceSeries, find_series
+from node.learn.label_watch import LabelWatch
+from node.model import head_versions
+from node.model.feature_cache import FeatureCache
 from node.model.manifest import load_model
 from node.model.select import select_runtime
 from node.pipeline import Engine, Pipeline, SeriesResult
@@ -45,6 +49,7 @@ from node.timing import Stopwatch
 log = logging.getLogger("node.service.worker")
 QUEUE_RETRY_S = 5
 SERVICE_RETRY_S = 5  # a worker whose inference server did not answer waits this long before the next job
+LABEL_WATCH_S = 5  # how often an idle worker looks for new label sets to judge shadow heads on
 
 
 class Stopping(BaseException):
@@ -105,16 +110,23 @@ class Worker:
         )
         self.work_dir = cfg.data_dir / "work"
         self._pipeline = pipeline
+        self._stamps = self._head_stamps(pipeline) if pipeline is not None else []
         self._stop = threading.Event()
         self.metrics = NodeMetrics(None if metrics_at else cfg.queue_location, [d.name for d in cfg.destinations])
         self.metrics_server: MetricsServer | None = None
         self.deliverer = Deliverer(cfg, self.orthanc, self.metrics)
+        self._drift: dict[str, DriftReference | None] = {}  # per model key, its drift.json read once
+        self._labels: LabelWatch | None = None  # new label sets, for shadow heads (made when first idle)
         if pipeline is not None:
             self._model_info(pipeline)
 
     @property
     def pipeline(self) -> Pipeline:
-        """Every configured model, loaded once, lazily (a config-only start stays fast)."""
+        """Every configured model, loaded once, lazily (a config-only start stays fast), and again
+        when a head version was activated, shadowed or rolled back (``pacs-node heads``)."""
+        if self._pipeline is not None and self._stamps != self._head_stamps(self._pipeline):
+            log.info("head versions changed: reloading the models")
+            self._pipeline = None
         if self._pipeline is None:
             engines = []
             for route in self.cfg.model_routes:
@@ -122,9 +134,20 @@ class Worker:
                 runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
                 log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
                 engines.append(Engine(model, runtime))
-            self._pipeline = Pipeline.of(engines, self.cfg.triage)
+            learning = self.cfg.learning
+            cache = (
+                FeatureCache(self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30))
+                if learning.feature_cache
+                else None
+            )
+            self._pipeline = Pipeline.of(engines, self.cfg.triage, cache)
+            self._stamps = self._head_stamps(self._pipeline)
             self._model_info(self._pipeline)
         return self._pipeline
+
+    @staticmethod
+    def _head_stamps(pipeline: Pipeline) -> list[int]:
+        return [head_versions.stamp(e.model.path) for e in pipeline.engines]
 
     def _model_info(self, pipeline: Pipeline) -> None:
         infos = []
@@ -149,7 +172,7 @@ class Worker:
         ]
         if not chosen:
             raise InputError(f"series {series.series_uid}: no model's routing rule matches it (any more)")
-        return Pipeline.of(chosen, self.cfg.triage)
+        return Pipeline.of(chosen, self.cfg.triage, pipeline.features)
 
     # --- health ----------------------------------------------------------------------------------
     def start_metrics(self) -> MetricsServer | None:
@@ -185,6 +208,7 @@ class Worker:
             self.start_metrics()  # before the model loads: /healthz answers, /readyz says "loading"
         self.pipeline  # noqa: B018  (load the model before taking a job)
         log.info("worker %s ready", self.owner)
+        next_watch = 0.0
         interrupted = False  # a job the queue failed under: given back once it answers, not at lease expiry
         try:
             while not self._stop.is_set():
@@ -195,6 +219,9 @@ class Worker:
                         interrupted = False
                     job = self.queue.jobs.lease(self.owner, self.cfg.worker.lease_s)
                     if job is None:
+                        if time.monotonic() >= next_watch:
+                            self._judge_shadows()
+                            next_watch = time.monotonic() + LABEL_WATCH_S
                         self.queue.wait_for_work(self.cfg.worker.poll_s)  # NOTIFY on PostgreSQL, or poll_s
                         continue
                     self.process(job)
@@ -273,6 +300,9 @@ class Worker:
         )
         self.time_points.save(_model_key(pipeline), result.time_point)
         self.metrics.observe_stages(result.seconds | result.parts)
+        self._watch_drift(pipeline, result)
+        for (model, head), agreement in result.findings.shadow_agreement.items():  # counted, never sent
+            self.metrics.shadow_agreement.labels(model, head).observe(agreement)
         outputs = self._store(run, result)
         f = result.findings
         log.info(
@@ -291,6 +321,39 @@ class Worker:
             len(f.discrepancies),
             result.models,
         )
+
+    def _judge_shadows(self) -> None:
+        """New label sets scored for each shadow head and its active version (while idle; a failure
+        is one warning line, never a stopped worker)."""
+        engines = [(e.model, e.runtime) for e in self.pipeline.engines if any(h.shadow for h in e.model.heads)]
+        try:
+            if self._labels is None:
+                self._labels = LabelWatch(self.queue.labels, self.orthanc, self.pipeline.features)
+            for score in self._labels.check(engines):
+                self.metrics.shadow_label_dice.labels(score.model, score.head, score.role).observe(score.dice)
+                log.info("head %s %s version %s on new labels: Dice %.3f", score.head, score.role, score.version, score.dice)
+        except Exception as e:
+            log.warning("judging shadow heads on new labels: %s: %s", type(e).__name__, e)
+
+    def _watch_drift(self, pipeline: Pipeline, result: SeriesResult) -> None:
+        """Each model's drift scores of the series, against its drift.json (none: no watch). The watch
+        never fails a job: a problem is one warning line (an unreadable drift.json, once). A model that
+        failed on the series found nothing, which is not drift: it is left out."""
+        failed = {m.model for m in result.models if m.error}
+        for engine in pipeline.engines:
+            if engine.key in failed:
+                continue
+            try:
+                if engine.key not in self._drift:
+                    self._drift[engine.key] = None
+                    self._drift[engine.key] = DriftReference.load(engine.model.path)
+                reference = self._drift[engine.key]
+                if reference is not None:
+                    signals = series_signals(result.findings, engine.model)
+                    scores = drift_scores(reference, signals)
+                    self.metrics.observe_drift(engine.model.name, signals.modality, scores)
+            except Exception as e:
+                log.warning("drift watch of model %s: %s: %s", engine.model.name, type(e).__name__, e)
 
     @contextmanager
     def _stage(self, run: JobRun, stage: Stage) -> Iterator[None]:

@@ -21,6 +21,9 @@ import numpy as np
 # Ground-truth organ labels; the reference model's organ head uses the same indices.
 ORGANS: dict[int, str] = {1: "liver", 2: "spleen", 3: "kidney", 4: "lung", 5: "bone"}
 _FAT, _SOFT = 6, 7  # tissue classes that are not segmented
+# A structure the reference model was never taught (only phantoms made with ``aorta=True`` have it):
+# what a department teaches the node with its own labels (``pacs-node heads train``).
+AORTA = 8
 
 # (CT HU, MR arbitrary units) per tissue class; 0 is air.
 _TISSUE_VALUES: dict[int, tuple[float, float]] = {
@@ -32,6 +35,7 @@ _TISSUE_VALUES: dict[int, tuple[float, float]] = {
     5: (650.0, 160.0),
     _FAT: (-100.0, 900.0),
     _SOFT: (40.0, 300.0),
+    AORTA: (260.0, 820.0),  # contrast-enhanced (arterial phase) CT; bright blood on MR
 }
 
 
@@ -69,9 +73,12 @@ class Phantom:
     spine_radius: float
     lesions: tuple[Lesion, ...] = field(default=())
     fat_rim_mm: float = 12.0
+    aorta: tuple[float, float, float] | None = None  # centre x, y and radius (mm) of a tube along z
 
     @classmethod
-    def random(cls, seed: int, *, n_lesions: int | None = None) -> Phantom:
+    def random(cls, seed: int, *, n_lesions: int | None = None, aorta: bool = False) -> Phantom:
+        """``aorta``: add a descending aorta in front of the spine, left of the midline; drawn from its
+        own generator, so every other structure is the same as the phantom's without it."""
         rng = np.random.default_rng(seed)
 
         def jitter(c, r, dc=8.0, dr=0.15):
@@ -111,13 +118,26 @@ class Phantom:
                 ct = base_ct + sign * float(rng.uniform(35, 70))
                 mr = base_mr * (1 + sign * float(rng.uniform(0.35, 0.6)))
             lesions.append(Lesion(tuple(float(v) for v in c), radius, host, ct, mr))
+        spine_center = (float(rng.uniform(-4, 4)), float(ay - rng.uniform(25, 35)))
+        spine_radius = float(rng.uniform(14, 20))
+        tube = None
+        if aorta:
+            a = np.random.default_rng([seed, 8])
+            radius = float(a.uniform(9, 14))
+            gap = float(a.uniform(2, 6))  # between the aorta's wall and the vertebra
+            tube = (
+                float(spine_center[0] + a.uniform(12, 22)),
+                spine_center[1] - spine_radius - radius - gap,
+                radius,
+            )
         return cls(
             body_axes=(ax, ay),
             z_extent=(-170.0, 170.0),
             organs=organs,
-            spine_center=(float(rng.uniform(-4, 4)), float(ay - rng.uniform(25, 35))),
-            spine_radius=float(rng.uniform(14, 20)),
+            spine_center=spine_center,
+            spine_radius=spine_radius,
             lesions=tuple(lesions),
+            aorta=tube,
         )
 
     # -- ground truth -------------------------------------------------------
@@ -136,6 +156,9 @@ class Phantom:
             tissue[body & e.contains(points)] = label
         sx, sy = self.spine_center
         tissue[inz & (((x - sx) ** 2 + (y - sy) ** 2) <= self.spine_radius**2)] = 5
+        if self.aorta is not None:  # drawn over the organs it passes, as a vessel displaces them
+            cx, cy, r = self.aorta
+            tissue[(tissue != 0) & (((x - cx) ** 2 + (y - cy) ** 2) <= r**2)] = AORTA
         lesion = np.zeros(len(points), np.uint8)
         for i, les in enumerate(self.lesions, start=1):
             d = points - np.asarray(les.center)
@@ -197,7 +220,7 @@ class Phantom:
 @dataclass
 class SampledPhantom:
     image: np.ndarray  # float32, modality units
-    tissue: np.ndarray  # uint8 tissue class (organ labels 1..5, 6 fat, 7 soft tissue)
+    tissue: np.ndarray  # uint8 tissue class (organ labels 1..5, 6 fat, 7 soft tissue, 8 aorta)
     lesion: np.ndarray  # uint8 lesion index, 0 = none
 
     @property

@@ -155,6 +155,7 @@ class OwnHead:
             **{k: c[k] for k in ("finding", "positive", "negative")},
             "threshold": float(c.get("threshold", 0.5)),
             "outputs": ["sr"],
+            **({"calibration": c["calibration"]} if c.get("calibration") else {}),
         }
 
 

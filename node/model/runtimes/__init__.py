@@ -61,6 +61,16 @@ class Runtime(ABC):
         self.series_heads = [h for h in model.heads if h.kind == "classification"]
         self.series_inputs = sorted({i for h in self.series_heads for i in h.inputs})
 
+    keep_bytes: int | None = None  # a series whose kept features would be larger is not kept
+
+    def keep(self, *names: str, max_bytes: int | None = None) -> None:
+        """Return these backbone outputs (and ``image``, the normalised input) of every batch in
+        :attr:`BatchOutput.features` too: the feature cache keeps them (float16, at most ``max_bytes``
+        per series) for training heads."""
+        given = {"image", *self.model.backbone.outputs} if self.model.backbone else set()
+        self.series_inputs = sorted({*self.series_inputs, *(set(names) & given)})
+        self.keep_bytes = max_bytes
+
     @abstractmethod
     def infer(self, images: np.ndarray, clock: Stopwatch | None = None) -> BatchOutput:
         """(N, C, S, S) normalised slices -> backbone once, then every per-slice head.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -587,9 +588,13 @@ def cmd_heads(args) -> int:
     from node.config import ConfigError, load_config
     from node.learn import manage
     from node.model import head_versions
-    from node.model.manifest import load_model
+    from node.model.manifest import model_dir
 
-    folder = load_model(args.model).path  # a model's name, or its folder
+    folder = model_dir(args.model)  # a model's name, or its folder (not loaded: a broken state can be mended)
+    if not (folder / "model.yaml").exists():
+        raise InputError(f"model {args.model}: no model.yaml in {folder}")
+    if getattr(args, "head", None) is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.head):
+        raise InputError(f"head {args.head!r}: a head's name is letters, digits, - and _ only")
     if args.heads_command == "status":
         found = manage.status(folder)
         if args.json:
@@ -615,6 +620,17 @@ def cmd_heads(args) -> int:
         cfg = load_config(args.config)
     except ConfigError as e:
         raise InputError(str(e)) from None
+    from node.service.orthanc import OrthancError
+
+    try:
+        return _heads_with_config(args, cfg, folder)
+    except OrthancError as e:
+        raise InputError(f"the node's Orthanc: {e}") from None
+
+
+def _heads_with_config(args, cfg, folder) -> int:
+    from node.learn import manage
+
     if args.heads_command == "train":
         t = manage.train(cfg, folder, args.head, args.kind, args.label, args.code, args.sender, args.steps, args.folds)
         print(f"head {args.head}: {t.line()}; pacs-node heads activate to judge it on the golden set")

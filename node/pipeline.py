@@ -236,7 +236,10 @@ class Pipeline:
         share = (lambda k: progress(k / n)) if progress and n > 1 else progress  # one bar for all models
         prediction = predict(volume, model, engine.runtime, clock, share)
         if features is not None and prediction.features is not None:
-            features.put(model.name, model.base_version, volume.series_uid, prediction.features)
+            try:
+                features.put(model.name, model.base_version, volume.series_uid, prediction.features)
+            except OSError as e:  # an optional cache (a full disk): the series' results still go out
+                log.warning("model %s: features not kept: %s", model.name, e.strerror or type(e).__name__)
         with clock(Stage.MEASURE):
             return to_findings(volume, model, prediction, engine.runtime.name)
 

@@ -413,14 +413,23 @@ def rest_labels(output, uri, **request):
 
 
 def _heads(*args, timeout=900):
-    """``pacs-node heads ARGS`` as the node's own Python runs it: (exit status, its output's last line)."""
+    """``pacs-node heads ARGS`` as the node's own Python runs it: (exit status, its answer's last line:
+    stdout's, or its one-line error; the warnings it logs are not the answer)."""
     cfg = _CFG.get("Heads") or {}
+    if not cfg.get("Command"):
+        return 2, "this node's Orthanc configuration has no PacsNode.Heads (restart pacs-node serve)"
     command = [*cfg["Command"], *args]
     if cfg.get("Config") and args[0] == "activate":
         command += ["--config", cfg["Config"]]
-    r = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    lines = (r.stdout + r.stderr).strip().splitlines()
-    return r.returncode, lines[-1] if lines else ""
+    try:
+        r = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 2, f"pacs-node heads {args[0]} did not answer within {timeout} s"
+    except OSError as e:
+        return 2, f"pacs-node heads {args[0]}: {e}"
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    lines = r.stdout.strip().splitlines()
+    return r.returncode, errors[-1] if errors else lines[-1] if lines else ""
 
 
 def rest_heads(output, uri, **request):

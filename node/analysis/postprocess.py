@@ -75,7 +75,9 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
                 segments.append(seg)
     locate(segments)
     lesion_heads = [
-        h for h in model.heads if h.kind == "segmentation" and any(lab.kind == "lesion" for lab in h.labels)
+        h
+        for h in model.heads
+        if h.kind == "segmentation" and not h.shadow and any(lab.kind == "lesion" for lab in h.labels)
     ]
     probability = None
     if lesion_heads:  # two classes (background, lesion): P(lesion) is the confidence or its complement
@@ -112,11 +114,12 @@ def shadow_agreement(model: ModelSpec, prediction: Prediction) -> dict[tuple[str
     heads = {h.name: h for h in model.heads}
     for h in model.heads:
         active = heads.get(h.name.removesuffix(SHADOW_SUFFIX)) if h.shadow else None
-        if active is None:
+        if active is None or active.kind != h.kind:  # nothing to compare with
             continue
         if h.kind == "classification":
             p, q = prediction.probabilities[h.name], prediction.probabilities[active.name]
-            out[model.name, active.name] = round(1.0 - float(np.abs(p - q).max()), 4)
+            if p.shape == q.shape:
+                out[model.name, active.name] = round(1.0 - float(np.abs(p - q).max()), 4)
         else:
             a, b = prediction.labels[h.name], prediction.labels[active.name]
             both, total = float(np.sum((a == b) & (a > 0))), float(np.sum(a > 0) + np.sum(b > 0))

@@ -26,7 +26,7 @@ from node.model.inference import predict
 from node.model.manifest import ModelSpec
 from node.model.preprocess import PLANES, plane_map, to_canonical
 from node.model.runtimes import Runtime
-from node.service.orthanc import OrthancClient
+from node.service.orthanc import OrthancClient, OrthancError
 from node.service.queue.labels import LabelSet
 from node.timing import Stopwatch
 
@@ -54,7 +54,7 @@ def features_of(
     found = cache.get(model.name, model.base_version, volume.series_uid) if cache else None
     if found is not None:
         return found
-    runtime.keep(*KEPT)
+    runtime.keep(*KEPT, max_bytes=runtime.keep_bytes)  # the worker's own runtime keeps its bound
     features = predict(volume, model, runtime, Stopwatch()).features
     if features is None:
         raise InputError(f"model {model.name}: runtime {runtime.name} does not return the backbone's tokens")
@@ -84,7 +84,7 @@ def seg_mask(seg_path: Path, volume: SeriesVolume, label: str) -> np.ndarray:
         if str(s.SegmentLabel).strip().lower() == label.lower()
     ]
     if not numbers:
-        raise InputError(f"SEG {seg.SOPInstanceUID}: no segment labelled {label}")
+        raise InputError(f"its SEG has no segment labelled {label}")
     uids = [f.dataset.SOPInstanceUID if f else None for f in volume.frames]
     present = [u for u in uids if u]
     pixels = seg.get_pixels_by_source_instance(
@@ -119,18 +119,19 @@ def from_node(
                 hit = any(x.name.lower() == wanted for x in ls.labels)
                 positive[ls.series_uid] = positive.get(ls.series_uid, False) or hit
         chosen = [(uid, None, np.array(int(hit), np.uint8)) for uid, hit in positive.items()]
-    else:
-        chosen = [
-            (ls.series_uid, ls, None)
-            for ls in label_sets
+    else:  # one example per series, from its newest label set of the structure (a corrected SEG replaces)
+        newest = {
+            ls.series_uid: ls
+            for ls in sorted(label_sets, key=lambda s: s.id)
             if ls.kind is LabelKind.SEGMENTATION and any(x.name.lower() == wanted for x in ls.labels)
-        ]
+        }
+        chosen = [(uid, ls, None) for uid, ls in newest.items()]
     out = []
     for uid, ls, target in chosen:
         try:
             out.append(_example(orthanc, uid, ls, target, label, model, runtime, cache))
-        except (InputError, OSError, ValueError) as e:
-            log.warning("label set of series %s: left out: %s", hashed(uid), e)
+        except (InputError, OrthancError, OSError, ValueError) as e:  # named by its hash, no UID in the log
+            log.warning("series %s: left out: %s", hashed(uid), str(e).replace(uid, hashed(uid)))
     return out
 
 

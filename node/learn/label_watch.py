@@ -2,8 +2,8 @@
 structure a shadow head segments is scored (Dice) for the shadow and the active version alike, so
 the department sees, before activating it, how the shadow does on its radiologists' corrections.
 
-The worker calls :meth:`LabelWatch.check` while it waits for work; only label sets newer than the
-worker's start count (the golden set is judged by ``heads activate``, not here).
+The worker makes one when it first runs a shadow head and calls :meth:`LabelWatch.check` while it
+waits for work; only label sets that arrive from then on count.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LabelWatch:
                     examples = from_node(self.orthanc, sets, label.name, model, runtime, self.cache, LabelKind.SEGMENTATION)
                     if not examples:
                         continue
-                    active = head_versions.read_state(model.path).get(name, head_versions.HeadState()).active
+                    active = next((h.version for h in model.heads if h.name == name), None)
                     for role, version in (("shadow", head.version), ("active", active)):
                         if version is None:
                             continue

@@ -1,9 +1,11 @@
 """What ``pacs-node heads`` does: train a version from the node's label sets, show the heads, and
-activate (through the gate), shadow or roll back a version. The running worker picks a change up
-before its next series (:func:`node.model.head_versions.stamp`)."""
+activate (through the gate), shadow or roll back a version. A running worker picks a change up
+before its next series (:func:`node.model.head_versions.stamp`), keeping its loaded models where
+the new state does not load."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,31 +22,25 @@ from node.service.orthanc import OrthancClient
 from node.service.queue import JobQueue
 
 
-@dataclass(frozen=True)
-class LabelledData:
-    """The label sets of one structure, split: training examples, and the golden set (never trained on)."""
-
-    train: list[Example]
-    golden: list[Example]
-
-
-def labelled(
-    cfg: NodeConfig, model: ModelSpec, label: str, kind: LabelKind, sender: str | None = None
-) -> LabelledData:
+def examples(
+    cfg: NodeConfig, model: ModelSpec, label: str, kind: LabelKind, golden: bool, sender: str | None = None
+) -> list[Example]:
+    """The examples of the node's label sets: the golden set's (``golden``), or every other series'
+    (never the golden set's: it judges what was trained), optionally of one sender only."""
     where = cfg.queue_location
     if isinstance(where, Path) and not where.exists():
         raise InputError(f"no queue at {where}: the node has not run with this config (pacs-node serve)")
-    sets = JobQueue(where).labels.list()
-    golden_uids = set(cfg.learning.golden)
-    chosen = [s for s in sets if s.series_uid not in golden_uids and (sender is None or s.sender == sender)]
+    if model.backbone is None or not {"tokens", "cls"} <= set(model.backbone.outputs):
+        raise ModelError(f"model {model.name}: heads are trained on a backbone's tokens and CLS; it has none")
+    uids = set(cfg.learning.golden)
+    sets = [
+        s
+        for s in JobQueue(where).labels.list()
+        if (s.series_uid in uids) == golden and (sender is None or s.sender == sender)
+    ]
     orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
     cache = FeatureCache(cfg.data_dir / "features", int(cfg.learning.feature_cache_gb * 2**30))
-    runtime = OnnxRuntime(model, cuda=False)
-    train = from_node(orthanc, chosen, label, model, runtime, cache, kind)
-    golden = from_node(
-        orthanc, [s for s in sets if s.series_uid in golden_uids], label, model, runtime, cache, kind
-    )
-    return LabelledData(train, golden)
+    return from_node(orthanc, sets, label, model, OnnxRuntime(model, cuda=False), cache, kind)
 
 
 def train(
@@ -58,19 +54,27 @@ def train(
     steps: int,
     folds: int,
 ):
-    from node.learn.train import TrainConfig, train_classification_head, train_segmentation_head
-
+    try:
+        from node.learn.train import TrainConfig, train_classification_head, train_segmentation_head
+    except ImportError as e:
+        raise InputError(str(e)) from None
     model = load_model(model_path)
     if any(h.name == name and h.version is None for h in model.heads):
         raise ModelError(
             f"model {model.name}: head {name} is shipped with the model; name the new head otherwise"
         )
-    data = labelled(cfg, model, label, LabelKind(kind), sender)
-    if not data.train:
+    kinds = {
+        head_versions.head_entry(model.path, name, v)["kind"]
+        for v in head_versions.versions(model.path, name)
+    }
+    if kinds - {kind}:
+        raise ModelError(f"model {model.name}: head {name}'s versions are {kinds.pop()}, not {kind}")
+    found = examples(cfg, model, label, LabelKind(kind), golden=False, sender=sender)
+    if not found:
         raise InputError(f"no label set with {label} outside the golden set (pacs-node labels list)")
     fit = train_classification_head if kind == LabelKind.CLASSIFICATION else train_segmentation_head
     try:
-        return fit(model, name, label, code, data.train, TrainConfig(steps=steps, folds=folds))
+        return fit(model, name, label, code, found, TrainConfig(steps=steps, folds=folds))
     except ValueError as e:  # e.g. one class only
         raise InputError(str(e)) from None
 
@@ -81,7 +85,7 @@ def activate(cfg: NodeConfig, model_path: Path, name: str, version: str) -> Verd
     entry = head_versions.head_entry(model.path, name, version)
     kind = LabelKind(entry["kind"])
     label = entry["labels"][0]["name"] if kind is LabelKind.SEGMENTATION else entry["finding"]["meaning"]
-    golden = labelled(cfg, model, label, kind).golden
+    golden = examples(cfg, model, label, kind, golden=True)
     floors = {"dice": cfg.learning.min_dice, "auc": cfg.learning.min_auc}
     verdict = gate(model, name, version, golden, cfg.learning.tolerance, floors)
     if verdict.passed:
@@ -110,8 +114,6 @@ class HeadStatus:
 
 def status(model_path: Path) -> list[HeadStatus]:
     """Every learned head: its versions with their cross-validated quality, which is active, which in shadow."""
-    import json
-
     states = head_versions.read_state(model_path)
     folder = Path(model_path) / head_versions.FOLDER
     names = sorted(
@@ -120,9 +122,14 @@ def status(model_path: Path) -> list[HeadStatus]:
     out = []
     for name in names:
         s = states.get(name, head_versions.HeadState())
-        found = {
-            v: json.loads((folder / name / v / "metrics.json").read_text())["cross_validated"]
-            for v in head_versions.versions(model_path, name)
-        }
+        found = {v: _quality(folder / name / v) for v in head_versions.versions(model_path, name)}
         out.append(HeadStatus(name, s.active, s.shadow, found))
     return out
+
+
+def _quality(version: Path) -> dict:
+    """A version's cross-validated quality (empty where its metrics.json is missing or unreadable)."""
+    try:
+        return json.loads((version / "metrics.json").read_text())["cross_validated"]
+    except (OSError, ValueError, KeyError):
+        return {}

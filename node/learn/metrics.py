@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from node.model.gate import dice
+
 
 def mask_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two label masks (foreground: > 0); 1 where both are empty."""
-    a, b = pred > 0, truth > 0
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
+    """Dice of two label maps' foregrounds (> 0); 1 where both are empty."""
+    return dice(pred > 0, truth > 0)
 
 
 def classification_metrics(p: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """``pacs-node heads train``: a light head on the frozen backbone's features, cross-validated, written
 as a new version of that head (needs PyTorch: the ``train`` and ``import`` extras).
 
-The head is pacs-node's segmentation decoder (:func:`node.model.importers.heads.segmentation_decoder`):
-the slice and its patch tokens in, the structure's probability per pixel out. The backbone never runs
-during training: its features come from the feature cache (:mod:`node.learn.examples`).
+A segmentation head is pacs-node's segmentation decoder
+(:func:`node.model.importers.heads.segmentation_decoder`): the slice and its patch tokens in, the
+structure's probability per pixel out. A classification head is a linear probe on the series' mean
+CLS token, calibrated (temperature) on its out-of-fold probabilities. The backbone never runs during
+training: its features come from the feature cache (:mod:`node.learn.examples`).
 Quality is measured by k-fold cross-validation over series (no series in two folds), then the head
 is trained once more on every series and exported; the version folder gets its graph, its card,
 its metrics and the hashed series it learned from (:mod:`node.model.head_versions`). Nothing else in
@@ -13,6 +15,8 @@ the model folder changes.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from node.errors import ModelError
 from node.learn.examples import Example
 from node.learn.metrics import classification_metrics, mask_dice
 from node.model import head_versions
@@ -92,7 +97,9 @@ def fit(examples: list[Example], cfg: TrainConfig):
         if len(showing):
             lucky = rng.random(cfg.batch) < 2 / 3
             pick[lucky] = rng.choice(showing, int(lucky.sum()))
-        t, x, y = (v.to(device) for v in _crops(tokens[pick], images[pick], target[pick], grid, patch, crop, rng))
+        t, x, y = (
+            v.to(device) for v in _crops(tokens[pick], images[pick], target[pick], grid, patch, crop, rng)
+        )
         logits = module.logits(t, x)
         p = torch.softmax(logits, 1)[:, 1]
         inter, total = (p * (y == 1)).sum(), p.sum() + (y == 1).sum()
@@ -157,10 +164,29 @@ def _concept(code: str, name: str, label: str) -> dict:
     return {"value": value or name, "scheme": scheme, "meaning": label}
 
 
+def _staging(model: ModelSpec, name: str) -> tuple[str, Path]:
+    """The next version's number and a hidden folder to build it in: no reader (a worker, ``heads
+    status``) ever sees a version half written."""
+    parent = model.path / head_versions.FOLDER / name
+    parent.mkdir(parents=True, exist_ok=True)
+    return head_versions.next_version(model.path, name), Path(
+        tempfile.mkdtemp(dir=parent, prefix=".partial-")
+    )
+
+
 def _write_version(folder: Path, entry: dict, metrics: dict, card: str) -> None:
+    """The version's description beside its graph, then the whole folder into place at once."""
     (folder / "head.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (folder / "card.md").write_text(card)
+    final = folder.parent / metrics["version"]
+    try:
+        folder.rename(final)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ModelError(
+            f"head {metrics['head']}: version {metrics['version']} was written meanwhile by another training; train again"
+        ) from None
 
 
 def cross_validate(examples: list[Example], cfg: TrainConfig) -> tuple[float, ...]:
@@ -193,8 +219,7 @@ def train_segmentation_head(
     folds = cross_validate(examples, cfg)
     module = fit(examples, cfg)
     hidden, patch, size = _shape(examples)
-    version = head_versions.next_version(model.path, name)
-    folder = model.path / head_versions.FOLDER / name / version
+    version, folder = _staging(model, name)
     labels = [{"index": 1, "name": label, "category": ANATOMY, "type": _concept(code, name, label)}]
     config = {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": labels}
     write_own_head(folder / "source", module, config)
@@ -203,7 +228,7 @@ def train_segmentation_head(
     (folder / "head.onnx").with_suffix(".pt2").unlink(missing_ok=True)  # ONNX Runtime runs learned heads
     entry = {**head.manifest(), "name": name, "graph": "head.onnx"}
     dice = round(float(np.mean(folds)), 4) if folds else None
-    trained = Trained(version, folder, "Dice", dice, round(time.monotonic() - t0, 1))
+    trained = Trained(version, folder.parent / version, "Dice", dice, round(time.monotonic() - t0, 1))
     metrics = {
         "head": name,
         "version": version,
@@ -274,9 +299,7 @@ def train_classification_head(
         oof[held] = probabilities(fit_linear(x[rest], y[rest], cfg), x[held])
     report = fit_calibration(oof, y, "temperature", folds=k, seed=cfg.seed)
     module = fit_linear(x, y, cfg)
-    version = head_versions.next_version(model.path, name)
-    folder = model.path / head_versions.FOLDER / name / version
-    folder.mkdir(parents=True)
+    version, folder = _staging(model, name)
     _export_linear(module, x.shape[1], folder / "head.onnx")
     entry = {
         "name": name, "kind": "classification", "graph": "head.onnx", "inputs": ["cls"], "reads": "cls",
@@ -288,7 +311,9 @@ def train_classification_head(
         folder / "reliability.png", oof, report.held_out, y, f"{name} {version}: {k}-fold, {len(y)} series"
     )
     quality = classification_metrics(report.held_out, y)
-    trained = Trained(version, folder, "AUC", quality["auc"], round(time.monotonic() - t0, 1))
+    trained = Trained(
+        version, folder.parent / version, "AUC", quality["auc"], round(time.monotonic() - t0, 1)
+    )
     metrics = {
         "head": name, "version": version, "kind": "classification", "label": label,
         "backbone": f"{model.name} {model.base_version}",

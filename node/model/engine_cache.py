@@ -123,8 +123,8 @@ class EngineCache:
         """Store atomically (engine first, then the sidecar that makes it valid)."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        _atomic_write(path, engine)
-        _atomic_write(
+        atomic_write(path, engine)
+        atomic_write(
             self._meta(key), json.dumps({"key": asdict(key), "bytes": len(engine), **extra}).encode()
         )
         return path
@@ -145,9 +145,13 @@ class EngineCache:
         return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``path`` holds the old bytes or the new, never half (a reader may be another process);
+    ``mode``: its permissions (default: the owner's only)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

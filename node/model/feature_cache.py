@@ -1,7 +1,8 @@
 """The backbone's features of processed series, kept so a head is trained without re-running it.
 
-One ``.npz`` file per (model, series), named by ``sha256(model name, model version, Series Instance
-UID)``: no UID, name or date on disk. It holds, per slice in the model's plane, what a light head
+One ``.npz`` file per (model, series), named by ``sha256(model name, the manifest's own version,
+Series Instance UID)``: no UID, name or date on disk; learned heads do not change the backbone, so
+activating one keeps the entries. It holds, per slice in the model's plane, what a light head
 reads: ``tokens`` (N, T, D) and ``cls`` (N, D) as float16, and ``image`` (N, C, S, S), the
 normalised slice the decoder also sees. numpy alone reads it back (``np.load``), no model needed.
 Writes are atomic (a temporary file renamed into place); above ``max_bytes`` the least recently

@@ -3,7 +3,8 @@
 ```
 <model>/heads/<name>/<version>/   head.yaml (the head's manifest entry, its graph beside it),
                                   head.onnx, card.md, metrics.json (cross-validated quality, the
-                                  training data by hashed series UID), source/ (the weights)
+                                  training data by hashed series UID), source/ (a segmentation
+                                  head's weights) or reliability.png (a classification head's)
 <model>/heads/state.json          per head: the active version, the one in shadow, and the
                                   activations in order (what rollback goes back through)
 ```
@@ -18,14 +19,13 @@ result of another head version is another object (new UIDs).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from node.errors import ModelError
+from node.model.engine_cache import atomic_write
 
 FOLDER = "heads"
 STATE = "state.json"
@@ -57,23 +57,27 @@ def write_state(model_dir: Path, states: dict[str, HeadState]) -> None:
     """Atomically: a worker reloading its model reads the old state or the new, never half."""
     folder = Path(model_dir) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".state-")
-    with os.fdopen(fd, "w") as f:
-        json.dump({k: {**asdict(v), "history": list(v.history)} for k, v in states.items()}, f, indent=2)
-    os.replace(tmp, folder / STATE)
+    text = json.dumps({k: {**asdict(v), "history": list(v.history)} for k, v in states.items()}, indent=2)
+    atomic_write(folder / STATE, text.encode(), mode=0o644)  # the worker may run as another user
 
 
-def stamp(model_dir: Path) -> int:
-    """Changes whenever a head is activated, shadowed or rolled back (a worker then reloads)."""
+def stamp(model_dir: Path) -> tuple[int, int]:
+    """Changes whenever a head is activated, shadowed or rolled back (a worker then reloads): every
+    write is a new file (a rename), so its inode changes even within one clock tick."""
     try:
-        return (Path(model_dir) / FOLDER / STATE).stat().st_mtime_ns
+        st = (Path(model_dir) / FOLDER / STATE).stat()
+        return st.st_ino, st.st_mtime_ns
     except FileNotFoundError:
-        return 0
+        return 0, 0
 
 
 def versions(model_dir: Path, name: str) -> list[str]:
     folder = Path(model_dir) / FOLDER / name
-    found = [p.name for p in folder.iterdir() if (p / "head.yaml").exists()] if folder.is_dir() else []
+    found = (
+        [p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / "head.yaml").exists()]
+        if folder.is_dir()
+        else []
+    )
     return sorted(found, key=lambda v: (len(v), v))
 
 
@@ -121,6 +125,8 @@ def activate(model_dir: Path, name: str, version: str) -> HeadState:
     version_dir(model_dir, name, version)
     states = read_state(model_dir)
     s = states.get(name, HeadState())
+    if s.active == version:
+        return s  # already active: rollback must not land on the same version again
     new = HeadState(version, None if s.shadow == version else s.shadow, (*s.history, version))
     write_state(model_dir, {**states, name: new})
     return new

@@ -97,15 +97,15 @@ def predict(
             out = runtime.infer(x, clock)
         for k in whole:
             pooled[k].append(out.features[k])
-        if kept is not None:
-            per_slice_bytes = 2 * sum(out.features[k][0].size for k in KEPT if k in out.features)  # float16
+        if kept is not None and b == 0:  # decided once, on the first batch: what the series' features weigh
+            weight = n * 2 * sum(out.features[k][0].size for k in KEPT if k in out.features)  # float16
             if not set(KEPT) <= set(out.features):
                 kept = None  # a runtime that does not return them (a remote server's ensemble)
-            elif runtime.keep_bytes is not None and n * per_slice_bytes > runtime.keep_bytes:
+            elif runtime.keep_bytes is not None and weight > runtime.keep_bytes:
                 kept = None  # too large to keep (a long series of a big backbone): computed again if needed
-            else:
-                for k in KEPT:
-                    kept[k].append(np.asarray(out.features[k], np.float16))
+        if kept is not None:
+            for k in KEPT:
+                kept[k].append(np.asarray(out.features[k], np.float16))
         for h in runtime.series_heads:
             if h.reads == "slices":
                 with clock(Stage.INFERENCE), clock.part(f"head_{h.name}"):

@@ -398,7 +398,7 @@ class NodeMetrics:
             f"{p}_drift_score",
             "Drift of a model's series from its reference series (drift.json) per signal: |x - mean| / std,"
             " smoothed over the model's series of the modality (exponentially, the newest weighing"
-            f" {DRIFT_WEIGHT}; the first sets it). Signals: input.median, input.iqr, input.noise (the body's"
+            f" {DRIFT_WEIGHT}; the first sets it). Signals: input.median, input.std, input.noise (the body's"
             " intensity), <head>.probability, <head>.<label>.ml.",
             ["model", "modality", "signal"],
             registry=r,
@@ -414,8 +414,8 @@ class NodeMetrics:
         )
         self.shadow_label_dice = Histogram(
             f"{p}_shadow_label_dice",
-            "A head's shadow and active versions (role) against label sets that arrived after the worker "
-            "started: Dice per batch of new label sets.",
+            "A head's shadow and active versions (role) against label sets that arrived while the shadow ran: "
+            "Dice per batch of new label sets.",
             ["model", "head", "role"],
             buckets=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
             registry=r,

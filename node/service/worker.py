@@ -33,7 +33,7 @@ from node.ingest.series import SourceSeries, find_series
 from node.learn.label_watch import LabelWatch
 from node.model import head_versions
 from node.model.feature_cache import FeatureCache
-from node.model.manifest import load_model
+from node.model.manifest import load_model, model_dir
 from node.model.select import select_runtime
 from node.pipeline import Engine, Pipeline, SeriesResult
 from node.service.delivery import Deliverer
@@ -110,7 +110,7 @@ class Worker:
         )
         self.work_dir = cfg.data_dir / "work"
         self._pipeline = pipeline
-        self._stamps = self._head_stamps(pipeline) if pipeline is not None else []
+        self._stamps = self._head_stamps()
         self._stop = threading.Event()
         self.metrics = NodeMetrics(None if metrics_at else cfg.queue_location, [d.name for d in cfg.destinations])
         self.metrics_server: MetricsServer | None = None
@@ -124,30 +124,36 @@ class Worker:
     def pipeline(self) -> Pipeline:
         """Every configured model, loaded once, lazily (a config-only start stays fast), and again
         when a head version was activated, shadowed or rolled back (``pacs-node heads``)."""
-        if self._pipeline is not None and self._stamps != self._head_stamps(self._pipeline):
-            log.info("head versions changed: reloading the models")
-            self._pipeline = None
         if self._pipeline is None:
-            engines = []
-            for route in self.cfg.model_routes:
-                model = load_model(route.model)
-                runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
-                log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
-                engines.append(Engine(model, runtime))
-            learning = self.cfg.learning
-            cache = (
-                FeatureCache(self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30))
-                if learning.feature_cache
-                else None
-            )
-            self._pipeline = Pipeline.of(engines, self.cfg.triage, cache)
-            self._stamps = self._head_stamps(self._pipeline)
-            self._model_info(self._pipeline)
+            self._pipeline, self._stamps = self._load(), self._head_stamps()
+        elif self._stamps != (stamps := self._head_stamps()):
+            log.info("head versions changed: reloading the models")
+            self._stamps = stamps  # taken before loading: a change made meanwhile is seen next time
+            try:
+                self._pipeline = self._load()
+            except ModelError as e:  # keep serving with the models as they were
+                log.error("head versions changed but the models do not load: %s: keeping the loaded ones", e)
         return self._pipeline
 
-    @staticmethod
-    def _head_stamps(pipeline: Pipeline) -> list[int]:
-        return [head_versions.stamp(e.model.path) for e in pipeline.engines]
+    def _load(self) -> Pipeline:
+        engines = []
+        for route in self.cfg.model_routes:
+            model = load_model(route.model)
+            runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
+            log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
+            engines.append(Engine(model, runtime))
+        learning = self.cfg.learning
+        cache = (
+            FeatureCache(self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30))
+            if learning.feature_cache
+            else None
+        )
+        pipeline = Pipeline.of(engines, self.cfg.triage, cache)
+        self._model_info(pipeline)
+        return pipeline
+
+    def _head_stamps(self) -> list[tuple[int, int]]:
+        return [head_versions.stamp(model_dir(r.model)) for r in self.cfg.model_routes]
 
     def _model_info(self, pipeline: Pipeline) -> None:
         infos = []
@@ -325,8 +331,10 @@ class Worker:
     def _judge_shadows(self) -> None:
         """New label sets scored for each shadow head and its active version (while idle; a failure
         is one warning line, never a stopped worker)."""
-        engines = [(e.model, e.runtime) for e in self.pipeline.engines if any(h.shadow for h in e.model.heads)]
         try:
+            engines = [(e.model, e.runtime) for e in self.pipeline.engines if any(h.shadow for h in e.model.heads)]
+            if not engines and self._labels is None:
+                return
             if self._labels is None:
                 self._labels = LabelWatch(self.queue.labels, self.orthanc, self.pipeline.features)
             for score in self._labels.check(engines):
@@ -441,7 +449,7 @@ class Worker:
 def _model_key(pipeline: Pipeline) -> str:
     """What a series' time point is kept under: the models that processed it (another model's
     lesions are not comparable)."""
-    ref = ModelRef.combined([e.ref for e in pipeline.engines])
+    ref = ModelRef.combined([ModelRef(e.model.name, e.model.base_version) for e in pipeline.engines])
     return f"{ref.name} {ref.version}"
 
 

@@ -114,17 +114,16 @@ def _stats(raw: Mapping) -> SignalStats:
 
 
 def series_signals(findings: Findings, model: ModelSpec) -> SeriesSignals:
-    """The series' signals for ``model`` (its own segments and classifications, where several models
-    ran on the series)."""
-    ours = [s for s in findings.segments if s.model is None or s.model.name == model.name]
+    """The series' signals for ``model`` (its own segments and classifications, its learned heads'
+    included, where several models ran on the series)."""
+    def of_model(ref) -> bool:  # the model's own, or one of its learned heads' ("phantom-fm aorta")
+        return ref is None or ref.name == model.name or ref.name.startswith(f"{model.name} ")
+
+    ours = [s for s in findings.segments if of_model(s.model)]
     values = input_signals(findings)
-    for head in model.heads:
+    for head in (h for h in model.heads if not h.shadow):  # a shadow's output is never written: not watched
         if head.kind == "classification":
-            probs = [
-                c.probability
-                for c in findings.classifications
-                if c.head == head.name and (c.model is None or c.model.name == model.name)
-            ]
+            probs = [c.probability for c in findings.classifications if c.head == head.name and of_model(c.model)]
             if probs:
                 values[f"{head.name}.probability"] = float(probs[0])
         elif head.kind == "segmentation" and "seg" in head.outputs:

@@ -49,6 +49,9 @@ def test_feature_cache_round_trip_names_no_uid_and_evicts_least_recently_used(tm
     assert cache.get("phantom-fm", "2.0.1", SERIES_UID) is None  # another backbone: other features
     assert not list((tmp_path / "features").glob(".partial-*"))  # written atomically
 
+    full = FeatureCache(tmp_path / "full", max_bytes=10**9, disk_percent=0.0)  # any disk is "above" 0 %
+    assert full.put("m", "1", "1.2.9", f) is None and not list((tmp_path / "full").iterdir())
+
     small = FeatureCache(tmp_path / "small", max_bytes=int(path.stat().st_size * 3.5))
     paths = [small.put("m", "1", f"1.2.{i}", f) for i in range(3)]
     os.utime(paths[0], (1, 1))  # the oldest use

@@ -234,7 +234,7 @@ def test_disk_above_the_watermark_refuses_with_a_status_and_resumes(
         assert n.proc.poll() is None
 
         # the disk quite full: the queue cannot be written; nothing crashes, nothing restarts
-        with open(ballast, "ab") as f:  # to the last block
+        with open(ballast, "ab", buffering=0) as f:  # to the last block (unbuffered: nothing left to flush)
             try:
                 while True:
                     f.write(b"\0" * 65536)

@@ -39,7 +39,9 @@ def examples(
         if (s.series_uid in uids) == golden and (sender is None or s.sender == sender)
     ]
     orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
-    cache = FeatureCache(cfg.data_dir / "features", int(cfg.learning.feature_cache_gb * 2**30))
+    cache = FeatureCache(
+        cfg.data_dir / "features", int(cfg.learning.feature_cache_gb * 2**30), cfg.disk.refuse_above_percent
+    )
     return from_node(orthanc, sets, label, model, OnnxRuntime(model, cuda=False), cache, kind)
 
 

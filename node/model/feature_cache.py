@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,12 @@ class SeriesFeatures:
 
 
 class FeatureCache:
-    def __init__(self, folder: Path, max_bytes: int):
+    def __init__(self, folder: Path, max_bytes: int, disk_percent: float = 100.0):
         self.folder = Path(folder)
         self.max_bytes = max_bytes
+        # an optional cache never takes the space acknowledged studies need: above this much of its
+        # file system used (the node's refuse watermark), nothing is written
+        self.disk_percent = disk_percent
         # one series may take a tenth of the cache: a 300-slice CT through a ViT-B/16 at 512 pixels
         # (1,024 tokens of 768) is 0.6 GB, which would evict everything else and weigh on the worker
         self.max_entry_bytes = max_bytes // 10
@@ -61,8 +65,12 @@ class FeatureCache:
         except (FileNotFoundError, KeyError, ValueError, OSError):  # absent, or not one of ours: recompute
             return None
 
-    def put(self, model: str, version: str, series_uid: str, features: SeriesFeatures) -> Path:
+    def put(self, model: str, version: str, series_uid: str, features: SeriesFeatures) -> Path | None:
+        """Keep one series' features; None when the disk is above ``disk_percent`` (not kept)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(self.folder)
+        if 100.0 * (usage.total - usage.free) / usage.total >= self.disk_percent:
+            return None
         path = self.path(model, version, series_uid)
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".partial-", suffix=".npz")
         try:

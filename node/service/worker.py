@@ -144,7 +144,9 @@ class Worker:
             engines.append(Engine(model, runtime))
         learning = self.cfg.learning
         cache = (
-            FeatureCache(self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30))
+            FeatureCache(
+                self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30), self.cfg.disk.refuse_above_percent
+            )
             if learning.feature_cache
             else None
         )

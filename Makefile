@@ -41,7 +41,7 @@ demo: setup
 
 test: setup $(OHIF)/index.html $(TRITON)/.installed
 	$(VENV)/bin/ruff check node tests plugins conformance deploy
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25  # the slowest tests, in every CI log: the suite must stay under 30 min
 
 bench: setup
 	$(VENV)/bin/pacs-node bench --slices 100 300 600 --size 512 --output bench-cpu.json

@@ -91,13 +91,16 @@ def save_head(
     return {"weight": w, "bias": b}
 
 
-@pytest.fixture(scope="module")
-def curia(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curia")
-    backbone = save_backbone(root / "curia")
+def import_checkpoint(root: Path, **overrides) -> dict:
+    """A checkpoint of Curia's format (``CURIA`` with ``overrides``) with two heads, one reading the CLS
+    token and the mean patch token (model.safetensors), one the CLS token (Curia's head.pt), imported
+    by the CLI with codes for all labels but one."""
+    config = {**CURIA, **overrides}
+    hidden = config["hidden_size"]
+    backbone = save_backbone(root / "curia", **overrides)
     heads = {
-        "tumor": save_head(root / "heads" / "tumor", TUMOR, 2 * CURIA["hidden_size"]),  # CLS + mean patch
-        "presence": save_head(root / "heads" / "presence", PRESENCE, CURIA["hidden_size"], as_head_pt=True),
+        "tumor": save_head(root / "heads" / "tumor", TUMOR, 2 * hidden, backbone=config),
+        "presence": save_head(root / "heads" / "presence", PRESENCE, hidden, as_head_pt=True, backbone=config),
     }
     (root / "codes.yaml").write_text(yaml.safe_dump(CODES))
     out = root / "imported"
@@ -109,6 +112,11 @@ def curia(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     assert "label 'normal' has no code" in r.stderr  # the one label without a code is said, locally coded
     return {"root": root, "model": out, "backbone": backbone, "heads": heads}
+
+
+@pytest.fixture(scope="module")
+def curia(tmp_path_factory):
+    return import_checkpoint(tmp_path_factory.mktemp("curia"))
 
 
 def reference(curia, files: list[Path], modality: str) -> dict[str, np.ndarray]:
@@ -345,18 +353,7 @@ def test_torch_backend_runs_the_imported_model(tmp_path):
     from node.model.select import select_runtime
     from node.timing import Stopwatch
 
-    small = {**CURIA, **SMALL, "image_size": 64}
-    save_backbone(tmp_path / "m", **small)
-    width = small["hidden_size"]
-    save_head(tmp_path / "tumor", TUMOR, 2 * width, backbone=small)
-    save_head(tmp_path / "presence", PRESENCE, width, as_head_pt=True, backbone=small)
-    (tmp_path / "codes.yaml").write_text(yaml.safe_dump(CODES))
-    r = cli(
-        "models", "import", str(tmp_path / "m"), "--out", str(tmp_path / "imported"),
-        "--head", str(tmp_path / "tumor"), "--head", str(tmp_path / "presence"), "--codes", str(tmp_path / "codes.yaml"),
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    model = load_model(tmp_path / "imported")
+    model = load_model(import_checkpoint(tmp_path, **{**SMALL, "image_size": 64})["model"])
     written = SERIES["CT"](tmp_path)
     (series,), _ = find_series([written.files[0].parent])
     volume = load_volume(series)

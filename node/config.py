@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from node.analysis.urgency import Category, TriageRules
 from node.identity import DEFAULT_ACCEPTS, ROUTED_MODALITIES, OutputKind, RuntimeChoice
 from node.service.retrieve import QueryRetrieveSource
+
+if TYPE_CHECKING:
+    from node.model.feature_cache import FeatureCache
 
 # what a DICOM destination may accept: every DICOM output kind; pmap (the lesion probability
 # Parametric Map) is opt-in, not every PACS stores that SOP class
@@ -289,6 +292,14 @@ class NodeConfig(_Strict):
     def queue_location(self) -> Path | str:
         """The queue: ``queue_url`` (PostgreSQL, shared by a cluster) or the SQLite file in data_dir."""
         return self.queue_url or self.data_dir / "queue.sqlite"
+
+    def feature_cache(self) -> FeatureCache:
+        """Where the worker keeps each series' backbone features and ``heads train`` reads them: at most
+        ``learning.feature_cache_gb``, and nothing written above the disk's refuse watermark."""
+        from node.model.feature_cache import FeatureCache
+
+        gb = self.learning.feature_cache_gb
+        return FeatureCache(self.data_dir / "features", int(gb * 2**30), self.disk.refuse_above_percent)
 
     @property
     def orthanc_url(self) -> str:

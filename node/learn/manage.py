@@ -15,7 +15,6 @@ from node.identity import LabelKind
 from node.learn.examples import Example, from_node
 from node.learn.head_gate import Verdict, gate
 from node.model import head_versions
-from node.model.feature_cache import FeatureCache
 from node.model.manifest import ModelSpec, load_model
 from node.model.runtimes.onnxruntime import OnnxRuntime
 from node.service.orthanc import OrthancClient
@@ -39,10 +38,7 @@ def examples(
         if (s.series_uid in uids) == golden and (sender is None or s.sender == sender)
     ]
     orthanc = OrthancClient(cfg.orthanc_url, cfg.orthanc_auth)
-    cache = FeatureCache(
-        cfg.data_dir / "features", int(cfg.learning.feature_cache_gb * 2**30), cfg.disk.refuse_above_percent
-    )
-    return from_node(orthanc, sets, label, model, OnnxRuntime(model, cuda=False), cache, kind)
+    return from_node(orthanc, sets, label, model, OnnxRuntime(model, cuda=False), cfg.feature_cache(), kind)
 
 
 def train(

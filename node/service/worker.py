@@ -32,7 +32,6 @@ from node.identity import JobState, OutputKind, Stage
 from node.ingest.series import SourceSeries, find_series
 from node.learn.label_watch import LabelWatch
 from node.model import head_versions
-from node.model.feature_cache import FeatureCache
 from node.model.manifest import load_model, model_dir
 from node.model.select import select_runtime
 from node.pipeline import Engine, Pipeline, SeriesResult
@@ -142,14 +141,7 @@ class Worker:
             runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
             log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
             engines.append(Engine(model, runtime))
-        learning = self.cfg.learning
-        cache = (
-            FeatureCache(
-                self.cfg.data_dir / "features", int(learning.feature_cache_gb * 2**30), self.cfg.disk.refuse_above_percent
-            )
-            if learning.feature_cache
-            else None
-        )
+        cache = self.cfg.feature_cache() if self.cfg.learning.feature_cache else None
         pipeline = Pipeline.of(engines, self.cfg.triage, cache)
         self._model_info(pipeline)
         return pipeline

@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", type=Path, default=None, help="model folder (default: models/phantom-fm)")
     tr.add_argument(
         "--head",
-        choices=("lesion_presence",),
-        help="retrain only this head on the model folder's exported (frozen) backbone",
+        choices=("lesions", "lesion_presence"),
+        help="retrain only this head on the model folder's exported (frozen) backbone (lesions: stage 3)",
     )
     bd = msub.add_parser(
         "build", help="build (or find in the cache) the TensorRT engines of a model (GPU only)"
@@ -648,9 +648,9 @@ def cmd_models(args) -> int:
         logging.getLogger("node").setLevel(logging.INFO)
         out = args.out or MODELS_DIR / "phantom-fm"
         if args.head:
-            from node.tools.train_reference import retrain_presence
+            from node.tools.train_reference import retrain_lesions, retrain_presence
 
-            retrain_presence(out)
+            (retrain_lesions if args.head == "lesions" else retrain_presence)(out)
             print(f"retrained head {args.head} in {out} (backbone untouched)")
             return EXIT_OK
         stats = train(out)

@@ -111,8 +111,9 @@ class Department:
     tmp: Path
     train: list[WrittenSeries]
 
-    def send_and_wait(self, series: WrittenSeries) -> dict[str, Path]:
-        self.node.store_scu(series.files)
+    def send_and_wait(self, series: WrittenSeries, sent: bool = False) -> dict[str, Path]:
+        if not sent:
+            self.node.store_scu(series.files)
         self.node.wait_job(series.series_uid, ("done",), timeout=180)
 
         def outputs():
@@ -146,8 +147,10 @@ def department(tmp_path_factory, pacs: Pacs) -> Department:
     node = Node(tmp / "node", config)
     node.start()
     dept = Department(node, pacs, model, node.folder / "node.yaml", tmp, train)
+    for s in train + golden:  # all sent first: the worker runs one while the next settles
+        node.store_scu(s.files)
     for s in train + golden:
-        dept.send_and_wait(s)
+        dept.send_and_wait(s, sent=True)
     for i, s in enumerate(train + golden):
         node.store_scu([drawn_aorta(s, tmp / f"aorta-{i}.dcm")], calling_ae="SLICER")
     wait_for(

@@ -19,8 +19,10 @@ from node.identity import Stage
 from node.ingest.volume import SeriesVolume
 from node.model.feature_cache import KEPT, SeriesFeatures
 from node.model.manifest import HeadSpec, ModelSpec
+from node.model.organ_ends import drop_organ_ends
 from node.model.preprocess import (
     PLANES,
+    acquired,
     air_value,
     is_axis_aligned,
     labels_to_source,
@@ -119,6 +121,11 @@ def predict(
             progress(sl.stop - sl.start)
     if pool:
         pool.shutdown()
+    with clock(Stage.POSTPROCESS):
+        for h in seg_heads:
+            if h.organ_ends in labels:  # in the model's plane: "one slice on" is the model's next slice
+                inside = None if is_axis_aligned(series.volume) else acquired(series.volume, canonical).transpose(axes)
+                drop_organ_ends(labels[h.name], conf[h.name], labels[h.organ_ends], inside)
     # overlapped with inference on a GPU
     clock.seconds[Stage.PREPROCESS] += prep_clock.seconds[Stage.PREPROCESS]
     with clock(Stage.INFERENCE):

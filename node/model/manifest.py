@@ -251,6 +251,9 @@ class HeadSpec(_Strict):
     # the series' slices into its one input ``features``; ``slices``, its ``inputs`` batch by batch,
     # one probability per slice, the series' being the highest. None: the graph takes ``inputs`` whole.
     reads: Literal["cls", "cls_meanpatch", "slices"] | None = None
+    # a slice-wise lesion head: the segmentation head whose organs' ends it must not report as
+    # lesions (node.model.organ_ends)
+    organ_ends: str | None = None
     outputs: tuple[Literal["seg", "sr", "gsps"], ...] = ("seg", "sr", "gsps")
     # a learned head (node.model.head_versions): its version, named in every output it makes (None:
     # shipped with the model, whose version it has); shadow: computed on every series, never written
@@ -324,6 +327,12 @@ class ModelSpec(_Strict):
                     raise ValueError(f"head {h.name}: intensity {h.intensity.kind} is for 2D slices")
         elif any(h.volume or h.intensity for h in self.heads):
             raise ValueError("a head's own volume or intensity is for patch3d models")
+        segmenting = {h.name for h in self.heads if h.kind == "segmentation"}
+        for h in self.heads:
+            if h.organ_ends and (h.kind != "segmentation" or h.organ_ends not in segmenting - {h.name}):
+                raise ValueError(
+                    f"head {h.name}: organ_ends names {h.organ_ends!r}, not another segmentation head of this model"
+                )
         return self
 
     def volume_of(self, head: HeadSpec) -> tuple[Patch3DSpec, IntensitySpec]:

@@ -116,6 +116,18 @@ def to_canonical(volume: hd.Volume) -> hd.Volume:
     return hd.Volume(array.astype(np.float32), affine, "PATIENT", volume.frame_of_reference_uid)
 
 
+def acquired(source: hd.Volume, canonical: hd.Volume) -> np.ndarray:
+    """Which voxels of ``canonical`` (:func:`to_canonical` of ``source``) lie inside the acquired
+    volume: outside a tilted slab the resampled grid only repeats its edge."""
+    m = np.linalg.inv(source.affine) @ canonical.affine
+    index = [np.arange(n, dtype=np.float32).reshape([-1 if a == b else 1 for b in range(3)]) for a, n in enumerate(canonical.shape)]
+    inside = np.ones(canonical.shape, bool)
+    for a in range(3):  # the source index along axis a of every canonical voxel
+        coord = m[a, 3] + m[a, 0] * index[0] + m[a, 1] * index[1] + m[a, 2] * index[2]
+        inside &= (coord >= -0.5) & (coord <= source.shape[a] - 0.5)
+    return inside
+
+
 def labels_to_source(labels: np.ndarray, canonical: hd.Volume, source: hd.Volume) -> np.ndarray:
     """Label map on the canonical grid -> the same labels on the source grid."""
     lab = canonical.with_array(labels)

@@ -145,6 +145,7 @@ class OwnHead:
                 "graph": f"head_{self.name}.onnx",
                 "inputs": ["tokens", "image"],
                 "labels": c["labels"],
+                **({"organ_ends": c["organ_ends"]} if c.get("organ_ends") else {}),
             }
         return {
             "name": self.name,

@@ -123,7 +123,8 @@ def predict(
         pool.shutdown()
     with clock(Stage.POSTPROCESS):
         for h in seg_heads:
-            if h.organ_ends in labels:  # in the model's plane: "one slice on" is the model's next slice
+            # in the model's plane: "one slice on" is the model's next slice
+            if h.organ_ends in labels and labels[h.name].any():
                 inside = None if is_axis_aligned(series.volume) else acquired(series.volume, canonical).transpose(axes)
                 drop_organ_ends(labels[h.name], conf[h.name], labels[h.organ_ends], inside)
     # overlapped with inference on a GPU

@@ -80,6 +80,23 @@ def test_axial_result_finds_organs_and_lesions(axial):
     assert axial.findings.lesions, "the phantom's lesions were missed"
 
 
+def test_lesions_of_one_size_are_numbered_by_where_they_are_not_by_how_slices_are_stored():
+    from node.analysis.postprocess import lesion_components
+
+    mask = np.zeros((4, 8, 8), bool)
+    mask[0, :2, :2] = mask[3, 5:7, 5:7] = True  # two lesions of 4 voxels each
+    head_first = np.diag([1.0, 1.0, 1.0, 1.0])
+    head_first[:3, 0] = (0, 0, -5)  # slice i at z = -5 i
+    feet_first = head_first.copy()
+    feet_first[:3, 0], feet_first[2, 3] = (0, 0, 5), -15  # the same slices stored the other way round
+
+    def first(m, affine):
+        comps, keep = lesion_components(m, 100.0, affine)
+        return {tuple(affine[:3, :3] @ v + affine[:3, 3]) for v in np.argwhere(comps == keep[0])}
+
+    assert first(mask, head_first) == first(mask[::-1], feet_first)
+
+
 @pytest.mark.parametrize("variant", STORAGE_VARIANTS)
 def test_same_segmentation_in_patient_coordinates(pipeline, phantom, axial, variant, tmp_path):
     result = _run(pipeline, phantom, variant, tmp_path)

@@ -25,14 +25,21 @@ def _offset(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, 
     return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
 
 
-def lesion_components(mask: np.ndarray, voxel_mm3: float) -> tuple[np.ndarray, list[int]]:
+def lesion_components(
+    mask: np.ndarray, voxel_mm3: float, affine: np.ndarray | None = None
+) -> tuple[np.ndarray, list[int]]:
     """Connected components of a lesion mask, and the ids of those reported as lesions (at least
-    :data:`MIN_LESION_MM3`), largest first."""
+    :data:`MIN_LESION_MM3`), largest first. ``affine`` (the mask's indices -> patient mm) breaks ties
+    in size by position in the patient, so the numbering does not depend on how slices were stored."""
     comps, n = ndimage.label(mask)
     sizes = np.bincount(comps.ravel(), minlength=n + 1)[1:]
-    return comps, [
-        int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] * voxel_mm3 >= MIN_LESION_MM3
-    ]
+    ids = [i for i in range(1, n + 1) if sizes[i - 1] * voxel_mm3 >= MIN_LESION_MM3]
+    where = {i: () for i in ids}
+    if affine is not None and ids:
+        centres = np.asarray(ndimage.center_of_mass(mask, comps, ids), float).reshape(len(ids), 3)
+        lps = centres @ affine[:3, :3].T + affine[:3, 3]
+        where = {i: tuple(np.round(p, 1)) for i, p in zip(ids, lps, strict=True)}
+    return comps, sorted(ids, key=lambda i: (-sizes[i - 1], where[i]))
 
 
 def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, runtime: str) -> Findings:
@@ -51,7 +58,9 @@ def to_findings(series: SeriesVolume, model: ModelSpec, prediction: Prediction, 
             crop = labels[box] == label.index
             if label.instances:
                 # one segment per connected lesion, largest first, so "Lesion 1" is the biggest
-                comps, keep = lesion_components(crop, voxel_mm3)
+                corner = series.volume.affine.copy()  # the crop's indices -> patient mm
+                corner[:3, 3] += corner[:3, :3] @ [b.start for b in box]
+                comps, keep = lesion_components(crop, voxel_mm3, corner)
                 sub = ndimage.find_objects(comps)
                 parts = [
                     (f"{label.name} {k}", _offset(box, sub[i - 1]), comps[sub[i - 1]] == i)

@@ -311,12 +311,45 @@ def test_attention_pooled_head_is_refused(tmp_path):
     _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="attention-pooled head")
 
 
+LESION = {"index": 1, "name": "Lesion", "category": {"value": "49755003", "meaning": "Morphologically Abnormal Structure"},
+          "type": {"value": "52988006", "meaning": "Lesion"}}  # fmt: skip
+
+
 def _own_segmentation_head(folder: Path, hidden: int) -> None:
     from node.model.importers.heads import SEGMENTATION, segmentation_decoder, write_own_head
 
-    label = {"index": 1, "name": "Lesion", "category": {"value": "49755003", "meaning": "Morphologically Abnormal Structure"},
-             "type": {"value": "52988006", "meaning": "Lesion"}}  # fmt: skip
-    write_own_head(folder, segmentation_decoder(hidden, 16, 2), {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": [label]})
+    write_own_head(folder, segmentation_decoder(hidden, 16, 2), {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": [LESION]})
+
+
+def _own_ensemble_head(folder: Path, weights: list[float]):
+    from node.model.importers.heads import SEGMENTATION, decoder_ensemble, write_own_head
+
+    torch.manual_seed(3)
+    ensemble = decoder_ensemble(32, 16, 2, (0.7, 0.3)).eval()
+    config = {"pacs_node_head": SEGMENTATION, "hidden_size": 32, "labels": [LESION], "ensemble": weights}
+    write_own_head(folder, ensemble, config)
+    return ensemble
+
+
+def test_own_ensemble_head_gives_the_weighted_mean_of_its_decoders(tmp_path):
+    import onnxruntime as ort
+
+    save_backbone(tmp_path / "m", **SMALL)
+    ensemble = _own_ensemble_head(tmp_path / "h", [0.7, 0.3])
+    assert cli("models", "import", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--head", str(tmp_path / "h")).returncode == 0
+    tokens, image = torch.randn(3, 4, 32), torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        a, b = (m(tokens, image).numpy() for m in ensemble.members)
+    session = ort.InferenceSession(str(tmp_path / "out" / "head_h.onnx"), providers=["CPUExecutionProvider"])
+    (ours,) = session.run(None, {"tokens": tokens.numpy(), "image": image.numpy()})
+    assert np.abs(a - b).max() > 0.01  # two different decoders, so the weights matter
+    np.testing.assert_allclose(ours, 0.7 * a + 0.3 * b, atol=1e-5)
+
+
+def test_own_ensemble_head_whose_weights_do_not_sum_to_one_is_refused(tmp_path):
+    save_backbone(tmp_path / "m", **SMALL)
+    _own_ensemble_head(tmp_path / "h", [0.7, 0.7])
+    _refused(tmp_path, tmp_path / "m", tmp_path / "h", match="ensemble [0.7, 0.7] is not two or more positive weights summing to 1")
 
 
 def test_own_head_of_another_width_is_refused(tmp_path):

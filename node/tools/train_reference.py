@@ -17,9 +17,9 @@ axial grid lies outside the acquired slab they are ignored.
 Training has three stages. 1: the backbone and its two decoders together (organs, lesions; each
 sees the slice and its patch tokens), a supervised stand-in for the self-supervised pre-training of
 a real foundation model. 2: the backbone frozen, both decoders on new phantoms from head to pelvis.
-3: the lesion decoder anew on the frozen backbone, on crops of many phantoms (:func:`retrain_lesions`).
-The lesion-presence head is stage 2's lesion decoder read as a series-level finding (its most
-probable slice). Each head is saved on its own, so a head can be retrained or added on the frozen
+3: the lesion decoder anew on the frozen backbone, on crops of many phantoms (:func:`retrain_lesions`);
+the lesion head averages it with stage 2's (:func:`with_stage2`). The lesion-presence head is stage
+2's lesion decoder read as a series-level finding (its most probable slice). Each head is saved on its own, so a head can be retrained or added on the frozen
 backbone without touching it (:func:`retrain_lesions`, :func:`retrain_presence`).
 """
 
@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def build(cfg: Config):
     return backbone, segmentation_decoder(cfg.dim, cfg.patch, len(ORGANS) + 1), segmentation_decoder(cfg.dim, cfg.patch, 2)
 
 
-def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.1.0") -> dict:
+def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.2.0") -> dict:
     """Train, save the Hugging Face checkpoint and head folders under ``out_dir/source``, and import
     them into ``out_dir`` (a model folder). Returns training stats."""
     torch.manual_seed(cfg.seed)
@@ -269,9 +270,28 @@ def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", versi
 LESION_WEIGHT = torch.tensor([1.0, 5.0])  # lesion pixels are rare
 
 
+@contextmanager
+def _channels_last(*modules):
+    """The decoders' convolutions over few channels train 1.6x faster on CPU with their weights in
+    channels-last layout (oneDNN then runs them so); the weights go back to the usual layout, which
+    safetensors and the ONNX export expect."""
+    for m in modules:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(memory_format=torch.contiguous_format)
+
+
 def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None = None) -> None:
     """AdamW with a one-cycle schedule; half of every batch from slices with a lesion (rare, small).
     ``loss_of(x, y_organs, y_lesion[, tokens])``: tokens given when the backbone is frozen."""
+    with _channels_last(*modules):
+        _fit_steps(modules, loss_of, data, tokens, steps, cfg, t0, lr)
+
+
+def _fit_steps(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None) -> None:
     x = torch.from_numpy(data.image)
     y_org = torch.from_numpy(data.organs.astype(np.int64))
     y_les = torch.from_numpy(data.lesion.astype(np.int64))
@@ -364,13 +384,16 @@ def _frozen_tokens(model_dir: Path, images: np.ndarray):
     return tokens, tokens.shape[-1], model.input.size // int(round(np.sqrt(tokens.shape[1])))
 
 
-def _rewrite_head(model_dir: Path, head: str, module, hidden: int, patch: int, size: int) -> None:
-    """A retrained head's weights into its source folder, and its graphs into the model folder."""
+def _rewrite_head(model_dir: Path, head: str, module, hidden: int, patch: int, size: int, **config_update) -> None:
+    """A retrained head's weights (and ``config_update`` to its config) into its source folder, and
+    its graphs into the model folder."""
     from node.model.importers.heads import read_own_head, write_own_head
     from node.model.importers.huggingface import export_own_head
 
     folder = model_dir / "source" / f"head_{head}"
     config = json.loads((folder / "config.json").read_text())
+    config.pop("ensemble", None)  # one decoder, unless said again
+    config.update(config_update)
     write_own_head(folder, module.eval(), config)
     export_own_head(read_own_head(folder, config, hidden), model_dir / f"head_{head}.onnx", hidden, patch, size)
 
@@ -387,22 +410,26 @@ def retrain_presence(model_dir: Path, cfg: Config = Config()) -> Path:
     y = torch.from_numpy(data.lesion.astype(np.int64))
     presence = decoder_presence(hidden, patch)
     opt = torch.optim.AdamW(presence.parameters(), lr=cfg.lr, weight_decay=0.01)
-    for _ in range(cfg.steps):
-        idx = torch.randint(len(tokens), (cfg.batch,))
-        loss = _seg_loss(presence.decoder.logits(tokens[idx], x[idx]), y[idx], LESION_WEIGHT)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with _channels_last(presence):
+        for _ in range(cfg.steps):
+            idx = torch.randint(len(tokens), (cfg.batch,))
+            loss = _seg_loss(presence.decoder.logits(tokens[idx], x[idx]), y[idx], LESION_WEIGHT)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     _rewrite_head(model_dir, "lesion_presence", presence, hidden, patch, cfg.size)
     return model_dir
 
 
 POSITIVE, ORGAN_CENTRED = 0.45, 0.4  # of stage 3's crops: on a lesion; on liver, spleen or a kidney
+# the lesion head: stage 3's decoder and stage 2's, their probabilities averaged with these weights
+# (chosen on 32 held-out phantoms, seeds 70000: 0.5 lost lesions, 0.65 kept them)
+ENSEMBLE = (0.65, 0.35)
 
 
 def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
-    """Stage 3: the lesion decoder anew on the model folder's exported (frozen) backbone, re-exported
-    alone (the presence head keeps reading stage 2's decoder).
+    """Stage 3: the lesion decoder anew on the model folder's exported (frozen) backbone; the lesion
+    head, re-exported alone, averages it with stage 2's (the presence head keeps reading stage 2's).
 
     Many phantoms with few slices each, on ``crop``-pixel crops of the slices and their tokens (4x
     faster than whole slices). Of the crops (:data:`POSITIVE`, :data:`ORGAN_CENTRED`), 45 % are
@@ -446,23 +473,40 @@ def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2 * cfg.lr, total_steps=cfg.lesion_steps, pct_start=0.1)
     lesions.train()
     px = cfg.crop
-    for step in range(cfg.lesion_steps):
-        picks = [crop(int(s)) for s in rng.integers(0, len(tokens), cfg.lesion_batch)]
-        t = np.stack([tokens[s, r : r + g, c : c + g].reshape(g * g, hidden) for s, (r, c) in picks])
-        x = np.stack([data.image[s][:, r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
-        y = np.stack([data.lesion[s][r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
-        logits = lesions.logits(torch.from_numpy(t), _augment(torch.from_numpy(x)))
-        loss = _seg_loss(logits, torch.from_numpy(y.astype(np.int64)), LESION_WEIGHT)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lesions.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 250 == 0:
-            log.info("stage 3 step %d/%d loss %.3f (%.0f s)", step, cfg.lesion_steps, loss.item(), time.perf_counter() - t0)
-    _rewrite_head(model_dir, "lesions", lesions, hidden, patch, cfg.size)
+    with _channels_last(lesions):
+        for step in range(cfg.lesion_steps):
+            picks = [crop(int(s)) for s in rng.integers(0, len(tokens), cfg.lesion_batch)]
+            t = np.stack([tokens[s, r : r + g, c : c + g].reshape(g * g, hidden) for s, (r, c) in picks])
+            x = np.stack([data.image[s][:, r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
+            y = np.stack([data.lesion[s][r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
+            logits = lesions.logits(torch.from_numpy(t), _augment(torch.from_numpy(x)))
+            loss = _seg_loss(logits, torch.from_numpy(y.astype(np.int64)), LESION_WEIGHT)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(lesions.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 250 == 0:
+                log.info("stage 3 step %d/%d loss %.3f (%.0f s)", step, cfg.lesion_steps, loss.item(), time.perf_counter() - t0)
+    with_stage2(model_dir, lesions, hidden, patch, cfg.size)
     _record_stage3(model_dir / "training.json", cfg, round(time.perf_counter() - t0, 1))
     return model_dir
+
+
+def with_stage2(model_dir: Path, lesions, hidden: int, patch: int, size: int) -> None:
+    """The lesion head as stage 3's decoder ``lesions`` averaged with stage 2's (the presence head's
+    copy), weighted :data:`ENSEMBLE`: the two were trained apart, on other data, and rarely call
+    the same spot a lesion wrongly (on 32 held-out phantoms, 0.62 false positives per series became
+    0.47 with one lesion in 49 lost; on 32 others 0.47 became 0.41 with none lost)."""
+    from safetensors.torch import load_file
+
+    from node.model.importers.heads import decoder_ensemble
+
+    ensemble = decoder_ensemble(hidden, patch, 2, ENSEMBLE)
+    ensemble.members[0].load_state_dict(lesions.state_dict())
+    stage2 = load_file(str(model_dir / "source" / "head_lesion_presence" / "model.safetensors"))
+    ensemble.members[1].load_state_dict({k.removeprefix("decoder."): v for k, v in stage2.items()})
+    _rewrite_head(model_dir, "lesions", ensemble, hidden, patch, size, ensemble=list(ENSEMBLE))
 
 
 def _record_stage3(record: Path, cfg: Config, seconds: float) -> None:

@@ -88,6 +88,26 @@ def segmentation_decoder(
     return SegmentationDecoder()
 
 
+def decoder_ensemble(
+    hidden: int, patch: int, classes: int, weights: tuple[float, ...], widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6
+):
+    """Several segmentation decoders of one shape, their class probabilities averaged with ``weights``
+    (summing to 1). Decoders trained apart rarely make the same mistake: where only one of them
+    sees a lesion, the mean is less sure of it than where both do.
+    (N, T, D) tokens + (N, 1, S, S) slice -> (N, K, S, S) class probabilities."""
+    torch, nn, _ = _torch()
+
+    class DecoderEnsemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList(segmentation_decoder(hidden, patch, classes, widths, windows) for _ in weights)
+
+        def forward(self, tokens, image):
+            return sum(w * m(tokens, image) for w, m in zip(weights, self.members, strict=True))
+
+    return DecoderEnsemble()
+
+
 def decoder_presence(hidden: int, patch: int, widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6):
     """A series-level finding read off a two-class segmentation decoder: each slice's score is its
     highest lesion probability averaged over 3x3 pixels (one noisy pixel is not a lesion); the
@@ -122,7 +142,9 @@ class OwnHead:
 
         c = self.config
         shape = {"widths": tuple(c.get("widths", (8, 16, 32))), "windows": int(c.get("windows", 6))}
-        if self.architecture == SEGMENTATION:
+        if self.architecture == SEGMENTATION and c.get("ensemble"):
+            module = decoder_ensemble(hidden, patch, len(c["labels"]) + 1, tuple(c["ensemble"]), **shape)
+        elif self.architecture == SEGMENTATION:
             module = segmentation_decoder(hidden, patch, len(c["labels"]) + 1, **shape)
         else:
             module = decoder_presence(hidden, patch, **shape)
@@ -170,6 +192,12 @@ def read_own_head(folder: Path, config: dict, hidden: int) -> OwnHead:
         raise ModelError(
             f"{folder}: the head reads tokens of width {config.get('hidden_size')}; the backbone gives {hidden}"
         )
+    weights = config.get("ensemble")
+    if weights is not None and not (
+        isinstance(weights, list) and len(weights) > 1 and all(isinstance(w, (int, float)) and w > 0 for w in weights)
+        and abs(sum(weights) - 1) < 1e-6
+    ):  # fmt: skip
+        raise ModelError(f"{folder / 'config.json'}: ensemble {weights!r} is not two or more positive weights summing to 1")
     need = ("labels",) if arch == SEGMENTATION else ("finding", "positive", "negative")
     missing = [k for k in need if not config.get(k)]
     if missing:

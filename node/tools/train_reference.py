@@ -19,8 +19,9 @@ sees the slice and its patch tokens), a supervised stand-in for the self-supervi
 a real foundation model. 2: the backbone frozen, both decoders on new phantoms from head to pelvis.
 3: the lesion decoder anew on the frozen backbone, on crops of many phantoms (:func:`retrain_lesions`);
 the lesion head averages it with stage 2's (:func:`with_stage2`). The lesion-presence head is stage
-2's lesion decoder read as a series-level finding (its most probable slice). Each head is saved on its own, so a head can be retrained or added on the frozen
-backbone without touching it (:func:`retrain_lesions`, :func:`retrain_presence`).
+2's lesion decoder read as a series-level finding (its most probable slice). Each head is saved on
+its own, so a head can be retrained or added on the frozen backbone without touching it
+(:func:`retrain_lesions`, :func:`retrain_presence`).
 """
 
 from __future__ import annotations
@@ -272,9 +273,9 @@ LESION_WEIGHT = torch.tensor([1.0, 5.0])  # lesion pixels are rare
 
 @contextmanager
 def _channels_last(*modules):
-    """The decoders' convolutions over few channels train 1.6x faster on CPU with their weights in
-    channels-last layout (oneDNN then runs them so); the weights go back to the usual layout, which
-    safetensors and the ONNX export expect."""
+    """The decoders' convolutions over few channels run 1.7x faster on CPU with their weights in
+    channels-last layout (oneDNN then runs them so; a stage-1 step 1.35x); the weights go back to
+    the usual layout, which safetensors and the ONNX export expect."""
     for m in modules:
         m.to(memory_format=torch.channels_last)
     try:
@@ -495,7 +496,7 @@ def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
 
 def with_stage2(model_dir: Path, lesions, hidden: int, patch: int, size: int) -> None:
     """The lesion head as stage 3's decoder ``lesions`` averaged with stage 2's (the presence head's
-    copy), weighted :data:`ENSEMBLE`: the two were trained apart, on other data, and rarely call
+    decoder, unless :func:`retrain_presence` replaced it), weighted :data:`ENSEMBLE`: the two were trained apart, on other data, and rarely call
     the same spot a lesion wrongly (on 32 held-out phantoms, 0.62 false positives per series became
     0.47 with one lesion in 49 lost; on 32 others 0.47 became 0.41 with none lost)."""
     from safetensors.torch import load_file

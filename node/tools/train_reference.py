@@ -288,11 +288,6 @@ def _channels_last(*modules):
 def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None = None) -> None:
     """AdamW with a one-cycle schedule; half of every batch from slices with a lesion (rare, small).
     ``loss_of(x, y_organs, y_lesion[, tokens])``: tokens given when the backbone is frozen."""
-    with _channels_last(*modules):
-        _fit_steps(modules, loss_of, data, tokens, steps, cfg, t0, lr)
-
-
-def _fit_steps(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None) -> None:
     x = torch.from_numpy(data.image)
     y_org = torch.from_numpy(data.organs.astype(np.int64))
     y_les = torch.from_numpy(data.lesion.astype(np.int64))
@@ -303,19 +298,20 @@ def _fit_steps(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     for m in modules:
         m.train()
-    for step in range(steps):
-        half = cfg.batch // 2 if len(positive) else 0
-        pos = positive[torch.randint(max(1, len(positive)), (half,))]
-        idx = torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
-        args = (_augment(x[idx]) if tokens is None else x[idx], y_org[idx], y_les[idx])
-        loss = loss_of(*args) if tokens is None else loss_of(*args, tokens[idx])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0:
-            log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
+    with _channels_last(*modules):
+        for step in range(steps):
+            half = cfg.batch // 2 if len(positive) else 0
+            pos = positive[torch.randint(max(1, len(positive)), (half,))]
+            idx = torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
+            args = (_augment(x[idx]) if tokens is None else x[idx], y_org[idx], y_les[idx])
+            loss = loss_of(*args) if tokens is None else loss_of(*args, tokens[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if step % 100 == 0:
+                log.info("step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - t0)
 
 
 def write_heads(folder: Path, hidden: int, patch: int, organs, lesions) -> list[Path]:
@@ -496,17 +492,17 @@ def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
 
 def with_stage2(model_dir: Path, lesions, hidden: int, patch: int, size: int) -> None:
     """The lesion head as stage 3's decoder ``lesions`` averaged with stage 2's (the presence head's
-    decoder, unless :func:`retrain_presence` replaced it), weighted :data:`ENSEMBLE`: the two were trained apart, on other data, and rarely call
-    the same spot a lesion wrongly (on 32 held-out phantoms, 0.62 false positives per series became
-    0.47 with one lesion in 49 lost; on 32 others 0.47 became 0.41 with none lost)."""
-    from safetensors.torch import load_file
+    decoder, unless :func:`retrain_presence` replaced it), weighted :data:`ENSEMBLE`: the two were
+    trained apart, on other data, and rarely call the same spot a lesion wrongly (on 32 held-out
+    phantoms, 0.62 false positives per series became 0.47 with one lesion in 49 lost; on 32 others
+    0.47 became 0.41 with none lost)."""
+    from node.model.importers.heads import decoder_ensemble, read_own_head
 
-    from node.model.importers.heads import decoder_ensemble
-
+    presence = model_dir / "source" / "head_lesion_presence"
+    stage2 = read_own_head(presence, json.loads((presence / "config.json").read_text()), hidden).module(hidden, patch)
     ensemble = decoder_ensemble(hidden, patch, 2, ENSEMBLE)
     ensemble.members[0].load_state_dict(lesions.state_dict())
-    stage2 = load_file(str(model_dir / "source" / "head_lesion_presence" / "model.safetensors"))
-    ensemble.members[1].load_state_dict({k.removeprefix("decoder."): v for k, v in stage2.items()})
+    ensemble.members[1].load_state_dict(stage2.decoder.state_dict())
     _rewrite_head(model_dir, "lesions", ensemble, hidden, patch, size, ensemble=list(ENSEMBLE))
 
 

@@ -41,7 +41,10 @@ demo: setup
 
 test: setup $(OHIF)/index.html $(TRITON)/.installed
 	$(VENV)/bin/ruff check node tests plugins conformance deploy
-	$(VENV)/bin/python -m pytest -q --durations=25  # the slowest tests, in every CI log: the suite must stay under 30 min
+	# two workers, each taking whole files (module fixtures built once): most long tests wait on Orthanc,
+	# PostgreSQL or a node, so they overlap even on two cores
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile \
+		--durations=25  # the slowest tests, in every CI log: the whole CI run must stay under 30 min
 
 bench: setup
 	$(VENV)/bin/pacs-node bench --slices 100 300 600 --size 512 --output bench-cpu.json

@@ -30,7 +30,7 @@ import numpy as np
 
 from node.errors import ModelError
 from node.ingest.volume import SeriesVolume
-from node.model.engine_cache import DEFAULT_ROOT, file_sha256
+from node.model.engine_cache import DEFAULT_ROOT, atomic_write, file_sha256
 from node.model.inference import Prediction, predict
 from node.model.manifest import ModelSpec
 from node.model.runtimes import Runtime
@@ -204,7 +204,7 @@ def check_cached(model: ModelSpec, candidate: Runtime, cache_dir: Path | None = 
     report = check(model, candidate, **kw)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(report)))
+        atomic_write(path, json.dumps(asdict(report)).encode(), mode=0o644)  # workers on one host share it
     except OSError as e:  # a read-only cache only costs a re-check next start
         log.warning("cannot record the gate verdict in %s: %s", path, e)
     return report

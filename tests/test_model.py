@@ -181,6 +181,33 @@ def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
     assert rt.classify(model.heads[2], out.features).shape == (2,)
 
 
+def test_training_loops_flush_denormals_even_after_onnxruntime_cleared_them():
+    """Denormals made training 2-3x slower. ONNX Runtime clears the flush in the thread that opens
+    its first session (stage 3 opens one for its frozen tokens), so every training loop flushes
+    again. In a fresh process: only a process's first session clears it."""
+    pytest.importorskip("torch")
+    check = """
+import torch
+from node.learn.fast_cpu import fast_cpu, flush_denormals
+from node.model.importers.heads import segmentation_decoder
+from node.model.manifest import load_model
+from node.model.runtimes.onnxruntime import OnnxRuntime
+
+denormal = torch.tensor([1e-39])
+decoder = segmentation_decoder(16, 8, 2)
+flush_denormals()
+assert (denormal * 1.0).item() == 0.0
+OnnxRuntime(load_model("phantom-fm"))
+assert (denormal * 1.0).item() != 0.0, "ONNX Runtime no longer clears the flush: fast_cpu's comment is stale"
+with fast_cpu(decoder):
+    assert (denormal * 1.0).item() == 0.0
+    assert decoder.enc1[0].weight.is_contiguous(memory_format=torch.channels_last)
+assert decoder.enc1[0].weight.is_contiguous()  # safetensors and the ONNX export expect it
+"""
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_model_yaml_error_is_one_line(tmp_path):
     (tmp_path / "model.yaml").write_text("name: x\nversion: [1\nfoo: : :\n")
     with pytest.raises(ModelError) as e:

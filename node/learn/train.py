@@ -26,6 +26,7 @@ import yaml
 
 from node.errors import ModelError
 from node.learn.examples import Example
+from node.learn.fast_cpu import fast_cpu
 from node.learn.metrics import classification_metrics, mask_dice
 from node.model import head_versions
 from node.model.importers.heads import SEGMENTATION, read_own_head, segmentation_decoder, write_own_head
@@ -92,22 +93,24 @@ def fit(examples: list[Example], cfg: TrainConfig):
     module.train()
     size, grid = images.shape[-1], int(round(tokens.shape[1] ** 0.5))
     crop = min(size, max(patch, cfg.crop // patch * patch))
-    for _ in range(cfg.steps):
-        pick = rng.integers(0, len(target), cfg.batch)
-        if len(showing):
-            lucky = rng.random(cfg.batch) < 2 / 3
-            pick[lucky] = rng.choice(showing, int(lucky.sum()))
-        t, x, y = (
-            v.to(device) for v in _crops(tokens[pick], images[pick], target[pick], grid, patch, crop, rng)
-        )
-        logits = module.logits(t, x)
-        p = torch.softmax(logits, 1)[:, 1]
-        inter, total = (p * (y == 1)).sum(), p.sum() + (y == 1).sum()
-        loss = F.cross_entropy(logits, y) + 1 - (2 * inter + 1) / (total + 1)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    # denormals only: in channels-last layout the test department's aorta head came out below its gate
+    with fast_cpu():
+        for _ in range(cfg.steps):
+            pick = rng.integers(0, len(target), cfg.batch)
+            if len(showing):
+                lucky = rng.random(cfg.batch) < 2 / 3
+                pick[lucky] = rng.choice(showing, int(lucky.sum()))
+            t, x, y = (
+                v.to(device) for v in _crops(tokens[pick], images[pick], target[pick], grid, patch, crop, rng)
+            )
+            logits = module.logits(t, x)
+            p = torch.softmax(logits, 1)[:, 1]
+            inter, total = (p * (y == 1)).sum(), p.sum() + (y == 1).sum()
+            loss = F.cross_entropy(logits, y) + 1 - (2 * inter + 1) / (total + 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     return module.cpu().eval()
 
 

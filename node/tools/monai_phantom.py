@@ -233,6 +233,9 @@ def write_bundle(out: Path, config: BundleConfig = BundleConfig(), torchscript: 
     import torch
     from monai.bundle import ConfigParser
 
+    from node.learn.fast_cpu import flush_denormals
+
+    flush_denormals()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     parser = ConfigParser({"network_def": network_def(config)})

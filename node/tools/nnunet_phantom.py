@@ -161,6 +161,9 @@ def write_results_folder(out: Path, config: NetConfig = NetConfig(), folds: int 
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
+    from node.learn.fast_cpu import flush_denormals
+
+    flush_denormals()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     volumes = _volumes(config, 6, 7000 + config.seed)

@@ -30,12 +30,12 @@ import json
 import logging
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from node.learn.fast_cpu import fast_cpu, flush_denormals
 from node.model.manifest import IntensitySpec
 from node.model.preprocess import ResizeMap, normalise, to_canonical
 from node.synthetic.phantom import ORGANS, Phantom, axial_affine, rotated
@@ -225,6 +225,7 @@ def build(cfg: Config):
 def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.2.0") -> dict:
     """Train, save the Hugging Face checkpoint and head folders under ``out_dir/source``, and import
     them into ``out_dir`` (a model folder). Returns training stats."""
+    flush_denormals()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     backbone, organs, lesions = modules = build(cfg)
@@ -271,20 +272,6 @@ def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", versi
 LESION_WEIGHT = torch.tensor([1.0, 5.0])  # lesion pixels are rare
 
 
-@contextmanager
-def _channels_last(*modules):
-    """The decoders' convolutions over few channels run 1.7x faster on CPU with their weights in
-    channels-last layout (oneDNN then runs them so; a stage-1 step 1.35x); the weights go back to
-    the usual layout, which safetensors and the ONNX export expect."""
-    for m in modules:
-        m.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        for m in modules:
-            m.to(memory_format=torch.contiguous_format)
-
-
 def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None = None) -> None:
     """AdamW with a one-cycle schedule; half of every batch from slices with a lesion (rare, small).
     ``loss_of(x, y_organs, y_lesion[, tokens])``: tokens given when the backbone is frozen."""
@@ -298,7 +285,7 @@ def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: flo
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     for m in modules:
         m.train()
-    with _channels_last(*modules):
+    with fast_cpu(*modules):
         for step in range(steps):
             half = cfg.batch // 2 if len(positive) else 0
             pos = positive[torch.randint(max(1, len(positive)), (half,))]
@@ -398,6 +385,7 @@ def _rewrite_head(model_dir: Path, head: str, module, hidden: int, patch: int, s
 def retrain_presence(model_dir: Path, cfg: Config = Config()) -> Path:
     """Retrain only the lesion-presence head on the model folder's exported (frozen) backbone, and
     re-export only that head: how a head is added or improved without touching the backbone."""
+    flush_denormals()
     from node.model.importers.heads import decoder_presence
 
     torch.manual_seed(cfg.seed + 1)
@@ -407,7 +395,7 @@ def retrain_presence(model_dir: Path, cfg: Config = Config()) -> Path:
     y = torch.from_numpy(data.lesion.astype(np.int64))
     presence = decoder_presence(hidden, patch)
     opt = torch.optim.AdamW(presence.parameters(), lr=cfg.lr, weight_decay=0.01)
-    with _channels_last(presence):
+    with fast_cpu(presence):
         for _ in range(cfg.steps):
             idx = torch.randint(len(tokens), (cfg.batch,))
             loss = _seg_loss(presence.decoder.logits(tokens[idx], x[idx]), y[idx], LESION_WEIGHT)
@@ -434,6 +422,7 @@ def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
     bright ones and the kidneys' are the fewest and were the ones missed); 40 % on an organ a lesion
     could be in, each organ as often as the others (a kidney is small, and its edges were what was
     called a lesion); the rest anywhere."""
+    flush_denormals()
     from dataclasses import replace
 
     from node.model.importers.heads import segmentation_decoder
@@ -470,7 +459,7 @@ def retrain_lesions(model_dir: Path, cfg: Config = Config()) -> Path:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2 * cfg.lr, total_steps=cfg.lesion_steps, pct_start=0.1)
     lesions.train()
     px = cfg.crop
-    with _channels_last(lesions):
+    with fast_cpu(lesions):
         for step in range(cfg.lesion_steps):
             picks = [crop(int(s)) for s in rng.integers(0, len(tokens), cfg.lesion_batch)]
             t = np.stack([tokens[s, r : r + g, c : c + g].reshape(g * g, hidden) for s, (r, c) in picks])

@@ -143,6 +143,14 @@ class WorkerConfig(_Strict):
     # (CUDA device indices or UUIDs), worker i sees only gpus[i % len(gpus)]: one worker per GPU
     processes: int = Field(default=1, ge=1, le=64)
     gpus: list[str] = []
+    # CPU threads each worker's runtime computes with; 0: one worker leaves it to the runtime (every
+    # core), several share this host's cores out (each runtime would otherwise take every core)
+    inference_threads: int = Field(default=0, ge=0, le=256)
+
+    def threads(self) -> int:
+        if self.inference_threads or self.processes == 1:
+            return self.inference_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.processes)
 
 
 class DiskConfig(_Strict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from node.config import WorkerConfig
 from node.errors import ModelError
 from node.model.engine_cache import EngineCache, EngineKey, Profile
 from node.model.manifest import MODELS_DIR, load_model
@@ -64,6 +66,17 @@ def test_torch_requested_for_a_model_without_a_torch_export(tmp_path):
         ModelError, match="runtime torch is not available here: .*(no PyTorch export|not installed)"
     ):
         select_runtime(load_model(dst), "torch")
+
+
+def test_workers_share_the_cores_between_their_runtimes():
+    cores = len(os.sched_getaffinity(0))
+    assert WorkerConfig().threads() == 0  # the runtime's own choice, as before the setting
+    assert WorkerConfig(processes=2).threads() == max(1, cores // 2)
+    assert WorkerConfig(processes=64).threads() == 1
+    assert WorkerConfig(processes=2, inference_threads=3).threads() == 3
+    rt, _ = select_runtime(load_model("phantom-fm"), "onnxruntime", threads=1)
+    sessions = [rt.backbone, *rt.heads.values()]
+    assert [s.get_session_options().intra_op_num_threads for s in sessions] == [1] * len(sessions)
 
 
 def test_unknown_runtime_and_precision():

@@ -30,10 +30,16 @@ AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime-cpu")
 
 
 def select_runtime(
-    model: ModelSpec, requested: str = "auto", precision: str = "auto", kserve: RemoteServer | None = None
+    model: ModelSpec,
+    requested: str = "auto",
+    precision: str = "auto",
+    kserve: RemoteServer | None = None,
+    threads: int = 0,
 ) -> tuple[Runtime, str]:
     """The runtime to use and a one-line reason. ``auto`` takes the best one that works here;
     ``kserve`` (never picked by ``auto``) sends the batches to the server ``kserve`` names.
+    ``threads``: the CPU threads a runtime computes with on the CPU (0: the runtime's own choice,
+    every core).
 
     An explicitly requested backend that cannot run here is a :class:`ModelError` with one line
     saying why. Under ``auto`` each unavailable candidate's reason is logged and kept in
@@ -47,14 +53,14 @@ def select_runtime(
         rt = _remote(model, precision, kserve)
         sel = Selection(rt.name, f"requested: the KServe v2 server at {kserve.url}")
     elif requested != "auto":
-        rt = _build(requested, model, precision, explicit=True)
+        rt = _build(requested, model, precision, explicit=True, threads=threads)
         sel = Selection(rt.name, "requested")
     else:
         skipped: dict[str, str] = {}
         rt = None
         for cand in AUTO_ORDER:
             try:
-                rt = _build(cand, model, precision, explicit=False)
+                rt = _build(cand, model, precision, explicit=False, threads=threads)
                 break
             except _NotTaken as e:
                 skipped[cand] = str(e)
@@ -81,7 +87,7 @@ class _NotTaken(Exception):
     """A candidate that cannot run here (auto goes on to the next one)."""
 
 
-def _build(candidate: str, model: ModelSpec, precision: str, explicit: bool) -> Runtime:
+def _build(candidate: str, model: ModelSpec, precision: str, explicit: bool, threads: int = 0) -> Runtime:
     """Construct one backend, or raise _NotTaken (auto) / ModelError (explicit request) with the reason."""
 
     def unavailable(reason: str):
@@ -108,7 +114,7 @@ def _build(candidate: str, model: ModelSpec, precision: str, explicit: bool) -> 
             reason = f"ONNX Runtime runs the graphs as exported (fp32), not {precision}"
             if candidate != "onnxruntime-cpu" or explicit:
                 raise unavailable(reason)
-        rt = onnxruntime.OnnxRuntime(model, cuda=candidate != "onnxruntime-cpu")
+        rt = onnxruntime.OnnxRuntime(model, threads, cuda=candidate != "onnxruntime-cpu")
         if candidate == "onnxruntime-cuda" and rt.device == "cpu":
             raise _NotTaken("the CUDA execution provider did not initialise (no usable GPU)")
         return rt
@@ -118,7 +124,11 @@ def _build(candidate: str, model: ModelSpec, precision: str, explicit: bool) -> 
         if reason := torch_backend.unavailable(model, need_cuda=candidate == "torch-cuda"):
             raise unavailable(reason)
         return _gated(
-            lambda p: torch_backend.TorchRuntime(model, precision=p), candidate, model, precision, explicit
+            lambda p: torch_backend.TorchRuntime(model, precision=p, threads=threads),
+            candidate,
+            model,
+            precision,
+            explicit,
         )
     raise ModelError(f"unknown runtime {candidate!r}")
 

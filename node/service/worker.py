@@ -138,7 +138,9 @@ class Worker:
         engines = []
         for route in self.cfg.model_routes:
             model = load_model(route.model)
-            runtime, why = select_runtime(model, route.runtime, kserve=self.cfg.kserve)
+            runtime, why = select_runtime(
+                model, route.runtime, kserve=self.cfg.kserve, threads=self.cfg.worker.threads()
+            )
             log.info("model %s %s on %s (%s)", model.name, model.version, runtime.name, why)
             engines.append(Engine(model, runtime))
         cache = self.cfg.feature_cache() if self.cfg.learning.feature_cache else None

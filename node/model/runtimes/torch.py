@@ -59,7 +59,9 @@ def export_program(module, example_inputs: tuple, path: Path, dynamic: dict | No
 
 
 class TorchRuntime(Runtime):
-    def __init__(self, model: ModelSpec, precision: str = "auto", device: str | None = None, compile=None):
+    def __init__(
+        self, model: ModelSpec, precision: str = "auto", device: str | None = None, compile=None, threads: int = 0
+    ):
         super().__init__(model)
         import torch
 
@@ -68,6 +70,8 @@ class TorchRuntime(Runtime):
             raise ModelError(reason)
         cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
         self.device = device or ("cuda:0" if cuda else "cpu")
+        if threads and not cuda:  # torch's thread pool is the process's: set once, by its one runtime
+            torch.set_num_threads(threads)
         self.name = "torch-cuda" if cuda else "torch-cpu"
         if precision == "auto":
             precision = "bf16" if cuda else "fp32"

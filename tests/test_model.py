@@ -173,8 +173,8 @@ def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
     retrain_lesions(model_copy, Config(lesion_phantoms=3, lesion_steps=2))
     changed = {f.name for f in model_copy.glob("*.onnx") if f.read_bytes() != graphs[f.name]}
     assert changed == {"head_lesion_presence.onnx", "head_lesions.onnx"}  # the backbone and organs untouched
-    # the lesion head: stage 3's decoder averaged with stage 2's
-    assert json.loads((model_copy / "source" / "head_lesions" / "config.json").read_text())["ensemble"] == [0.65, 0.35]
+    # the lesion head: stage 3's two decoders, averaged
+    assert json.loads((model_copy / "source" / "head_lesions" / "config.json").read_text())["ensemble"] == [0.5, 0.5]
     model = load_model(model_copy)
     rt = OnnxRuntime(model)
     out = rt.infer(np.zeros((2, 1, 128, 128), np.float32))

@@ -70,6 +70,10 @@ def kill_orthanc(node: Node) -> int:
     return pid
 
 
+def orthanc_restarted(node: Node, old_pid: int) -> None:
+    wait_for(lambda: node.orthanc_pid() != old_pid and node.client.ready(), 90, "serve to restart Orthanc")
+
+
 # --- pick-up: a series whose stable event was lost is still processed, once ---------------------
 def test_orthanc_killed_within_the_stable_window_loses_nothing(
     node: Node, pacs: Pacs, tmp_path: Path
@@ -77,7 +81,7 @@ def test_orthanc_killed_within_the_stable_window_loses_nothing(
     ct = phantom(tmp_path, 301, slices=16)
     node.store_scu(ct.files)  # every C-STORE answered Success: the node owes this series a result
     old = kill_orthanc(node)  # before stable_age_s: Orthanc never calls the series stable
-    wait_for(lambda: node.orthanc_pid() != old and node.client.ready(), 90, "serve to restart Orthanc")
+    orthanc_restarted(node, old)
     node.wait_job(ct.series_uid, ("done",), timeout=90)
     sid = node.series_id(ct.series_uid)
     orthanc_log = (Path(node.config["data_dir"]) / "orthanc.log").read_text()
@@ -113,7 +117,7 @@ def test_orthanc_killed_while_receiving_then_resent(node: Node, pacs: Pacs, tmp_
     wait_for(lambda: node.series_id(ct.series_uid), 30, "the first instances in Orthanc", interval=0.05)
     old = kill_orthanc(node)
     sender.wait(60)
-    wait_for(lambda: node.orthanc_pid() != old and node.client.ready(), 90, "serve to restart Orthanc")
+    orthanc_restarted(node, old)
     node.store_scu(ct.files)  # the modality resends what was not acknowledged (here: everything)
 
     def complete():

@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--out", type=Path, default=None, help="model folder (default: models/phantom-fm)")
     tr.add_argument(
         "--head",
-        choices=("lesions", "lesion_presence"),
-        help="retrain only this head on the model folder's exported (frozen) backbone (lesions: stage 3)",
+        choices=("organs", "lesions", "lesion_presence"),
+        help="retrain only this head on the model folder's exported (frozen) backbone (organs: stage 2's, "
+        "from its weights, with CT numbers found again; lesions: stage 3)",
     )
     bd = msub.add_parser(
         "build", help="build (or find in the cache) the TensorRT engines of a model (GPU only)"
@@ -648,9 +649,10 @@ def cmd_models(args) -> int:
         logging.getLogger("node").setLevel(logging.INFO)
         out = args.out or MODELS_DIR / "phantom-fm"
         if args.head:
-            from node.tools.train_reference import retrain_lesions, retrain_presence
+            from node.tools.train_reference import retrain_lesions, retrain_organs, retrain_presence
 
-            (retrain_lesions if args.head == "lesions" else retrain_presence)(out)
+            retrain = {"organs": retrain_organs, "lesions": retrain_lesions, "lesion_presence": retrain_presence}[args.head]
+            retrain(out)
             print(f"retrained head {args.head} in {out} (backbone untouched)")
             return EXIT_OK
         stats = train(out)

@@ -166,19 +166,47 @@ def test_a_3d_manifest_without_its_grid_is_refused_with_one_line(model_copy, tmp
 
 def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
     pytest.importorskip("torch")
-    from node.tools.train_reference import Config, retrain_lesions, retrain_presence
+    from node.tools.train_reference import Config, retrain_lesions, retrain_organs, retrain_presence
 
     graphs = {f.name: f.read_bytes() for f in model_copy.glob("*.onnx")}
     retrain_presence(model_copy, Config(n_train=3, slices_per_phantom=4, steps=2))
     retrain_lesions(model_copy, Config(lesion_phantoms=3, lesion_steps=2))
     changed = {f.name for f in model_copy.glob("*.onnx") if f.read_bytes() != graphs[f.name]}
     assert changed == {"head_lesion_presence.onnx", "head_lesions.onnx"}  # the backbone and organs untouched
+    retrain_organs(model_copy, Config(n_train=2, slices_per_phantom=4, head_steps=2))
+    changed = {f.name for f in model_copy.glob("*.onnx") if f.read_bytes() != graphs[f.name]}
+    assert changed == {"head_lesion_presence.onnx", "head_lesions.onnx", "head_organs.onnx"}
+    assert json.loads((model_copy / "source" / "head_organs" / "config.json").read_text())["context"] is True
     # the lesion head: stage 3's two decoders, averaged
     assert json.loads((model_copy / "source" / "head_lesions" / "config.json").read_text())["ensemble"] == [0.5, 0.5]
     model = load_model(model_copy)
     rt = OnnxRuntime(model)
     out = rt.infer(np.zeros((2, 1, 128, 128), np.float32))
     assert rt.classify(model.heads[2], out.features).shape == (2,)
+
+
+def test_the_organ_head_finds_ct_numbers_again():
+    """Curia's per-slice z-score hides CT numbers (liver and soft tissue end up hundredths of a unit
+    apart); the reference organ head finds them again from air and fat. On fresh phantom slices
+    through the liver, acquired every way training saw, its liver reads 60 HU, and it says which
+    slices cannot be calibrated (MR; CT without air in the field of view)."""
+    pytest.importorskip("torch")
+    import torch
+
+    from node.model.importers.heads import read_own_head
+    from node.tools.train_reference import Config, make_dataset
+
+    folder = MODELS_DIR / "phantom-fm" / "source" / "head_organs"
+    organs = read_own_head(folder, json.loads((folder / "config.json").read_text()), 96).module(96, 8)
+    data, _ = make_dataset(Config(slices_per_phantom=4), range(91000, 91024), np.random.default_rng(91000), True)
+    with torch.no_grad():
+        hu, calibrated = organs.hounsfield(torch.from_numpy(data.image))
+    known = ~np.isnan(data.fat)  # CT slices with air and a body
+    liver = np.array([np.median(hu[i, 0].numpy()[data.organs[i] == 1]) for i in np.flatnonzero(known)
+                      if (data.organs[i] == 1).sum() > 100])  # fmt: skip
+    assert len(liver) >= 10
+    assert abs(np.median(liver) - 60) < 8 and np.percentile(np.abs(liver - 60), 75) < 15, liver
+    assert calibrated[known].mean() > 0.8 and calibrated[~known].mean() < 0.3
 
 
 def test_training_loops_flush_denormals_even_after_onnxruntime_cleared_them():

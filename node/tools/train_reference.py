@@ -16,12 +16,14 @@ axial grid lies outside the acquired slab they are ignored.
 
 Training has three stages. 1: the backbone and its two decoders together (organs, lesions; each
 sees the slice and its patch tokens), a supervised stand-in for the self-supervised pre-training of
-a real foundation model. 2: the backbone frozen, both decoders on new phantoms from head to pelvis.
-3: the lesion head anew on the frozen backbone, two decoders on crops of many phantoms, averaged
+a real foundation model. 2: the backbone frozen, both decoders on new phantoms from head to pelvis,
+the organ decoder now finding each CT slice's CT numbers again (:func:`with_context`,
+:func:`fit_calibration`). 3: the lesion head anew on the frozen backbone, two decoders on crops of
+many phantoms, averaged
 (:func:`retrain_lesions`). The lesion-presence head is stage 2's lesion decoder read as a
 series-level finding (its most probable slice). Each head is saved on its own, so a head can be
-retrained or added on the frozen backbone without touching it (:func:`retrain_lesions`,
-:func:`retrain_presence`).
+retrained or added on the frozen backbone without touching it (:func:`retrain_organs`,
+:func:`retrain_lesions`, :func:`retrain_presence`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Stack:
     image: np.ndarray  # (n, 1, S, S) float32, the backbone's input
     organs: np.ndarray  # (n, S, S) uint8, IGNORE outside the slab
     lesion: np.ndarray  # (n, S, S) uint8 0/1, IGNORE outside the slab
+    fat: np.ndarray  # (n,) float32: fat's height above air in z-units; NaN unless CT with air, body
 
 
 def sample_stack(seed: int, size: int, n_slices: int, rng: np.random.Generator, whole_body: bool = False) -> Stack:
@@ -161,7 +164,14 @@ def sample_stack(seed: int, size: int, n_slices: int, rng: np.random.Generator, 
         start = (len(pick) - n_slices) // 2
         pick = pick[start : start + n_slices]
     plane = ResizeMap(canonical.shape[1:], tuple(canonical.spacing[1:]), size)
-    x = normalise(plane.to_model(canonical.array[pick], -1000.0), modality, ZSCORE)
+    hu = plane.to_model(canonical.array[pick], -1000.0)
+    x = normalise(hu, modality, ZSCORE)
+    # what the organ head's calibration learns: -100 HU above -1000 in units of the slice's spread,
+    # where the slice holds air (its lowest value is -1000 HU) and a body (a spread of 100 HU or more)
+    clipped = np.maximum(hu, -1000.0)
+    spread = clipped.std(axis=(1, 2))
+    calibrated = (modality == "CT") & (clipped.min(axis=(1, 2)) == -1000.0) & (spread >= 100)
+    fat = np.where(calibrated, 900 / spread, np.nan)
     # truth at the centre of each model pixel
     u = plane.model_to_canonical(0)
     v = plane.model_to_canonical(1)
@@ -175,7 +185,7 @@ def sample_stack(seed: int, size: int, n_slices: int, rng: np.random.Generator, 
     outside = np.any((src[:3].T < -0.5) | (np.array(shape) - 0.5 < src[:3].T), axis=1)
     organs[outside], lesion[outside] = IGNORE, IGNORE
     grid = (len(pick), size, size)
-    return Stack(x, organs.reshape(grid), lesion.reshape(grid))
+    return Stack(x, organs.reshape(grid), lesion.reshape(grid), fat.astype(np.float32))
 
 
 def make_dataset(
@@ -183,7 +193,8 @@ def make_dataset(
 ) -> tuple[Stack, np.ndarray]:
     stacks = [sample_stack(seed, cfg.size, cfg.slices_per_phantom, rng, whole_body) for seed in seeds]
     ids = np.concatenate([np.full(len(s.image), k) for k, s in enumerate(stacks)])
-    return Stack(*(np.concatenate([getattr(s, f) for s in stacks]) for f in ("image", "organs", "lesion"))), ids
+    fields = ("image", "organs", "lesion", "fat")
+    return Stack(*(np.concatenate([getattr(s, f) for s in stacks]) for f in fields)), ids
 
 
 # -- losses -------------------------------------------------------------------------
@@ -232,7 +243,7 @@ def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", versi
     data, _ = make_dataset(cfg, range(1000, 1000 + cfg.n_train), np.random.default_rng(cfg.seed))
     log.info("stage 1 dataset: %d slices in %.0f s", len(data.image), time.perf_counter() - t0)
 
-    def joint(x, y_org, y_les):
+    def joint(x, y_org, y_les, fat):
         tokens = backbone(pixel_values=x).last_hidden_state[:, 1:]
         return _seg_loss(organs.logits(tokens, x), y_org) + _seg_loss(lesions.logits(tokens, x), y_les, LESION_WEIGHT)
 
@@ -246,10 +257,14 @@ def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", versi
         x = torch.from_numpy(heads_data.image)
         tokens = torch.cat([backbone(pixel_values=x[i : i + 64]).last_hidden_state[:, 1:] for i in range(0, len(x), 64)])
 
-    def heads(x, y_org, y_les, t):
-        return _seg_loss(organs.logits(t, x), y_org) + _seg_loss(lesions.logits(t, x), y_les, LESION_WEIGHT)
+    organs = with_context(organs.state_dict(), cfg.dim, cfg.patch)
+    fit_calibration(organs, heads_data)
+
+    def heads(x, y_org, y_les, fat, t):
+        return _organ_loss(organs, t, x, y_org, fat) + _seg_loss(lesions.logits(t, x), y_les, LESION_WEIGHT)
 
     _fit((organs, lesions), heads, heads_data, tokens, cfg.head_steps, cfg, t0, lr=cfg.lr / 2)
+    modules = backbone, organs, lesions
     stage2 = time.perf_counter() - t0
     stats = {
         "train_slices": len(data.image) + len(heads_data.image),
@@ -274,10 +289,11 @@ LESION_WEIGHT = torch.tensor([1.0, 5.0])  # lesion pixels are rare
 
 def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: float, lr: float | None = None) -> None:
     """AdamW with a one-cycle schedule; half of every batch from slices with a lesion (rare, small).
-    ``loss_of(x, y_organs, y_lesion[, tokens])``: tokens given when the backbone is frozen."""
+    ``loss_of(x, y_organs, y_lesion, fat[, tokens])``: tokens given when the backbone is frozen."""
     x = torch.from_numpy(data.image)
     y_org = torch.from_numpy(data.organs.astype(np.int64))
     y_les = torch.from_numpy(data.lesion.astype(np.int64))
+    fat = torch.from_numpy(data.fat)
     positive = torch.nonzero((y_les == 1).flatten(1).any(1)).ravel()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     lr = lr or cfg.lr
@@ -290,7 +306,7 @@ def _fit(modules, loss_of, data: Stack, tokens, steps: int, cfg: Config, t0: flo
             half = cfg.batch // 2 if len(positive) else 0
             pos = positive[torch.randint(max(1, len(positive)), (half,))]
             idx = torch.cat([pos, torch.randint(len(x), (cfg.batch - half,))])
-            args = (_augment(x[idx]) if tokens is None else x[idx], y_org[idx], y_les[idx])
+            args = (_augment(x[idx]) if tokens is None else x[idx], y_org[idx], y_les[idx], fat[idx])
             loss = loss_of(*args) if tokens is None else loss_of(*args, tokens[idx])
             opt.zero_grad()
             loss.backward()
@@ -312,6 +328,8 @@ def write_heads(folder: Path, hidden: int, patch: int, organs, lesions) -> list[
         config = {"pacs_node_head": SEGMENTATION, "hidden_size": hidden, "labels": labels}
         if head == "lesions":  # one slice cannot tell an organ's end from a lesion; the organ head can
             config["organ_ends"] = "organs"
+        if hasattr(module, "probes"):  # CT numbers found again (with_context)
+            config["context"] = True
         heads.append(write_own_head(folder / f"head_{head}", module, config))
     presence = decoder_presence(hidden, patch)  # the lesion decoder, read as a series-level finding
     presence.decoder.load_state_dict(lesions.state_dict())
@@ -365,6 +383,7 @@ def _frozen_tokens(model_dir: Path, images: np.ndarray):
     model = load_model(model_dir)
     session = ort.InferenceSession(str(model.graph(model.backbone.graph)), providers=["CPUExecutionProvider"])
     tokens = np.concatenate([session.run(["tokens"], {"image": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
+    flush_denormals()  # ONNX Runtime cleared it here; torch's threads, if they start next, take it from here
     return tokens, tokens.shape[-1], model.input.size // int(round(np.sqrt(tokens.shape[1])))
 
 
@@ -537,3 +556,71 @@ def _augment(xb):
     scale = 1 + 0.1 * torch.randn(xb.shape[0], 1, 1, 1)
     shift = 0.05 * torch.randn(xb.shape[0], 1, 1, 1)
     return xb * scale + shift
+
+
+def retrain_organs(model_dir: Path, cfg: Config = Config()) -> Path:
+    """Stage 2's organ head again on the model folder's exported (frozen) backbone, from its current
+    weights, with CT numbers found again (:func:`with_context`), and re-exported alone."""
+    flush_denormals()
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    cfg = _sized_for(model_dir, cfg)
+    torch.manual_seed(cfg.seed + 5)
+    data, _ = make_dataset(cfg, range(5000, 5000 + cfg.n_train), np.random.default_rng(cfg.seed + 2), True)
+    tokens, hidden, patch = _frozen_tokens(model_dir, data.image)
+    organs = with_context(load_file(model_dir / "source" / "head_organs" / "model.safetensors"), hidden, patch)
+    fit_calibration(organs, data)
+
+    def loss(x, y_org, y_les, fat, t):
+        return _organ_loss(organs, t, x, y_org, fat)
+
+    _fit((organs,), loss, data, torch.from_numpy(tokens), cfg.head_steps, cfg, t0, lr=cfg.lr / 2)
+    _rewrite_head(model_dir, "organs", organs, hidden, patch, cfg.size, context=True)
+    log.info("organ head retrained in %.0f s", time.perf_counter() - t0)
+    return model_dir
+
+
+def with_context(state: dict, hidden: int, patch: int):
+    """An organ decoder with CT numbers found again (``context``), from a decoder's weights with or
+    without it: what it adds starts at zero weight, so it begins as the decoder it was given."""
+    from node.model.importers.heads import segmentation_decoder
+
+    organs = segmentation_decoder(hidden, patch, len(ORGANS) + 1, context=True)
+    first, given = organs.enc1[0].weight, state["enc1.0.weight"]
+    if given.shape != first.shape:  # the CT-number windows are new inputs of the first convolution
+        new = given.new_zeros(first.shape[0], first.shape[1] - given.shape[1], *given.shape[2:])
+        state = {**state, "enc1.0.weight": torch.cat([given, new], 1)}
+    organs.load_state_dict(state, strict=False)
+    return organs
+
+
+def _organ_loss(organs, tokens, x, y_org, fat):
+    """The context organ decoder's loss: its segmentation, and its calibration."""
+    return _seg_loss(organs.logits(tokens, x), y_org) + _calibration_error(organs.calibration(organs.histogram(x)), fat)
+
+
+def _calibration_error(calibration, fat):
+    """What the context decoder's ``calibration`` of a batch is taught (``fat`` as :class:`Stack`
+    has it): fat's height above air (relative error), and whether the slice can be calibrated."""
+    predicted, gate = calibration
+    known = ~torch.isnan(fat)
+    height = ((predicted[known] / fat[known] - 1) ** 2).mean() if known.any() else predicted.sum() * 0
+    return height + F.binary_cross_entropy_with_logits(gate, known.float())
+
+
+def fit_calibration(decoder, data: Stack, steps: int = 3000) -> None:
+    """The context decoder's calibration network alone, on every slice's histogram at once, before
+    the decoder trains: the mean-shift finds fat only from a start near it (fat and soft tissue are
+    140 HU apart), and the decoder's own loop shows it 16 slices a step."""
+    x = torch.from_numpy(data.image)
+    with torch.no_grad():
+        stats = torch.cat([decoder.histogram(x[i : i + 256]) for i in range(0, len(x), 256)])
+    fat = torch.from_numpy(data.fat)
+    opt = torch.optim.Adam(decoder.context.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = _calibration_error(decoder.calibration(stats), fat)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log.info("calibration fitted on %d slices: loss %.4f", len(x), loss.item())

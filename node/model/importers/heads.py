@@ -17,6 +17,13 @@ from pathlib import Path
 from node.errors import ModelError
 
 SEGMENTATION = "segmentation_decoder"
+# the context decoder's soft cumulative histogram: sigmoids this steep (about 0.1 z-units wide),
+# this many, evenly over this range of heights above air (fat lies at 1.3-3.6 in body slices);
+# the width of the window its mean-shift finds fat's mode with (CT noise of 5-25 HU is 0.01-0.06);
+# windows on the CT numbers found
+PROBES, PROBE_GAIN, PROBE_RANGE = 48, 40.0, (0.0, 4.5)
+FAT_WIDTH = 0.03
+HU_WINDOWS = 6
 PRESENCE = "decoder_presence"
 ARCHITECTURES = (SEGMENTATION, PRESENCE)
 
@@ -30,7 +37,12 @@ def _torch():
 
 
 def segmentation_decoder(
-    hidden: int, patch: int, classes: int, widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6
+    hidden: int,
+    patch: int,
+    classes: int,
+    widths: tuple[int, int, int] = (8, 16, 32),
+    windows: int = 6,
+    context: bool = False,
 ):
     """A light U-Net on the slice with the backbone's patch tokens joined at a quarter of its size.
 
@@ -38,6 +50,15 @@ def segmentation_decoder(
     3-pixel lesion. It starts with learned soft windows (``tanh(gain * (z - centre))``): in a slice
     z-scored over air and body, soft-tissue contrasts of 20-70 HU are a few hundredths of a unit,
     and a window is what a radiologist would use to see them.
+
+    ``context``: CT numbers found again. Curia's per-slice z-score puts a given HU at a place that
+    moves with what else the slice holds (air, lung, fat), and liver (60 HU) and soft tissue (40)
+    end up a few hundredths of a unit apart, closer than that place moves. So the head calibrates
+    each slice against two tissues every body slice shows: air, its lowest value (clipped at -1000
+    HU), and fat (-100 HU), found as the mode of the slice's histogram near where a small network
+    on that histogram (:data:`PROBES`) puts it, taught to (``calibration``). The slice's CT numbers
+    then feed windows of their own, gated by how sure the network is that the slice is CT with air
+    in it (an MR slice, or a field of view inside the body, has no such reference).
     (N, T, D) tokens + (N, 1, S, S) slice -> (N, K, S, S) class probabilities.
     """
     torch, nn, F = _torch()
@@ -59,7 +80,22 @@ def segmentation_decoder(
                 gain = 10.0
                 self.window.weight.fill_(gain)
                 self.window.bias.copy_(-gain * torch.linspace(-0.5, 2.0, windows))
-            self.enc1, self.enc2, self.enc3 = block(1 + windows, c1), block(c1, c2, 2), block(c2, c3, 2)
+            if context:
+                self.probes = nn.Conv2d(1, PROBES, 1)
+                self.probes.requires_grad_(False)  # fixed: a soft cumulative histogram, not a feature
+                with torch.no_grad():
+                    self.probes.weight.fill_(PROBE_GAIN)
+                    self.probes.bias.copy_(-PROBE_GAIN * torch.linspace(*PROBE_RANGE, PROBES))
+                # the histogram -> (fat above air, in z-units; can the slice be calibrated)
+                self.context = nn.Sequential(
+                    nn.Linear(PROBES + 1, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 2)
+                )
+                self.hu_window = nn.Conv2d(1, HU_WINDOWS, 1)
+                with torch.no_grad():  # centres from fat to beyond the kidneys, about 25 HU wide
+                    self.hu_window.weight.fill_(4.0)
+                    self.hu_window.bias.copy_(-4.0 * torch.linspace(-1.0, 3.0, HU_WINDOWS))
+            inputs = 1 + windows + (HU_WINDOWS if context else 0)
+            self.enc1, self.enc2, self.enc3 = block(inputs, c1), block(c1, c2, 2), block(c2, c3, 2)
             self.tokens = nn.Conv2d(hidden, c3, 1)
             self.mid = block(2 * c3, c3)
             self.dec2 = block(c3 + c2, c2)
@@ -71,7 +107,11 @@ def segmentation_decoder(
             n, t, d = tokens.shape
             size = image.shape[-1]
             grid = size // patch
-            e1 = self.enc1(torch.cat([image, torch.tanh(self.window(image))], 1))
+            channels = [image, torch.tanh(self.window(image))]
+            if context:
+                hu, ct = self.hounsfield(image)
+                channels.append(ct[:, :, None, None] * torch.tanh(self.hu_window(hu / 100)))
+            e1 = self.enc1(torch.cat(channels, 1))
             e2 = self.enc2(e1)
             e3 = self.enc3(e2)
             f = self.tokens(tokens.transpose(1, 2).reshape(n, d, grid, grid))
@@ -81,6 +121,33 @@ def segmentation_decoder(
             x = self.dec2(torch.cat([x, e2], 1))
             x = F.interpolate(x, size=e1.shape[-2:], mode="bilinear", align_corners=False)
             return self.dec1(torch.cat([x, e1], 1))
+
+        def histogram(self, image):
+            """(N, 1, S, S) slices -> (N, PROBES + 1): the soft cumulative histogram of each slice's
+            height above its lowest value (where CT numbers are a pure scale of it), averaged over
+            4x4 pixels (16x less work; the tissues' peaks stand where they were, narrower), and
+            the lowest value."""
+            low = image.amin((2, 3), keepdim=True)
+            small = F.avg_pool2d(image - low, 4)
+            return torch.cat([torch.sigmoid(self.probes(small)).mean((2, 3)), low[:, :, 0, 0]], 1)
+
+        def calibration(self, stats):
+            """Per slice, from its :meth:`histogram`: fat's height above air in z-units as the
+            network puts it, and the logit that the slice can be calibrated (CT, with air)."""
+            out = self.context(stats)
+            return F.softplus(out[:, 0]), out[:, 1]
+
+        def hounsfield(self, image):
+            """(N, 1, S, S) z-scored slices -> their CT numbers (HU) and (N, 1) the chance that
+            these mean something (a CT slice with air in it)."""
+            above_air = image - image.amin((2, 3), keepdim=True)
+            fat, ct = self.calibration(self.histogram(image))
+            with torch.no_grad():  # to the mode of the histogram near there: mean-shift
+                fat = fat[:, None, None, None]
+                for _ in range(3):
+                    near = torch.exp(-0.5 * ((above_air - fat) / FAT_WIDTH) ** 2)
+                    fat = (near * above_air).sum((2, 3), True) / (near.sum((2, 3), True) + 1e-6)
+            return -1000 + 900 * above_air / fat.clamp_min(1e-3), torch.sigmoid(ct)[:, None]
 
         def forward(self, tokens, image):
             return torch.softmax(self.logits(tokens, image), dim=1)
@@ -145,7 +212,8 @@ class OwnHead:
         if self.architecture == SEGMENTATION and c.get("ensemble"):
             module = decoder_ensemble(hidden, patch, len(c["labels"]) + 1, tuple(c["ensemble"]), **shape)
         elif self.architecture == SEGMENTATION:
-            module = segmentation_decoder(hidden, patch, len(c["labels"]) + 1, **shape)
+            classes, context = len(c["labels"]) + 1, bool(c.get("context"))
+            module = segmentation_decoder(hidden, patch, classes, **shape, context=context)
         else:
             module = decoder_presence(hidden, patch, **shape)
         path = self.folder / "model.safetensors"
@@ -198,6 +266,8 @@ def read_own_head(folder: Path, config: dict, hidden: int) -> OwnHead:
         and abs(sum(weights) - 1) < 1e-6
     ):  # fmt: skip
         raise ModelError(f"{folder / 'config.json'}: ensemble {weights!r} is not two or more positive weights summing to 1")
+    if not isinstance(config.get("context", False), bool):
+        raise ModelError(f"{folder / 'config.json'}: context {config['context']!r} is not true or false")
     need = ("labels",) if arch == SEGMENTATION else ("finding", "positive", "negative")
     missing = [k for k in need if not config.get(k)]
     if missing:

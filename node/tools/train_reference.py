@@ -233,7 +233,7 @@ def build(cfg: Config):
     return backbone, segmentation_decoder(cfg.dim, cfg.patch, len(ORGANS) + 1), segmentation_decoder(cfg.dim, cfg.patch, 2)
 
 
-def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.3.0") -> dict:
+def train(out_dir: Path, cfg: Config = Config(), name: str = "phantom-fm", version: str = "2.5.0") -> dict:
     """Train, save the Hugging Face checkpoint and head folders under ``out_dir/source``, and import
     them into ``out_dir`` (a model folder). Returns training stats."""
     flush_denormals()

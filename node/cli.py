@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "--head",
         choices=("organs", "lesions", "lesion_presence"),
         help="retrain only this head on the model folder's exported (frozen) backbone (organs: stage 2's, "
-        "from its weights, with CT numbers found again; lesions: stage 3)",
+        "from its weights, with CT numbers found again; lesions: stage 3, with the organ head's CT numbers, "
+        "and the presence head, which reads it)",
     )
     bd = msub.add_parser(
         "build", help="build (or find in the cache) the TensorRT engines of a model (GPU only)"
@@ -608,10 +609,13 @@ def cmd_heads(args) -> int:
         print(f"head {args.head}: version {s.active} active" if s.active else f"head {args.head}: switched off")
         return EXIT_OK
     if args.heads_command == "calibrate":
-        from node.learn.calibrate_shipped import calibrate_head
+        from node.learn.calibrate_shipped import calibrate_head, improves
 
         r = calibrate_head(folder, args.head, n_series=args.series, kind=args.kind)
-        print(f"head {args.head}: {args.kind} calibration, ECE {r.ece_before:.3f} -> {r.ece_after:.3f} on {r.n} series")
+        ece = f"ECE {r.ece_before:.3f} -> {r.ece_after:.3f} on {r.n} series"
+        print(f"head {args.head}: {args.kind} calibration, {ece}" if improves(r) else
+              f"head {args.head}: {args.kind} calibration would not lower the ECE ({ece}): not written, "
+              "the head states its own probabilities")  # fmt: skip
         return EXIT_OK
     if args.heads_command == "shadow":
         head_versions.shadow(folder, args.head, args.version)

@@ -151,6 +151,9 @@ def test_write_calibration_adds_one_key_and_keeps_the_rest(tmp_path):
     block = yaml.safe_dump({"calibration": isotonic.model_dump(mode="json", exclude_defaults=True)}, sort_keys=False)
     indented = "".join("  " + line + "\n" for line in block.splitlines())
     assert text == original.replace("- name: lesions\n", indented + "- name: lesions\n")
+    # taken away (a calibration that would not lower the ECE, or a retrained head's): the original again
+    write_calibration(manifest, "lesion_presence", None)
+    assert manifest.read_text() == original
 
 
 def test_reliability_diagram_is_a_png(tmp_path, overconfident):
@@ -199,11 +202,12 @@ def test_shipped_head_calibrates_on_phantoms(tmp_path):
     report = calibrate_head(copy, "lesion_presence", n_series=16)
     head = next(h for h in load_model(copy).heads if h.name == "lesion_presence")
     assert head.calibration == report.calibration and report.calibration.kind == "temperature"
-    # the head is over-confident (series without a lesion at 0.97-0.999): the fit softens it
-    assert report.calibration.temperature > 1.5
-    # the 16 series are fixed by their seeds, so the figures are too (measured: 0.210 before, 0.195
-    # after, cross-fitted); 0.25 leaves margin for floating-point differences between machines
-    assert report.ece_after < report.ece_before and report.ece_after < 0.25
+    # the 16 series are fixed by their seeds, so the figures are too: the head tells every one of
+    # them right (AUC 1), at raw probabilities of 0.04-0.45 without a lesion and 0.84-1 with one
+    # (measured ECE 0.132), so the fit sharpens it (T < 1; measured: T at its bound 0.01, ECE 0.0,
+    # cross-fitted); 0.1 leaves margin for floating-point differences between machines
+    assert report.calibration.temperature < 1
+    assert report.ece_after < report.ece_before - 0.1
     png = copy / "calibration_lesion_presence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after = yaml.safe_load((copy / "model.yaml").read_text())

@@ -71,10 +71,10 @@ def test_head_versions_activate_shadow_rollback(model_dir: Path) -> None:
             json.dumps({**entry.model_dump(mode="json", exclude_defaults=True), "name": "organs2", "graph": "head.onnx"})
         )
     assert head_versions.next_version(model_dir, "organs2") == "3"
-    assert load_model(model_dir).version == "2.4.0"  # nothing active yet
+    assert load_model(model_dir).version == "2.5.0"  # nothing active yet
     head_versions.activate(model_dir, "organs2", "1")
     model = load_model(model_dir)
-    assert model.version == "2.4.0+organs2.1" and model.base_version == "2.4.0"
+    assert model.version == "2.5.0+organs2.1" and model.base_version == "2.5.0"
     (learned,) = [h for h in model.heads if h.version]
     assert (learned.name, learned.version, learned.graph) == ("organs2", "1", "heads/organs2/1/head.onnx")
 
@@ -89,7 +89,7 @@ def test_head_versions_activate_shadow_rollback(model_dir: Path) -> None:
     assert (s.active, s.shadow, s.history) == ("2", None, ("1", "2"))
     assert head_versions.rollback(model_dir, "organs2").active == "1"
     assert head_versions.rollback(model_dir, "organs2").active is None
-    assert load_model(model_dir).version == "2.4.0"
+    assert load_model(model_dir).version == "2.5.0"
     with pytest.raises(ModelError, match="no active version"):
         head_versions.rollback(model_dir, "organs2")
     with pytest.raises(ModelError, match=r"no version 9 .*versions: 1, 2"):

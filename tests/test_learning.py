@@ -250,9 +250,10 @@ def test_a_worse_version_is_refused_by_the_gate_and_runs_in_shadow_unsent(depart
     # a radiologist's label arriving later: both versions are judged on it, counted, nothing sent
     d.node.store_scu([drawn_aorta(fresh, d.tmp / "later.dcm")], calling_ae="SLICER")
 
-    def judged():
+    def judged():  # both versions' scores (the worker records one after the other)
         text = d.node.get("/metrics")[1]
-        return text if sample(text, "pacs_node_shadow_label_dice_count", 'role="shadow"') >= 1 else None
+        done = all(sample(text, "pacs_node_shadow_label_dice_count", f'role="{r}"') >= 1 for r in ("shadow", "active"))
+        return text if done else None
 
     text = wait_for(judged, 60, "the shadow judged on the new label")
     mean = {

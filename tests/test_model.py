@@ -166,23 +166,46 @@ def test_a_3d_manifest_without_its_grid_is_refused_with_one_line(model_copy, tmp
 
 def test_a_head_is_retrained_without_touching_the_backbone(model_copy):
     pytest.importorskip("torch")
+    from node.learn.calibrate_shipped import write_calibration
+    from node.model.calibration import Calibration
     from node.tools.train_reference import Config, retrain_lesions, retrain_organs, retrain_presence
 
     graphs = {f.name: f.read_bytes() for f in model_copy.glob("*.onnx")}
     retrain_presence(model_copy, Config(n_train=3, slices_per_phantom=4, steps=2))
+    # a calibration fitted to the presence head's old outputs goes when the head is retrained
+    calibration = Calibration(kind="temperature", temperature=2.0)
+    write_calibration(model_copy / "model.yaml", "lesion_presence", calibration)
+    source = model_copy / "source" / "head_lesion_presence" / "config.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), "calibration": calibration.model_dump()}))
+    assert load_model(model_copy).heads[2].calibration == calibration
     retrain_lesions(model_copy, Config(lesion_phantoms=3, lesion_steps=2))
+    assert load_model(model_copy).heads[2].calibration is None and "calibration" not in json.loads(source.read_text())
     changed = {f.name for f in model_copy.glob("*.onnx") if f.read_bytes() != graphs[f.name]}
     assert changed == {"head_lesion_presence.onnx", "head_lesions.onnx"}  # the backbone and organs untouched
     retrain_organs(model_copy, Config(n_train=2, slices_per_phantom=4, head_steps=2))
     changed = {f.name for f in model_copy.glob("*.onnx") if f.read_bytes() != graphs[f.name]}
     assert changed == {"head_lesion_presence.onnx", "head_lesions.onnx", "head_organs.onnx"}
     assert json.loads((model_copy / "source" / "head_organs" / "config.json").read_text())["context"] is True
-    # the lesion head: stage 3's two decoders, averaged
-    assert json.loads((model_copy / "source" / "head_lesions" / "config.json").read_text())["ensemble"] == [0.5, 0.5]
+    # the lesion head: stage 3's two decoders, averaged, with the CT numbers; the presence head reads them
+    for head in ("lesions", "lesion_presence"):
+        config = json.loads((model_copy / "source" / f"head_{head}" / "config.json").read_text())
+        assert config["ensemble"] == [0.5, 0.5] and config["context"] is True, head
     model = load_model(model_copy)
     rt = OnnxRuntime(model)
     out = rt.infer(np.zeros((2, 1, 128, 128), np.float32))
     assert rt.classify(model.heads[2], out.features).shape == (2,)
+
+
+def test_the_lesion_head_is_not_retrained_without_the_organ_heads_calibration(model_copy):
+    pytest.importorskip("torch")
+    from node.tools.train_reference import Config, retrain_lesions
+
+    config = model_copy / "source" / "head_organs" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "context": False}))
+    graphs = {f.name: f.read_bytes() for f in model_copy.glob("*.onnx")}
+    with pytest.raises(ModelError, match="head_organs: the lesion head takes its CT numbers from the organ head's"):
+        retrain_lesions(model_copy, Config(lesion_phantoms=3, lesion_steps=2))
+    assert {f.name: f.read_bytes() for f in model_copy.glob("*.onnx")} == graphs
 
 
 def test_the_organ_head_finds_ct_numbers_again():
@@ -207,6 +230,12 @@ def test_the_organ_head_finds_ct_numbers_again():
     assert len(liver) >= 10
     assert abs(np.median(liver) - 60) < 8 and np.percentile(np.abs(liver - 60), 75) < 15, liver
     assert calibrated[known].mean() > 0.8 and calibrated[~known].mean() < 0.3
+    # the lesion head's two decoders find the same CT numbers (the organ head's calibration, as it is)
+    folder = folder.parent / "head_lesions"
+    lesions = read_own_head(folder, json.loads((folder / "config.json").read_text()), 96).module(96, 8)
+    with torch.no_grad():
+        for member in lesions.members:
+            np.testing.assert_array_equal(member.hounsfield(torch.from_numpy(data.image))[0], hu)
 
 
 def test_training_loops_flush_denormals_even_after_onnxruntime_cleared_them():

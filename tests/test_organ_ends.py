@@ -12,7 +12,7 @@ from node.model.manifest import MODELS_DIR, load_model
 from node.model.organ_ends import drop_organ_ends
 
 LIVER, LUNG = 1, 4
-SEED, CASES = 60_000, (5, 10)  # held-out phantoms (node.tools.evaluate), oblique: MR; CT, where the rule clears one
+SEED, CASES = 60_000, (5, 10)  # held-out phantoms (node.tools.evaluate), oblique: MR, where the rule clears one; CT
 
 
 def disc(radius: float, size: int = 64, centre: tuple[int, int] = (32, 32)) -> np.ndarray:

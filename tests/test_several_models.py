@@ -148,9 +148,9 @@ def test_several_models_give_one_seg_and_one_sr_naming_each_result_s_model(ct, a
     pipeline = Pipeline.of([engine("phantom-fm"), engine(folders["chest-triage"]), engine(folders["mr-organs"])])
     result = pipeline.process(ct, tmp_path)
     assert [(m.model, m.error) for m in result.models] == [
-        ("phantom-fm 2.4.0", None),
-        ("chest-triage 2.4.0", None),
-        ("mr-organs 2.4.0", "it takes MR, not CT"),
+        ("phantom-fm 2.5.0", None),
+        ("chest-triage 2.5.0", None),
+        ("mr-organs 2.5.0", "it takes MR, not CT"),
     ]
     files = {w.kind.value: w.path for w in result.outputs}
     assert sorted(files) == ["gsps", "outlines", "pmap", "seg", "sr"]
@@ -175,7 +175,7 @@ def test_several_models_give_one_seg_and_one_sr_naming_each_result_s_model(ct, a
     assert [(x.head, x.model.name) for x in c] == [("lesion_presence", "phantom-fm"), ("lesion_presence", "chest-triage")]
     assert c[0].probability == c[1].probability  # the same head on the same volume
     comments = [str(i.TextValue) for i in _items(sr) if i.get("ValueType") == "TEXT"]
-    assert any("model mr-organs 2.4.0 failed: it takes MR, not CT" in t for t in comments)
+    assert any("model mr-organs 2.5.0 failed: it takes MR, not CT" in t for t in comments)
     # what the node concludes from all of them (urgency) names them together
     assert set(names) == {"phantom-fm", "chest-triage", "phantom-fm+chest-triage"}
     if shutil.which("dsrdump"):
@@ -239,17 +239,17 @@ def test_node_routes_each_series_to_its_models(folders, pacs: Pacs, tmp_path):
         ct_job = n.wait_job(sent["CT"].series_uid, ("done",))
         mr_job = n.wait_job(sent["MR"].series_uid, ("done",))
         assert [(m["model"], m["error"]) for m in ct_job["models"]] == [
-            ("phantom-fm 2.4.0", None),
-            ("chest-triage 2.4.0", None),
-            ("mr-organs 2.4.0", "it takes MR, not CT"),
+            ("phantom-fm 2.5.0", None),
+            ("chest-triage 2.5.0", None),
+            ("mr-organs 2.5.0", "it takes MR, not CT"),
         ]
-        assert ct_job["error"] == "model mr-organs 2.4.0 failed: it takes MR, not CT"
-        assert ("model_failed", "mr-organs 2.4.0: it takes MR, not CT") in [
+        assert ct_job["error"] == "model mr-organs 2.5.0 failed: it takes MR, not CT"
+        assert ("model_failed", "mr-organs 2.5.0: it takes MR, not CT") in [
             (h["event"], h["detail"]) for h in ct_job["history"]
         ]
         assert [(m["model"], m["error"]) for m in mr_job["models"]] == [
-            ("phantom-fm 2.4.0", None),
-            ("mr-organs 2.4.0", None),
+            ("phantom-fm 2.5.0", None),
+            ("mr-organs 2.5.0", None),
         ]
         assert mr_job["error"] is None
         # one SEG and one SR per series at the PACS, the CT's SR naming both models that ran on it
@@ -261,8 +261,8 @@ def test_node_routes_each_series_to_its_models(folders, pacs: Pacs, tmp_path):
         assert listed[ct_job["id"]]["models"] == ct_job["models"]
         _, metrics = n.get("/metrics")
         for model, outcome, count in (
-            ("phantom-fm 2.4.0", "ran", 2), ("chest-triage 2.4.0", "ran", 1),
-            ("mr-organs 2.4.0", "failed", 1), ("mr-organs 2.4.0", "ran", 1),
+            ("phantom-fm 2.5.0", "ran", 2), ("chest-triage 2.5.0", "ran", 1),
+            ("mr-organs 2.5.0", "failed", 1), ("mr-organs 2.5.0", "ran", 1),
         ):  # fmt: skip
             assert f'pacs_node_model_runs_total{{model="{model}",outcome="{outcome}"}} {count}.0' in metrics
         assert 'pacs_node_model_info{device="cpu",model="chest-triage",precision="fp32"' in metrics
@@ -290,11 +290,11 @@ def test_cli_runs_several_models_and_says_which_failed(ct, folders, tmp_path):
 
     ok = run("phantom-fm", str(folders["chest-triage"]))
     assert ok.returncode == 0, ok.stderr
-    assert "model phantom-fm 2.4.0" in ok.stdout and "model chest-triage 2.4.0" in ok.stdout
+    assert "model phantom-fm 2.5.0" in ok.stdout and "model chest-triage 2.5.0" in ok.stdout
     assert sorted(p.name for p in (tmp_path / "out" / ct.series_uid).iterdir()) == [
         "gsps.dcm", "outlines.dcm", "pmap.dcm", "seg.dcm", "sr.dcm",
     ]  # fmt: skip
     partial = run("phantom-fm", str(folders["mr-organs"]))
     assert partial.returncode == 3, partial.stderr  # some of the work failed: the others' is written
-    assert partial.stderr.strip() == f"error: series {ct.series_uid}: model mr-organs 2.4.0 failed: it takes MR, not CT"
+    assert partial.stderr.strip() == f"error: series {ct.series_uid}: model mr-organs 2.5.0 failed: it takes MR, not CT"
     assert "Traceback" not in partial.stderr

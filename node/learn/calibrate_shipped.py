@@ -40,7 +40,9 @@ def calibrate_head(
     kind: Literal["temperature", "isotonic"] = "temperature",
 ) -> CalibrationReport:
     """Fit ``head``'s calibration on ``n_series`` phantoms (seeds ``seed`` ...), write it into the folder's
-    ``model.yaml`` (that head's ``calibration:`` key only) and ``calibration_<head>.png`` beside it."""
+    ``model.yaml`` (that head's ``calibration:`` key only) and ``calibration_<head>.png`` beside it.
+    Where it would not lower the cross-fitted ECE, the head's own probabilities are better stated:
+    no calibration is written, and one written before is taken away (:func:`improves`)."""
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     spec = next((h for h in model.heads if h.name == head), None)
@@ -59,11 +61,14 @@ def calibrate_head(
         )
     raw, truth = raw_probabilities(model, head, n_series, seed)
     report = fit(raw, truth, kind=kind, folds=FOLDS, seed=seed)
-    write_calibration(model_dir / "model.yaml", head, report.calibration)
+    calibration = report.calibration if improves(report) else None
+    write_calibration(model_dir / "model.yaml", head, calibration)
     source = model_dir / "source" / f"head_{head}" / "config.json"
     if source.exists():  # the head as trained: the importer carries its calibration into model.yaml again
         config = json.loads(source.read_text())
-        config["calibration"] = report.calibration.model_dump(exclude_defaults=True)
+        config.pop("calibration", None)
+        if calibration is not None:
+            config["calibration"] = calibration.model_dump(exclude_defaults=True)
         source.write_text(json.dumps(config, indent=2) + "\n")
     title = (
         f"{model.name} {model.version}, {head}: {kind} calibration\n"
@@ -71,6 +76,12 @@ def calibrate_head(
     )
     reliability_png(model_dir / f"calibration_{head}.png", raw, report.held_out, truth, title)
     return report
+
+
+def improves(report: CalibrationReport) -> bool:
+    """Whether the calibration states the head's probabilities better than the head itself does (its
+    cross-fitted ECE below the raw one's)."""
+    return report.ece_after < report.ece_before
 
 
 def raw_probabilities(model: ModelSpec, head: str, n_series: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,17 +101,20 @@ def raw_probabilities(model: ModelSpec, head: str, n_series: int, seed: int) -> 
     return np.asarray(raw), np.asarray(truth)
 
 
-def write_calibration(manifest: Path, head: str, calibration: Calibration) -> None:
-    """Set ``head``'s ``calibration:`` in ``manifest``, the rest of the file kept byte for byte (comments
-    too) when its layout is block style; otherwise the whole file is rewritten from its parsed content."""
+def write_calibration(manifest: Path, head: str, calibration: Calibration | None) -> None:
+    """Set ``head``'s ``calibration:`` in ``manifest`` (None: take it away), the rest of the file kept
+    byte for byte (comments too) when its layout is block style; otherwise the whole file is
+    rewritten from its parsed content."""
     text = manifest.read_text()
     data = yaml.safe_load(text)
-    entry = calibration.model_dump(mode="json", exclude_defaults=True)
+    entry = None if calibration is None else calibration.model_dump(mode="json", exclude_defaults=True)
     for h in data["heads"]:
         if h["name"] == head:
-            h["calibration"] = entry
+            h.pop("calibration", None)
+            if entry is not None:
+                h["calibration"] = entry
     ModelSpec(**data, path=manifest.parent)  # never write a manifest that would not load
-    new = _edited(text, head, yaml.safe_dump({"calibration": entry}, sort_keys=False))
+    new = _edited(text, head, "" if entry is None else yaml.safe_dump({"calibration": entry}, sort_keys=False))
     if new is None or yaml.safe_load(new) != data:
         comments = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
         new = comments + yaml.safe_dump(data, sort_keys=False)

@@ -45,6 +45,7 @@ class Example:
     # segmentation: (N, S, S) uint8, 1 inside the labelled structure in the model's plane;
     # classification: 0-d, 1 where the series shows the finding
     target: np.ndarray
+    modality: str = ""  # where read (a segmentation's series always is): cross-validation folds keep kinds apart
 
 
 def features_of(
@@ -153,7 +154,8 @@ def _example(
             seg_path = tmp / "seg.dcm"
             seg_path.write_bytes(orthanc.instance_file(_lookup(orthanc, ls.source, "Instance")))
             target = to_model_plane(volume, model, seg_mask(seg_path, volume, label))
-        return Example(hashed(series_uid), cached or features_of(volume, model, runtime, cache), target)
+        features = cached or features_of(volume, model, runtime, cache)
+        return Example(hashed(series_uid), features, target, volume.modality)
 
 
 def _lookup(orthanc: OrthancClient, uid: str, level: str) -> str:

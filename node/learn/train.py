@@ -155,9 +155,13 @@ def dice(module, examples: list[Example]) -> list[float]:
     return out
 
 
-def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
-    """k folds over n series, shuffled once: no series in two folds."""
-    order = np.random.default_rng(seed).permutation(n)
+def _folds(kinds: list[str], k: int, seed: int) -> list[np.ndarray]:
+    """k folds over the series (``kinds``: each one's modality, or ""), shuffled once: no series in
+    two folds, and each kind dealt over the folds in turn, so every fold trains on every kind the
+    final head does. (All CT in training and both MR series held out scored an aorta head 0.53
+    where folds that each kept an MR series scored it 0.77-0.87, on the same six series.)"""
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(np.flatnonzero(np.asarray(kinds) == kind)) for kind in sorted(set(kinds))])
     return [order[i::k] for i in range(k)]
 
 
@@ -197,7 +201,7 @@ def cross_validate(examples: list[Example], cfg: TrainConfig) -> tuple[float, ..
     k = min(cfg.folds, len(examples))
     if k < 2:
         return ()
-    folds = _folds(len(examples), k, cfg.seed)
+    folds = _folds([e.modality for e in examples], k, cfg.seed)
     scores = []
     for i, held in enumerate(folds):
         rest = [examples[j] for f in folds[:i] + folds[i + 1 :] for j in f]
@@ -297,7 +301,7 @@ def train_classification_head(
     t0 = time.monotonic()
     k = max(2, min(cfg.folds, int(min(y.sum(), len(y) - y.sum()))))
     oof = np.empty(len(y))
-    for held in _folds(len(y), k, cfg.seed):
+    for held in _folds([e.modality for e in examples], k, cfg.seed):
         rest = np.setdiff1d(np.arange(len(y)), held)
         oof[held] = probabilities(fit_linear(x[rest], y[rest], cfg), x[held])
     report = fit_calibration(oof, y, "temperature", folds=k, seed=cfg.seed)

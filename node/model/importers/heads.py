@@ -28,6 +28,16 @@ PRESENCE = "decoder_presence"
 ARCHITECTURES = (SEGMENTATION, PRESENCE)
 
 
+def _exact():
+    """fp32 for what follows, also inside a bf16 autocast (the reference recipe's decoders train in
+    one, ``Config.bf16``): outside one, nothing (an exported graph holds no trace of it)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    return torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else nullcontext()
+
+
 def _torch():
     import torch
     from torch import nn
@@ -103,15 +113,19 @@ def segmentation_decoder(
                 nn.Conv2d(c2 + c1, c1, 3, padding=1), nn.GELU(), nn.Conv2d(c1, classes, 1)
             )
 
-        def logits(self, tokens, image):
+        def logits(self, tokens, image, hounsfield=None):
+            """``hounsfield``: :meth:`hounsfield` of the whole slices ``image`` was cropped from (a
+            crop may hold no air or fat to go by); computed here when not given."""
             n, t, d = tokens.shape
             size = image.shape[-1]
             grid = size // patch
-            channels = [image, torch.tanh(self.window(image))]
-            if context:
-                hu, ct = self.hounsfield(image)
-                channels.append(ct[:, :, None, None] * torch.tanh(self.hu_window(hu / 100)))
-            e1 = self.enc1(torch.cat(channels, 1))
+            with _exact():  # the windows tell contrasts of a few hundredths of a z-unit, finer than bf16
+                channels = [image, torch.tanh(self.window(image))]
+                if context:
+                    hu, ct = self.hounsfield(image) if hounsfield is None else hounsfield
+                    channels.append(ct[:, :, None, None] * torch.tanh(self.hu_window(hu / 100)))
+                channels = torch.cat(channels, 1)
+            e1 = self.enc1(channels)
             e2 = self.enc2(e1)
             e3 = self.enc3(e2)
             f = self.tokens(tokens.transpose(1, 2).reshape(n, d, grid, grid))
@@ -156,7 +170,13 @@ def segmentation_decoder(
 
 
 def decoder_ensemble(
-    hidden: int, patch: int, classes: int, weights: tuple[float, ...], widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6
+    hidden: int,
+    patch: int,
+    classes: int,
+    weights: tuple[float, ...],
+    widths: tuple[int, int, int] = (8, 16, 32),
+    windows: int = 6,
+    context: bool = False,
 ):
     """Several segmentation decoders of one shape, their class probabilities averaged with ``weights``
     (summing to 1). Decoders trained apart rarely make the same mistake: where only one of them
@@ -167,7 +187,9 @@ def decoder_ensemble(
     class DecoderEnsemble(nn.Module):
         def __init__(self):
             super().__init__()
-            self.members = nn.ModuleList(segmentation_decoder(hidden, patch, classes, widths, windows) for _ in weights)
+            self.members = nn.ModuleList(
+                segmentation_decoder(hidden, patch, classes, widths, windows, context) for _ in weights
+            )
 
         def forward(self, tokens, image):
             return sum(w * m(tokens, image) for w, m in zip(weights, self.members, strict=True))
@@ -175,17 +197,28 @@ def decoder_ensemble(
     return DecoderEnsemble()
 
 
-def decoder_presence(hidden: int, patch: int, widths: tuple[int, int, int] = (8, 16, 32), windows: int = 6):
-    """A series-level finding read off a two-class segmentation decoder: each slice's score is its
-    highest lesion probability averaged over 3x3 pixels (one noisy pixel is not a lesion); the
-    series' is the highest of its slices (``reads: slices`` in the manifest).
-    (N, T, D) tokens + (N, 1, S, S) slices -> (N,) probabilities."""
+def decoder_presence(
+    hidden: int,
+    patch: int,
+    widths: tuple[int, int, int] = (8, 16, 32),
+    windows: int = 6,
+    weights: tuple[float, ...] | None = None,
+    context: bool = False,
+):
+    """A series-level finding read off a two-class segmentation decoder (an ensemble of them where
+    ``weights``): each slice's score is its highest lesion probability averaged over 3x3 pixels (one
+    noisy pixel is not a lesion); the series' is the highest of its slices (``reads: slices`` in
+    the manifest). (N, T, D) tokens + (N, 1, S, S) slices -> (N,) probabilities."""
     torch, nn, F = _torch()
 
     class DecoderPresence(nn.Module):
         def __init__(self):
             super().__init__()
-            self.decoder = segmentation_decoder(hidden, patch, 2, widths, windows)
+            self.decoder = (
+                decoder_ensemble(hidden, patch, 2, weights, widths, windows, context)
+                if weights
+                else segmentation_decoder(hidden, patch, 2, widths, windows, context)
+            )
 
         def forward(self, tokens, image):
             lesion = self.decoder(tokens, image)[:, 1:]
@@ -209,13 +242,13 @@ class OwnHead:
 
         c = self.config
         shape = {"widths": tuple(c.get("widths", (8, 16, 32))), "windows": int(c.get("windows", 6))}
-        if self.architecture == SEGMENTATION and c.get("ensemble"):
-            module = decoder_ensemble(hidden, patch, len(c["labels"]) + 1, tuple(c["ensemble"]), **shape)
+        classes, context, weights = len(c.get("labels", ())) + 1, bool(c.get("context")), c.get("ensemble")
+        if self.architecture == SEGMENTATION and weights:
+            module = decoder_ensemble(hidden, patch, classes, tuple(weights), **shape, context=context)
         elif self.architecture == SEGMENTATION:
-            classes, context = len(c["labels"]) + 1, bool(c.get("context"))
             module = segmentation_decoder(hidden, patch, classes, **shape, context=context)
         else:
-            module = decoder_presence(hidden, patch, **shape)
+            module = decoder_presence(hidden, patch, **shape, weights=weights and tuple(weights), context=context)
         path = self.folder / "model.safetensors"
         if not path.exists():
             raise ModelError(f"{self.folder}: no model.safetensors (the head's weights)")

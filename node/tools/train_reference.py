@@ -543,9 +543,8 @@ def _fit_on_crops(
         for step in range(cfg.lesion_steps):
             picks = [crop(int(s)) for s in rng.integers(0, len(tokens), cfg.lesion_batch)]
             t = np.stack([tokens[s, r : r + g, c : c + g].reshape(g * g, hidden) for s, (r, c) in picks])
-            x = np.stack([data.image[s][:, r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
-            y = np.stack([data.lesion[s][r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
-            hu = np.stack([hounsfield[0][s][:, r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
+            x, y, hu = (np.stack([a[s][..., r * patch : r * patch + px, c * patch : c * patch + px] for s, (r, c) in picks])
+                        for a in (data.image, data.lesion, hounsfield[0]))  # fmt: skip
             ct = hounsfield[1][[s for s, _ in picks]]
             logits = _logits(lesions, torch.from_numpy(t), _augment(torch.from_numpy(x)), cfg, (torch.from_numpy(hu), ct))
             loss = _seg_loss(logits, torch.from_numpy(y.astype(np.int64)), weight)

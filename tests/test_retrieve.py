@@ -200,9 +200,12 @@ def test_unreachable_silent_or_refusing_source_raises_fast(qr: QrScp, tmp_path: 
         return QueryRetrieveSource("pacs", "dicomweb", url=f"http://127.0.0.1:{port}/dicom-web", timeout_s=1)
 
     sources = {
-        "closed": (_source(closed, timeout_s=1), "failed (connection refused"),
-        "silent": (_source(port, timeout_s=1), "failed (connection refused, timeout"),
-        "wrong AE": (_source(qr.port, ae_title="NOT_QRSCP", timeout_s=1), "rejected"),
+        "closed": (_source(closed, timeout_s=1), "not reachable (connection refused"),
+        "silent": (_source(port, timeout_s=1), "not reachable (connection refused or timed out)"),
+        "wrong AE": (
+            _source(qr.port, ae_title="NOT_QRSCP", timeout_s=1),
+            "rejected (A-ASSOCIATE-RJ: Called AE title not recognised)",
+        ),
         "closed web": (web(closed), "connection failed"),
         "silent web": (web(port), "no answer in 1 s"),
     }

@@ -111,14 +111,8 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
         )
         syntaxes = [ts for ts in written if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)]
         ae.add_requested_context(sop_class, [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            why = "association rejected (A-ASSOCIATE-RJ): does it know our AE title and host?"
-        elif assoc.is_aborted:
-            why = "association aborted by the destination (A-ABORT)"
-        else:
-            why = "no association: not reachable (connection refused or timed out)"
+    assoc, why = associate(ae, dest.host, dest.port, dest.ae_title)
+    if why:
         return [Outcome(it.key, f"{dest.host}:{dest.port} {dest.ae_title}: {why}") for it in items]
     out = []
     try:
@@ -142,6 +136,31 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
         if assoc.is_established:
             assoc.release()
     return out
+
+
+def associate(ae, host: str, port: int, ae_title: str):
+    """``ae.associate``, and where no association came, why in one line ("" when established).
+
+    Judged by the PDUs the peer sent, not pynetdicom's flags: a refused connection also counts as
+    "aborted" there, and on a loaded machine an A-ASSOCIATE-RJ is reported as an abort when the peer
+    closes its socket right after sending it."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+
+    received: list = []
+    assoc = ae.associate(
+        host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_PDU_RECV, lambda e: received.append(e.pdu))]
+    )
+    rejects = [pdu for pdu in received if isinstance(pdu, A_ASSOCIATE_RJ)]
+    if assoc.is_established:
+        why = ""
+    elif rejects:
+        why = f"association rejected (A-ASSOCIATE-RJ: {rejects[0].reason_str})"
+    elif any(isinstance(pdu, A_ABORT_RQ) for pdu in received):
+        why = "association aborted by the peer (A-ABORT)"
+    else:
+        why = "no association: not reachable (connection refused or timed out)"
+    return assoc, why
 
 
 def _stow(dest: DicomWebDestination, items: list[Item]) -> list[Outcome]:

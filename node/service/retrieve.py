@@ -248,14 +248,14 @@ def _querier(source: QueryRetrieveSource, calling_ae: str) -> Iterator[Query]:
 def _association(source: QueryRetrieveSource, calling_ae: str, sop_class: UID) -> Iterator:
     from pynetdicom import AE
 
+    from node.service.egress import associate  # node.config reads this module: imported late
+
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = source.timeout_s
     ae.add_requested_context(sop_class)
-    assoc = ae.associate(source.host, source.port, ae_title=source.ae_title)
-    if not assoc.is_established:
-        where = f"{source.ae_title}@{source.host}:{source.port}"
-        why = "rejected" if assoc.is_rejected else "failed (connection refused, timeout or PACS down)"
-        raise RetrieveError(f"association with {where} {why}")
+    assoc, why = associate(ae, source.host, source.port, source.ae_title)
+    if why:
+        raise RetrieveError(f"{source.ae_title}@{source.host}:{source.port}: {why}")
     try:
         if not assoc.accepted_contexts:
             raise RetrieveError(f"{source.ae_title} does not accept {sop_class.name}")

@@ -609,11 +609,11 @@ def cmd_heads(args) -> int:
         print(f"head {args.head}: version {s.active} active" if s.active else f"head {args.head}: switched off")
         return EXIT_OK
     if args.heads_command == "calibrate":
-        from node.learn.calibrate_shipped import calibrate_head, improves
+        from node.learn.calibrate_shipped import calibrate_head
 
         r = calibrate_head(folder, args.head, n_series=args.series, kind=args.kind)
         ece = f"ECE {r.ece_before:.3f} -> {r.ece_after:.3f} on {r.n} series"
-        print(f"head {args.head}: {args.kind} calibration, {ece}" if improves(r) else
+        print(f"head {args.head}: {args.kind} calibration, {ece}" if r.improves else
               f"head {args.head}: {args.kind} calibration would not lower the ECE ({ece}): not written, "
               "the head states its own probabilities")  # fmt: skip
         return EXIT_OK

@@ -71,11 +71,24 @@ def test_isotonic_calibrates_with_a_compact_monotone_map(overconfident):
 
 
 def test_pool_adjacent_violators_on_a_small_case():
-    # 0.1 and 0.2 violate the order (1 then 0): one block, 0.15 -> 0.5; 0.3 and 0.4 are both 1: one
-    # block too (equal neighbours pool, so the knots' y rise strictly); the ends are held flat
+    # Platt's targets: the three positives count 4/5, the one negative 1/3. 0.1 and 0.2 violate the
+    # order (positive then negative): one block, 0.15 -> (4/5 + 1/3) / 2; 0.3 and 0.4 are both positive:
+    # one block too (equal neighbours pool, so the knots' y rise strictly); the ends are held flat
     x, y = fit_isotonic([0.4, 0.2, 0.3, 0.1], [1, 0, 1, 1])
     assert x == (0.0, 0.15, 0.35, 1.0)
-    assert y == (0.5, 0.5, 1.0, 1.0)
+    assert y == (0.566667, 0.566667, 0.8, 0.8)
+
+
+def test_a_sample_told_perfectly_is_not_calibrated_to_certainty():
+    # ten series the head tells right: with 0/1 targets the temperature would run to its bound (every
+    # answer 0 or 1) and isotonic's ends would be 0 and 1; Platt's targets are 1/7 and 6/7 here
+    p, y = [0.04, 0.1, 0.2, 0.3, 0.45, 0.84, 0.9, 0.95, 0.99, 0.999], [0] * 5 + [1] * 5
+    t = fit_temperature(p, y)
+    assert 1 < t < 10, t  # softened: 0.999 is surer than six in seven
+    assert fit_isotonic(p, y)[1] == (0.142857, 0.142857, 0.857143, 0.857143)
+    for kind in ("temperature", "isotonic"):
+        cal = fit(p, y, kind=kind).calibration
+        assert cal.apply(np.array([0.001]))[0] > 0.01 and cal.apply(np.array([0.999]))[0] < 0.99, kind
 
 
 def test_the_maps_keep_the_order_and_temperature_the_winner(overconfident, overconfident_classes):
@@ -190,24 +203,31 @@ def test_fit_needs_both_outcomes_and_enough_series():
         fit([0.2, 0.9, 0.7], [0, 1, 1])
 
 
-@pytest.mark.slow  # runs the reference model on 16 phantom series (~30 s on 2 cores)
+@pytest.mark.slow  # runs the reference model on 36 phantom series (~70 s on 2 cores)
 def test_shipped_head_calibrates_on_phantoms(tmp_path):
     copy = tmp_path / "phantom-fm"
     shutil.copytree(MODELS_DIR / "phantom-fm", copy, ignore=shutil.ignore_patterns("source", "*.pt2", "*.png"))
     before = yaml.safe_load((copy / "model.yaml").read_text())
+    assert load_model(copy).heads[2].calibration is not None  # the committed isotonic map
     with pytest.raises(ModelError, match="no classification head 'organs'"):
         calibrate_head(copy, "organs", n_series=1)
     with pytest.raises(InputError, match="3 series: calibration needs at least 5"):
         calibrate_head(copy, "lesion_presence", n_series=3)
+
+    # The series are fixed by their seeds, so the figures are too. Seeds 9000-9015: the head tells every
+    # one right (raw 0.04-0.45 without a lesion, 0.84-1 with one; ECE 0.132). Platt's targets (1/7 and
+    # 11/12 here) soften it (measured T 2.95), which raises the cross-fitted ECE (0.288): not written,
+    # and the map written before is taken away.
     report = calibrate_head(copy, "lesion_presence", n_series=16)
-    head = next(h for h in load_model(copy).heads if h.name == "lesion_presence")
-    assert head.calibration == report.calibration and report.calibration.kind == "temperature"
-    # the 16 series are fixed by their seeds, so the figures are too: the head tells every one of
-    # them right (AUC 1), at raw probabilities of 0.04-0.45 without a lesion and 0.84-1 with one
-    # (measured ECE 0.132), so the fit sharpens it (T < 1; measured: T at its bound 0.01, ECE 0.0,
-    # cross-fitted); 0.1 leaves margin for floating-point differences between machines
-    assert report.calibration.temperature < 1
-    assert report.ece_after < report.ece_before - 0.1
+    assert not report.improves and report.calibration.temperature > 1, report
+    assert load_model(copy).heads[2].calibration is None
+    # On 20 series from seed 9100 isotonic lowers the ECE (measured 0.158 -> 0.142) and is written; on
+    # most samples this small it does not (five of six seeds tried), so calibrate on 80 or more.
+    # The margin of 0.01 leaves room for floating-point differences between machines.
+    report = calibrate_head(copy, "lesion_presence", n_series=20, seed=9100, kind="isotonic")
+    assert report.ece_after < report.ece_before - 0.01, report
+    assert load_model(copy).heads[2].calibration == report.calibration
+    assert report.calibration.y[0] > 0 and report.calibration.y[-1] < 1  # never certain (Platt's targets)
     png = copy / "calibration_lesion_presence.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     after = yaml.safe_load((copy / "model.yaml").read_text())

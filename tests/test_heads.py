@@ -139,3 +139,23 @@ def test_a_classification_head_is_trained_calibrated_and_judged(model_dir: Path)
 
     verdict = gate(model, "finding", trained.version, examples(40, 2), 0.02, {"auc": 0.7})
     assert set(verdict.metrics) == {"auc", "accuracy", "sensitivity"} and verdict.metrics["auc"] >= 0.75
+
+
+def test_a_head_told_perfectly_on_few_series_keeps_its_own_probabilities(model_dir: Path) -> None:
+    """Twelve series the probe tells apart: Platt's targets (6/7 sure with six of a class) would soften
+    what it says, which raises the cross-fitted ECE, so no calibration is written and the card says so."""
+    pytest.importorskip("torch")
+    import yaml
+
+    from node.learn.train import TrainConfig, train_classification_head
+
+    examples = [
+        Example(f"s{i}", features(3, 500 + i, 20.0 if i % 2 else -20.0), np.array(i % 2, np.uint8)) for i in range(12)
+    ]
+    trained = train_classification_head(
+        load_model(model_dir), "clear", "Clear finding", "SCT:404684003", examples, TrainConfig(steps=200, folds=3)
+    )
+    cv = json.loads((trained.folder / "metrics.json").read_text())["cross_validated"]
+    assert cv["auc"] == 1.0 and cv["ece_after"] >= cv["ece_before"], cv
+    assert "calibration" not in yaml.safe_load((trained.folder / "head.yaml").read_text())
+    assert "not applied: it would not lower the ECE" in (trained.folder / "card.md").read_text()

@@ -42,7 +42,7 @@ def calibrate_head(
     """Fit ``head``'s calibration on ``n_series`` phantoms (seeds ``seed`` ...), write it into the folder's
     ``model.yaml`` (that head's ``calibration:`` key only) and ``calibration_<head>.png`` beside it.
     Where it would not lower the cross-fitted ECE, the head's own probabilities are better stated:
-    no calibration is written, and one written before is taken away (:func:`improves`)."""
+    no calibration is written, and one written before is taken away (``report.improves``)."""
     model_dir = Path(model_dir)
     model = load_model(model_dir)
     spec = next((h for h in model.heads if h.name == head), None)
@@ -61,7 +61,7 @@ def calibrate_head(
         )
     raw, truth = raw_probabilities(model, head, n_series, seed)
     report = fit(raw, truth, kind=kind, folds=FOLDS, seed=seed)
-    calibration = report.calibration if improves(report) else None
+    calibration = report.calibration if report.improves else None
     write_calibration(model_dir / "model.yaml", head, calibration)
     source = model_dir / "source" / f"head_{head}" / "config.json"
     if source.exists():  # the head as trained: the importer carries its calibration into model.yaml again
@@ -76,12 +76,6 @@ def calibrate_head(
     )
     reliability_png(model_dir / f"calibration_{head}.png", raw, report.held_out, truth, title)
     return report
-
-
-def improves(report: CalibrationReport) -> bool:
-    """Whether the calibration states the head's probabilities better than the head itself does (its
-    cross-fitted ECE below the raw one's)."""
-    return report.ece_after < report.ece_before
 
 
 def raw_probabilities(model: ModelSpec, head: str, n_series: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

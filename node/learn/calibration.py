@@ -10,6 +10,11 @@ ECE and the reliability diagram use equal-width bins of [0, 1]. A one-output hea
 binary reliability, which also shows a bias towards "absent". A head with several outputs (``(N, K)``,
 labels the class index) is binned on the predicted class's probability against how often it is right.
 
+Both maps are fitted to Platt's targets, not to 0 and 1: a series of a class seen n times counts as
+(n + 1) / (n + 2) sure. On a sample the head tells perfectly (common with a few dozen series) the
+maximum-likelihood temperature is zero and isotonic's ends are 0 and 1, so either would state certainty;
+with the targets both stay finite, and on hundreds of series they change almost nothing.
+
 numpy and scipy only; matplotlib is imported when a diagram is drawn.
 """
 
@@ -36,6 +41,12 @@ class CalibrationReport:
     n: int
     held_out: np.ndarray = field(repr=False, compare=False)  # the cross-fitted calibrated probabilities
 
+    @property
+    def improves(self) -> bool:
+        """Whether the map states the probabilities better than the head does (its cross-fitted ECE below
+        the raw one's); where not, the head's own probabilities are the ones to state."""
+        return self.ece_after < self.ece_before
+
 
 def fit_temperature(probs, labels) -> float:
     """The temperature T minimising the negative log-likelihood of ``sigmoid(logit(p) / T)`` (one output)
@@ -47,7 +58,8 @@ def fit_temperature(probs, labels) -> float:
 
 def fit_isotonic(probs, labels) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Pool-adjacent-violators: the non-decreasing fit of the labels on the probabilities, as knots ``x -> y``
-    (each pooled block's mean probability -> its frequency of positives, plus the ends 0 and 1, held flat)
+    (each pooled block's mean probability -> its frequency of positives, counted with Platt's targets,
+    plus the ends 0 and 1, held flat)
     for a piecewise-linear map. One output only: several classes have no single order to keep."""
     p, y = _checked(probs, labels)
     if p.ndim != 1:
@@ -55,7 +67,7 @@ def fit_isotonic(probs, labels) -> tuple[tuple[float, ...], tuple[float, ...]]:
             "isotonic calibration is for a one-output head (use temperature for several classes)"
         )
     values, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
-    positives = np.bincount(inverse, weights=y, minlength=len(values))
+    positives = np.bincount(inverse, weights=_targets(y, 2)[:, 1], minlength=len(values))
     blocks: list[list[float]] = []  # [sum of p, positives, count]; equal probabilities start pooled
     for v, pos, c in zip(values, positives, counts, strict=True):
         blocks.append([v * c, pos, c])
@@ -152,12 +164,24 @@ def _apply(calibration: Calibration, p: np.ndarray) -> np.ndarray:
 
 
 def _nll(p: np.ndarray, y: np.ndarray, t: float) -> float:
+    """Cross-entropy of the scaled probabilities against Platt's targets."""
     q = np.clip(p, _EPS, 1 - _EPS)
     if p.ndim == 1:
         z = np.log(q / (1 - q)) / t
-        return float(np.mean(np.logaddexp(0.0, np.where(y == 1, -z, z))))
+        target = _targets(y, 2)[:, 1]
+        return float(np.mean(target * np.logaddexp(0.0, -z) + (1 - target) * np.logaddexp(0.0, z)))
     z = np.log(q) / t
-    return float(np.mean(logsumexp(z, axis=1) - z[np.arange(len(y)), y]))
+    return float(np.mean(np.sum(_targets(y, p.shape[1]) * (logsumexp(z, axis=1, keepdims=True) - z), axis=1)))
+
+
+def _targets(y: np.ndarray, k: int) -> np.ndarray:
+    """Platt's targets, (N, k): a series of a class seen n times holds (n + 1) / (n + 2) on its class and
+    the rest, 1 / (n + 2), shared by the other classes (for two classes exactly Platt's 1999 rule)."""
+    n = np.bincount(y, minlength=k)[y]
+    sure = (n + 1) / (n + 2)
+    out = np.repeat(((1 - sure) / (k - 1))[:, None], k, axis=1)
+    out[np.arange(len(y)), y] = sure
+    return out
 
 
 def _reliability(p: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -305,6 +305,7 @@ def train_classification_head(
         rest = np.setdiff1d(np.arange(len(y)), held)
         oof[held] = probabilities(fit_linear(x[rest], y[rest], cfg), x[held])
     report = fit_calibration(oof, y, "temperature", folds=k, seed=cfg.seed)
+    stated = report.held_out if report.improves else oof  # the probabilities the head will state
     module = fit_linear(x, y, cfg)
     version, folder = _staging(model, name)
     _export_linear(module, x.shape[1], folder / "head.onnx")
@@ -312,12 +313,13 @@ def train_classification_head(
         "name": name, "kind": "classification", "graph": "head.onnx", "inputs": ["cls"], "reads": "cls",
         "finding": _concept(code, name, label), "positive": PRESENT,
         "negative": ABSENT, "threshold": 0.5, "outputs": ["sr"],
-        "calibration": report.calibration.model_dump(exclude_defaults=True),
     }  # fmt: skip
+    if report.improves:
+        entry["calibration"] = report.calibration.model_dump(exclude_defaults=True)
     reliability_png(
         folder / "reliability.png", oof, report.held_out, y, f"{name} {version}: {k}-fold, {len(y)} series"
     )
-    quality = classification_metrics(report.held_out, y)
+    quality = classification_metrics(stated, y)
     trained = Trained(
         version, folder.parent / version, "AUC", quality["auc"], round(time.monotonic() - t0, 1)
     )
@@ -334,7 +336,8 @@ def train_classification_head(
         f"{model.base_version}), trained on {len(y)} labelled series ({int(y.sum())} positive).\n\n"
         f"| {k}-fold cross-validated | value |\n| --- | ---: |\n"
         f"| AUC | {cv['auc']:.3f} |\n| accuracy at 0.5 | {cv['accuracy']:.3f} |\n| sensitivity at 0.5 | {cv['sensitivity']:.3f} |\n"
-        f"| ECE before calibration | {cv['ece_before']:.3f} |\n| ECE after (temperature {report.calibration.temperature:.2f}) | {cv['ece_after']:.3f} |\n\n"
+        f"| ECE before calibration | {cv['ece_before']:.3f} |\n| ECE after (temperature {report.calibration.temperature:.2f}"
+        f"{'' if report.improves else '; not applied: it would not lower the ECE'}) | {cv['ece_after']:.3f} |\n\n"
         "![reliability diagram](reliability.png)\n\n"
         "It is not active until `pacs-node heads activate` has judged it on the golden set.\n"
     )

@@ -14,12 +14,17 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 import requests
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, DicomWebDestination, WebhookDestination
+
+if TYPE_CHECKING:
+    from pynetdicom import AE
+    from pynetdicom.association import Association
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
     return out
 
 
-def associate(ae, host: str, port: int, ae_title: str):
+def associate(ae: AE, host: str, port: int, ae_title: str) -> tuple[Association, str]:
     """``ae.associate``, and where no association came, why in one line ("" when established).
 
     Judged by the PDUs the peer sent, not pynetdicom's flags: a refused connection also counts as

@@ -14,17 +14,13 @@ import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING
 
 import requests
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import DicomDestination, DicomWebDestination, WebhookDestination
-
-if TYPE_CHECKING:
-    from pynetdicom import AE
-    from pynetdicom.association import Association
+from node.service.association import associate
 
 log = logging.getLogger(__name__)
 
@@ -141,31 +137,6 @@ def _c_store(dest: DicomDestination, items: list[Item], calling_ae: str) -> list
         if assoc.is_established:
             assoc.release()
     return out
-
-
-def associate(ae: AE, host: str, port: int, ae_title: str) -> tuple[Association, str]:
-    """``ae.associate``, and where no association came, why in one line ("" when established).
-
-    Judged by the PDUs the peer sent, not pynetdicom's flags: a refused connection also counts as
-    "aborted" there, and on a loaded machine an A-ASSOCIATE-RJ is reported as an abort when the peer
-    closes its socket right after sending it."""
-    from pynetdicom import evt
-    from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
-
-    received: list = []
-    assoc = ae.associate(
-        host, port, ae_title=ae_title, evt_handlers=[(evt.EVT_PDU_RECV, lambda e: received.append(e.pdu))]
-    )
-    rejects = [pdu for pdu in received if isinstance(pdu, A_ASSOCIATE_RJ)]
-    if assoc.is_established:
-        why = ""
-    elif rejects:
-        why = f"association rejected (A-ASSOCIATE-RJ: {rejects[0].reason_str})"
-    elif any(isinstance(pdu, A_ABORT_RQ) for pdu in received):
-        why = "association aborted by the peer (A-ABORT)"
-    else:
-        why = "no association: not reachable (connection refused or timed out)"
-    return assoc, why
 
 
 def _stow(dest: DicomWebDestination, items: list[Item]) -> list[Outcome]:

@@ -23,6 +23,8 @@ from pydicom import Dataset
 from pydicom.uid import UID
 from pydicom.valuerep import DA, TM
 
+from node.service.association import associate
+
 log = logging.getLogger(__name__)
 
 # a WADO-RS answer's SOP Instance UID names a file: it must not name a path outside `into`
@@ -247,8 +249,6 @@ def _querier(source: QueryRetrieveSource, calling_ae: str) -> Iterator[Query]:
 @contextmanager
 def _association(source: QueryRetrieveSource, calling_ae: str, sop_class: UID) -> Iterator:
     from pynetdicom import AE
-
-    from node.service.egress import associate  # node.config reads this module: imported late
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = source.timeout_s
